@@ -1,0 +1,76 @@
+//! Command-line definitions (clap). Only the shape of the flags lives
+//! here; `main` turns them into validated options.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::worker::DriverKind;
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "coregate",
+    version,
+    about = "HTTP/1.1 reverse proxy with one io_uring worker per core"
+)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the proxy, from a config file or as a quick proxy.
+    Run(RunArgs),
+    /// Validate a config file; print every problem with file, line and key.
+    Check {
+        #[arg(long, short)]
+        config: PathBuf,
+    },
+    /// Start a built-in origin and the proxy in front of it, no setup needed.
+    Demo {
+        /// Where the proxy listens.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        listen: String,
+        #[command(flatten)]
+        workers: WorkerArgs,
+    },
+    /// Run only the built-in origin server (for benchmarks and tests).
+    Origin {
+        #[arg(long, default_value = "127.0.0.1:9000")]
+        listen: String,
+        /// Response body size in bytes.
+        #[arg(long, default_value_t = 128)]
+        body_size: usize,
+        #[command(flatten)]
+        workers: WorkerArgs,
+    },
+}
+
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// TOML config file.
+    #[arg(long, short, conflicts_with_all = ["listen", "upstream"], required_unless_present = "listen")]
+    pub config: Option<PathBuf>,
+    /// Quick proxy: address to listen on (with --upstream).
+    #[arg(long, requires = "upstream")]
+    pub listen: Option<String>,
+    /// Quick proxy: backend, tcp://HOST:PORT or unix:/PATH (with --listen).
+    #[arg(long, requires = "listen")]
+    pub upstream: Option<String>,
+    #[command(flatten)]
+    pub workers: WorkerArgs,
+}
+
+#[derive(Debug, Args, Clone)]
+pub struct WorkerArgs {
+    /// Number of workers (default: one per core in the CPU set).
+    #[arg(long)]
+    pub workers: Option<usize>,
+    /// Cores to run workers on, e.g. 0-3,6 (default: the process's CPU set).
+    #[arg(long)]
+    pub cores: Option<String>,
+    /// Event loop: io_uring where available (auto), or force one.
+    #[arg(long, value_enum, default_value_t = DriverKind::Auto)]
+    pub driver: DriverKind,
+}

@@ -1,0 +1,548 @@
+//! Configuration: TOML text → [`FileConfig`](file::FileConfig) → validated
+//! [`Snapshot`].
+//!
+//! Owns: loading, validation (every problem reported with file, line and
+//! key), defaults. Does not own: publishing snapshots to workers (the
+//! control thread does that) or matching requests (`Snapshot::route`).
+
+pub mod file;
+pub mod snapshot;
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use toml::Spanned;
+
+use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
+use file::{FileConfig, ListenerSection, RouteSection, UpstreamSection};
+pub use snapshot::{Backend, BackendAddr, Listener, Route, Snapshot, UpstreamGroup};
+
+/// One thing wrong with a config, located.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub line: usize,
+    pub key: String,
+    pub message: String,
+}
+
+/// Everything wrong with a config file. Displays one problem per line as
+/// `FILE:LINE: KEY: MESSAGE`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub source: String,
+    pub problems: Vec<Problem>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, p) in self.problems.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}:{}: {}: {}", self.source, p.line, p.key, p.message)?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Read and validate a config file.
+pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
+    let source = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        source: source.clone(),
+        problems: vec![Problem {
+            line: 0,
+            key: "-".into(),
+            message: format!("cannot read: {e}"),
+        }],
+    })?;
+    parse(&text, &source)
+}
+
+/// Validate config text; `source` names it in errors.
+pub fn parse(text: &str, source: &str) -> Result<Snapshot, ConfigError> {
+    let mut v = Validator {
+        text,
+        problems: Vec::new(),
+    };
+    let file: FileConfig = match toml::from_str(text) {
+        Ok(f) => f,
+        Err(e) => {
+            let line = e.span().map(|s| v.line_of(s.start)).unwrap_or(0);
+            let key = e
+                .span()
+                .map(|s| text[s].trim().to_string())
+                .unwrap_or_else(|| "-".into());
+            let key = if key.is_empty() || key.len() > 60 {
+                "-".into()
+            } else {
+                key
+            };
+            return Err(ConfigError {
+                source: source.into(),
+                problems: vec![Problem {
+                    line,
+                    key,
+                    message: e.message().trim().to_string(),
+                }],
+            });
+        }
+    };
+    let snapshot = v.snapshot(file, source);
+    if v.problems.is_empty() {
+        Ok(snapshot)
+    } else {
+        v.problems.sort_by_key(|p| p.line);
+        Err(ConfigError {
+            source: source.into(),
+            problems: v.problems,
+        })
+    }
+}
+
+/// A config for `coregate run --listen ADDR --upstream URL`, checked by the
+/// same validator as a file.
+pub fn quick(listen: &str, upstream: &str) -> Result<Snapshot, ConfigError> {
+    let text = format!(
+        "[[listener]]\nlisten = {}\n\n[upstream.default]\nbackends = [{}]\n\n[[route]]\nupstream = \"default\"\n",
+        toml_string(listen),
+        toml_string(upstream)
+    );
+    parse(&text, "<command line>")
+}
+
+fn toml_string(s: &str) -> String {
+    toml::Value::String(s.to_string()).to_string()
+}
+
+/// Parse `250ms`, `5s`, `2m`, `1h`.
+pub fn parse_duration(s: &str) -> Option<Duration> {
+    let s = s.trim();
+    let split = s.find(|c: char| !c.is_ascii_digit())?;
+    let (num, unit) = s.split_at(split);
+    let n: u64 = num.parse().ok()?;
+    Some(match unit {
+        "ms" => Duration::from_millis(n),
+        "s" => Duration::from_secs(n),
+        "m" => Duration::from_secs(n.checked_mul(60)?),
+        "h" => Duration::from_secs(n.checked_mul(3600)?),
+        _ => return None,
+    })
+}
+
+struct Validator<'t> {
+    text: &'t str,
+    problems: Vec<Problem>,
+}
+
+impl Validator<'_> {
+    fn line_of(&self, offset: usize) -> usize {
+        self.text[..offset.min(self.text.len())]
+            .bytes()
+            .filter(|&b| b == b'\n')
+            .count()
+            + 1
+    }
+
+    fn problem(&mut self, span: Range<usize>, key: impl Into<String>, message: impl Into<String>) {
+        let line = self.line_of(span.start);
+        self.problems.push(Problem {
+            line,
+            key: key.into(),
+            message: message.into(),
+        });
+    }
+
+    fn duration(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: Duration,
+    ) -> Duration {
+        let Some(v) = value else { return default };
+        match parse_duration(v.get_ref()) {
+            Some(d) if !d.is_zero() => d,
+            _ => {
+                self.problem(
+                    v.span(),
+                    key,
+                    format!(
+                        "{:?} is not a duration; write e.g. \"250ms\", \"5s\" or \"2m\"",
+                        v.get_ref()
+                    ),
+                );
+                default
+            }
+        }
+    }
+
+    fn int(
+        &mut self,
+        value: &Option<Spanned<i64>>,
+        key: &str,
+        range: std::ops::RangeInclusive<i64>,
+        default: i64,
+    ) -> i64 {
+        let Some(v) = value else { return default };
+        let n = *v.get_ref();
+        if range.contains(&n) {
+            n
+        } else {
+            self.problem(
+                v.span(),
+                key,
+                format!("{n} is out of range ({}..={})", range.start(), range.end()),
+            );
+            default
+        }
+    }
+
+    fn snapshot(&mut self, file: FileConfig, source: &str) -> Snapshot {
+        let drain_timeout = self.duration(
+            &file.server.drain_timeout,
+            "server.drain_timeout",
+            Duration::from_secs(30),
+        );
+        if file.listener.is_empty() {
+            self.problem(
+                0..0,
+                "listener",
+                "no [[listener]] is configured; add one with `listen = \"127.0.0.1:8080\"`",
+            );
+        }
+        let mut listeners: Vec<Listener> = Vec::new();
+        for l in &file.listener {
+            if let Some(listener) = self.listener(l) {
+                if listeners.iter().any(|x| x.addr == listener.addr) {
+                    self.problem(
+                        l.get_ref().listen.span(),
+                        "listener.listen",
+                        format!("{} is listed twice", listener.addr),
+                    );
+                }
+                listeners.push(listener);
+            }
+        }
+        let mut names = BTreeMap::new();
+        let mut upstreams = Vec::new();
+        for (name, section) in &file.upstream {
+            names.insert(name.clone(), upstreams.len());
+            upstreams.push(self.upstream(name, section));
+        }
+        let routes = file
+            .route
+            .iter()
+            .filter_map(|r| self.route(r, &names))
+            .collect();
+        Snapshot {
+            source: source.to_string(),
+            drain_timeout,
+            listeners,
+            upstreams,
+            routes,
+        }
+    }
+
+    fn listener(&mut self, section: &Spanned<ListenerSection>) -> Option<Listener> {
+        let l = section.get_ref();
+        let addr = match l.listen.get_ref().parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.problem(
+                    l.listen.span(),
+                    "listener.listen",
+                    format!("{:?} is not an IP:port address", l.listen.get_ref()),
+                );
+                None
+            }
+        };
+        let defaults = HeadLimits::default();
+        let backlog = self.int(&l.backlog, "listener.backlog", 1..=65535, 4096) as i32;
+        let max_head_bytes = self.int(
+            &l.max_head_bytes,
+            "listener.max_head_bytes",
+            256..=1 << 20,
+            defaults.max_head_bytes as i64,
+        );
+        let max_headers = self.int(
+            &l.max_headers,
+            "listener.max_headers",
+            1..=MAX_HEADERS_HARD as i64,
+            defaults.max_headers as i64,
+        );
+        let max_uri_bytes = self.int(
+            &l.max_uri_bytes,
+            "listener.max_uri_bytes",
+            16..=1 << 20,
+            defaults.max_uri_bytes as i64,
+        );
+        let header_timeout = self.duration(
+            &l.header_timeout,
+            "listener.header_timeout",
+            Duration::from_secs(10),
+        );
+        let keepalive_timeout = self.duration(
+            &l.keepalive_timeout,
+            "listener.keepalive_timeout",
+            Duration::from_secs(60),
+        );
+        let body_timeout = self.duration(
+            &l.body_timeout,
+            "listener.body_timeout",
+            Duration::from_secs(30),
+        );
+        let send_timeout = self.duration(
+            &l.send_timeout,
+            "listener.send_timeout",
+            Duration::from_secs(30),
+        );
+        Some(Listener {
+            addr: addr?,
+            backlog,
+            limits: HeadLimits {
+                max_head_bytes: max_head_bytes as usize,
+                max_headers: max_headers as usize,
+                max_uri_bytes: max_uri_bytes as usize,
+            },
+            header_timeout,
+            keepalive_timeout,
+            body_timeout,
+            send_timeout,
+        })
+    }
+
+    fn upstream(&mut self, name: &str, section: &Spanned<UpstreamSection>) -> UpstreamGroup {
+        let u = section.get_ref();
+        let key = |k: &str| format!("upstream.{name}.{k}");
+        if u.backends.get_ref().is_empty() {
+            self.problem(
+                u.backends.span(),
+                key("backends"),
+                "an upstream group needs at least one backend",
+            );
+        }
+        let mut backends = Vec::new();
+        for b in u.backends.get_ref() {
+            match parse_backend(b.get_ref()) {
+                Ok(backend) => backends.push(backend),
+                Err(msg) => self.problem(b.span(), key("backends"), msg),
+            }
+        }
+        UpstreamGroup {
+            name: name.to_string(),
+            backends,
+            connect_timeout: self.duration(
+                &u.connect_timeout,
+                &key("connect_timeout"),
+                Duration::from_secs(3),
+            ),
+            response_timeout: self.duration(
+                &u.response_timeout,
+                &key("response_timeout"),
+                Duration::from_secs(60),
+            ),
+            read_timeout: self.duration(
+                &u.read_timeout,
+                &key("read_timeout"),
+                Duration::from_secs(60),
+            ),
+            keepalive_timeout: self.duration(
+                &u.keepalive_timeout,
+                &key("keepalive_timeout"),
+                Duration::from_secs(60),
+            ),
+            max_idle: self.int(&u.max_idle, &key("max_idle"), 0..=65536, 64) as usize,
+        }
+    }
+
+    fn route(
+        &mut self,
+        section: &Spanned<RouteSection>,
+        names: &BTreeMap<String, usize>,
+    ) -> Option<Route> {
+        let r = section.get_ref();
+        let upstream = match names.get(r.upstream.get_ref()) {
+            Some(&i) => Some(i),
+            None => {
+                let known: Vec<&str> = names.keys().map(String::as_str).collect();
+                self.problem(
+                    r.upstream.span(),
+                    "route.upstream",
+                    format!(
+                        "no upstream named {:?} (defined: {})",
+                        r.upstream.get_ref(),
+                        known.join(", ")
+                    ),
+                );
+                None
+            }
+        };
+        let path_prefix = match &r.path_prefix {
+            None => "/".to_string(),
+            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+            Some(p) => {
+                self.problem(
+                    p.span(),
+                    "route.path_prefix",
+                    format!("{:?} must start with '/'", p.get_ref()),
+                );
+                return None;
+            }
+        };
+        let host = match &r.host {
+            None => None,
+            Some(h) if !h.get_ref().is_empty() && !h.get_ref().contains(['/', ' ', ':']) => {
+                Some(h.get_ref().to_ascii_lowercase())
+            }
+            Some(h) => {
+                self.problem(
+                    h.span(),
+                    "route.host",
+                    format!("{:?} is not a host name (no port, no path)", h.get_ref()),
+                );
+                return None;
+            }
+        };
+        Some(Route {
+            host,
+            path_prefix,
+            upstream: upstream?,
+        })
+    }
+}
+
+/// `tcp://host:port` or `unix:/absolute/path`.
+fn parse_backend(s: &str) -> Result<Backend, String> {
+    if let Some(rest) = s.strip_prefix("tcp://") {
+        let rest = rest.trim_end_matches('/');
+        let addr = rest
+            .to_socket_addrs()
+            .map_err(|e| format!("cannot resolve {rest:?}: {e}"))?
+            .next()
+            .ok_or_else(|| format!("{rest:?} resolves to no address"))?;
+        return Ok(Backend {
+            addr: BackendAddr::Tcp(addr),
+            label: s.to_string(),
+            authority: rest.to_string(),
+        });
+    }
+    if let Some(path) = s.strip_prefix("unix:") {
+        let path = PathBuf::from(path);
+        if !path.is_absolute() {
+            return Err(format!(
+                "{s:?}: a UNIX socket path must be absolute (unix:/run/app.sock)"
+            ));
+        }
+        return Ok(Backend {
+            addr: BackendAddr::Unix(path),
+            label: s.to_string(),
+            authority: "localhost".into(),
+        });
+    }
+    Err(format!(
+        "{s:?} is not a backend; write tcp://HOST:PORT or unix:/PATH"
+    ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+[server]
+drain_timeout = "5s"
+
+[[listener]]
+listen = "127.0.0.1:8080"
+
+[upstream.app]
+backends = ["tcp://127.0.0.1:9000", "unix:/run/app.sock"]
+connect_timeout = "250ms"
+
+[[route]]
+host = "API.example.com"
+path_prefix = "/api/"
+upstream = "app"
+
+[[route]]
+upstream = "app"
+"#;
+
+    #[test]
+    fn good_config_compiles() {
+        let s = parse(GOOD, "good.toml").unwrap();
+        assert_eq!(s.drain_timeout, Duration::from_secs(5));
+        assert_eq!(s.listeners[0].backlog, 4096);
+        assert_eq!(s.upstreams[0].backends.len(), 2);
+        assert_eq!(s.upstreams[0].connect_timeout, Duration::from_millis(250));
+        assert_eq!(s.routes[0].host.as_deref(), Some("api.example.com"));
+        assert_eq!(
+            s.route(Some(b"api.example.com:80"), b"/api/x")
+                .unwrap()
+                .path_prefix,
+            "/api/"
+        );
+        assert_eq!(s.route(Some(b"other"), b"/api/x").unwrap().path_prefix, "/");
+    }
+
+    #[test]
+    fn every_problem_is_reported_with_line_and_key() {
+        let bad = r#"
+[[listener]]
+listen = "nowhere"
+header_timeout = "soon"
+
+[upstream.app]
+backends = ["http://x"]
+
+[[route]]
+upstream = "missing"
+"#;
+        let err = parse(bad, "bad.toml").unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("bad.toml:3: listener.listen:"), "{text}");
+        assert!(
+            text.contains("bad.toml:4: listener.header_timeout:"),
+            "{text}"
+        );
+        assert!(
+            text.contains("bad.toml:7: upstream.app.backends:"),
+            "{text}"
+        );
+        assert!(text.contains("bad.toml:10: route.upstream:"), "{text}");
+        assert_eq!(err.problems.len(), 4);
+    }
+
+    #[test]
+    fn unknown_key_is_located() {
+        let err = parse(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\nbaklog = 5\n",
+            "t.toml",
+        )
+        .unwrap_err();
+        assert_eq!(err.problems[0].line, 3, "{err}");
+        assert!(err.to_string().contains("baklog"), "{err}");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(parse_duration("2m"), Some(Duration::from_secs(120)));
+        assert_eq!(parse_duration("5"), None);
+        assert_eq!(parse_duration("s"), None);
+    }
+
+    #[test]
+    fn quick_config() {
+        let s = quick("127.0.0.1:0", "tcp://127.0.0.1:9").unwrap();
+        assert_eq!(s.routes.len(), 1);
+        let err = quick("127.0.0.1:0", "ftp://x").unwrap_err();
+        assert!(err.to_string().starts_with("<command line>:"), "{err}");
+    }
+}

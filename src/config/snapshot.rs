@@ -1,0 +1,115 @@
+//! The validated, compiled configuration every worker runs on. Immutable
+//! once built; workers hold it behind an `Arc` and never see raw TOML.
+//!
+//! Owns: the shapes of listeners, upstream groups, backends and routes
+//! after validation, and route lookup. Does not own: parsing or checking.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::http::head::HeadLimits;
+
+#[derive(Debug)]
+pub struct Snapshot {
+    /// Where it was loaded from (a path, or `<command line>`).
+    pub source: String,
+    pub drain_timeout: Duration,
+    pub listeners: Vec<Listener>,
+    pub upstreams: Vec<UpstreamGroup>,
+    pub routes: Vec<Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Listener {
+    pub addr: SocketAddr,
+    pub backlog: i32,
+    pub limits: HeadLimits,
+    /// From the first byte of a head to its end (slow-loris guard): 408.
+    pub header_timeout: Duration,
+    /// How long an idle keep-alive connection waits for its next request.
+    pub keepalive_timeout: Duration,
+    /// Longest silence while reading a request body.
+    pub body_timeout: Duration,
+    /// Longest stall while writing to the client.
+    pub send_timeout: Duration,
+}
+
+#[derive(Debug)]
+pub struct UpstreamGroup {
+    pub name: String,
+    pub backends: Vec<Backend>,
+    pub connect_timeout: Duration,
+    /// From the end of the request to the end of the response head: 504.
+    pub response_timeout: Duration,
+    /// Longest silence while reading a response body.
+    pub read_timeout: Duration,
+    /// How long an idle pooled connection is kept.
+    pub keepalive_timeout: Duration,
+    /// Idle pooled connections kept per backend per worker.
+    pub max_idle: usize,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum BackendAddr {
+    Tcp(SocketAddr),
+    Unix(PathBuf),
+}
+
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: BackendAddr,
+    /// As written in the config: used in logs and errors.
+    pub label: String,
+    /// Host to send for HTTP/1.0 requests that carry none.
+    pub authority: String,
+}
+
+#[derive(Debug)]
+pub struct Route {
+    /// Lowercase, without port; `None` matches any host.
+    pub host: Option<String>,
+    pub path_prefix: String,
+    /// Index into `Snapshot::upstreams`.
+    pub upstream: usize,
+}
+
+/// `host` without a trailing `:port`, for matching (IPv6 literals keep their
+/// brackets).
+fn strip_port(host: &[u8]) -> &[u8] {
+    if let Some(end) = host.iter().rposition(|&b| b == b']') {
+        return &host[..=end];
+    }
+    match host.iter().rposition(|&b| b == b':') {
+        Some(i) => &host[..i],
+        None => host,
+    }
+}
+
+impl Snapshot {
+    /// First route, in file order, whose host and path prefix match.
+    pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Option<&Route> {
+        let host = host.map(strip_port);
+        self.routes.iter().find(|r| {
+            let host_ok = match (&r.host, host) {
+                (None, _) => true,
+                (Some(want), Some(h)) => h.eq_ignore_ascii_case(want.as_bytes()),
+                (Some(_), None) => false,
+            };
+            host_ok && path.starts_with(r.path_prefix.as_bytes())
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn strips_ports() {
+        assert_eq!(strip_port(b"a.com:80"), b"a.com");
+        assert_eq!(strip_port(b"a.com"), b"a.com");
+        assert_eq!(strip_port(b"[::1]:8080"), b"[::1]");
+        assert_eq!(strip_port(b"[::1]"), b"[::1]");
+    }
+}

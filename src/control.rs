@@ -1,0 +1,265 @@
+//! The control thread: starts workers, owns signals and drains on
+//! SIGTERM/SIGINT.
+//!
+//! Owns: choosing cores, binding listeners before workers start (so errors
+//! surface at once and port 0 resolves to one port shared by all workers),
+//! the worker control channels, and the signal loop. Does not own: request
+//! handling.
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::os::unix::net::UnixStream;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+
+use crate::config::Snapshot;
+use crate::net::listener::bind_reuseport;
+use crate::worker::{self, DriverKind, MSG_DRAIN, Role, WorkerSpec};
+
+/// How to lay workers out on the machine.
+#[derive(Clone, Debug)]
+pub struct RunOptions {
+    /// Worker count; default one per selected core.
+    pub workers: Option<usize>,
+    /// Cores to use, a subset of the process's allowed CPUs; default all.
+    pub cores: Option<Vec<usize>>,
+    pub driver: DriverKind,
+}
+
+impl Default for RunOptions {
+    fn default() -> Self {
+        RunOptions {
+            workers: None,
+            cores: None,
+            driver: DriverKind::Auto,
+        }
+    }
+}
+
+/// A running set of workers.
+pub struct Server {
+    handles: Vec<JoinHandle<()>>,
+    controls: Vec<UnixStream>,
+    addrs: Vec<SocketAddr>,
+}
+
+/// Parse `0-3,6` into `[0, 1, 2, 3, 6]`.
+pub fn parse_core_list(s: &str) -> Result<Vec<usize>, String> {
+    let mut out = Vec::new();
+    for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+        let bad = || format!("{part:?} is not a core number or range like 0-3");
+        match part.split_once('-') {
+            Some((a, b)) => {
+                let (a, b): (usize, usize) =
+                    (a.parse().map_err(|_| bad())?, b.parse().map_err(|_| bad())?);
+                if a > b {
+                    return Err(bad());
+                }
+                out.extend(a..=b);
+            }
+            None => out.push(part.parse().map_err(|_| bad())?),
+        }
+    }
+    if out.is_empty() {
+        return Err("empty core list".into());
+    }
+    Ok(out)
+}
+
+/// The cores workers go on: the allowed set (sched_getaffinity, so taskset
+/// and cgroup cpusets are respected), narrowed by `--cores`, cycled or cut
+/// to `--workers`.
+fn choose_cores(opts: &RunOptions) -> anyhow::Result<Vec<Option<core_affinity::CoreId>>> {
+    let allowed = core_affinity::get_core_ids().unwrap_or_default();
+    let mut cores: Vec<core_affinity::CoreId> = match &opts.cores {
+        None => allowed.clone(),
+        Some(list) => {
+            let mut v = Vec::new();
+            for &id in list {
+                match allowed.iter().find(|c| c.id == id) {
+                    Some(c) => v.push(*c),
+                    None => bail!(
+                        "--cores: core {id} is not in this process's CPU set ({})",
+                        allowed
+                            .iter()
+                            .map(|c| c.id.to_string())
+                            .collect::<Vec<_>>()
+                            .join(",")
+                    ),
+                }
+            }
+            v
+        }
+    };
+    if cores.is_empty() {
+        // No affinity information: run unpinned.
+        return Ok(vec![None; opts.workers.unwrap_or(1).max(1)]);
+    }
+    let n = opts.workers.unwrap_or(cores.len());
+    if n == 0 {
+        bail!("--workers must be at least 1");
+    }
+    let base = cores.clone();
+    while cores.len() < n {
+        cores.push(base[cores.len() % base.len()]);
+    }
+    cores.truncate(n);
+    Ok(cores.into_iter().map(Some).collect())
+}
+
+impl Server {
+    /// Bind every listener and start the workers.
+    pub fn start(snapshot: Arc<Snapshot>, opts: &RunOptions, role: Role) -> anyhow::Result<Server> {
+        let cores = choose_cores(opts)?;
+        let n = cores.len();
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, usize)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for (idx, l) in snapshot.listeners.iter().enumerate() {
+            let sockets = bind_reuseport(l.addr, l.backlog, n)
+                .with_context(|| format!("{}: cannot listen on {}", snapshot.source, l.addr))?;
+            addrs.push(sockets[0].local_addr()?);
+            for (w, s) in sockets.into_iter().enumerate() {
+                per_worker[w].push((s, idx));
+            }
+        }
+        let mut handles = Vec::with_capacity(n);
+        let mut controls = Vec::with_capacity(n);
+        for (id, (core, listeners)) in cores.into_iter().zip(per_worker).enumerate() {
+            let (ours, theirs) = UnixStream::pair().context("control socketpair")?;
+            let spec = WorkerSpec {
+                id,
+                core,
+                driver: opts.driver,
+                snapshot: snapshot.clone(),
+                listeners,
+                control: theirs,
+                role: role.clone(),
+            };
+            handles.push(worker::spawn(spec).context("spawn worker thread")?);
+            controls.push(ours);
+        }
+        Ok(Server {
+            handles,
+            controls,
+            addrs,
+        })
+    }
+
+    /// The bound address of each listener, in config order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Ask every worker to drain: stop accepting, finish in-flight
+    /// requests, close idle connections, exit.
+    pub fn drain(&mut self) {
+        for c in &mut self.controls {
+            // A worker that already exited has closed its end; nothing to do.
+            let _ = c.write_all(&[MSG_DRAIN]);
+        }
+    }
+
+    pub fn is_finished(&self) -> bool {
+        self.handles.iter().all(JoinHandle::is_finished)
+    }
+
+    pub fn any_finished(&self) -> bool {
+        self.handles.iter().any(JoinHandle::is_finished)
+    }
+
+    /// Wait for every worker thread to exit.
+    pub fn join(self) {
+        for h in self.handles {
+            let _ = h.join();
+        }
+    }
+}
+
+/// Block SIGTERM, SIGINT and SIGHUP in the calling thread; threads spawned
+/// afterwards inherit the mask, so only `wait_for_signals` sees them.
+pub fn block_signals() {
+    // SAFETY: sigset manipulation on a local, zero-initialised sigset_t,
+    // then pthread_sigmask on the current thread.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+    }
+}
+
+/// Wait up to `timeout` for one of the blocked signals.
+fn next_signal(timeout: Duration) -> Option<i32> {
+    // SAFETY: as in block_signals; sigtimedwait reads the set and timespec.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+            libc::sigaddset(&mut set, s);
+        }
+        let ts = libc::timespec {
+            tv_sec: timeout.as_secs() as _,
+            tv_nsec: timeout.subsec_nanos() as _,
+        };
+        let sig = libc::sigtimedwait(&set, std::ptr::null_mut(), &ts);
+        (sig > 0).then_some(sig)
+    }
+}
+
+/// Run until SIGTERM or SIGINT, then drain every server and wait for them.
+/// A second SIGTERM/SIGINT while draining exits at once. Returns an error
+/// if a worker dies on its own.
+pub fn run_until_signal(mut servers: Vec<Server>) -> anyhow::Result<()> {
+    loop {
+        match next_signal(Duration::from_millis(200)) {
+            Some(libc::SIGTERM) | Some(libc::SIGINT) => break,
+            Some(libc::SIGHUP) => {
+                crate::warn!(
+                    "SIGHUP: live reload is not supported by this version; configuration unchanged"
+                );
+            }
+            _ => {}
+        }
+        if servers.iter().any(Server::any_finished) {
+            for s in &mut servers {
+                s.drain();
+            }
+            bail!("a worker exited unexpectedly");
+        }
+    }
+    crate::info!("draining: no new connections; finishing requests in flight");
+    for s in &mut servers {
+        s.drain();
+    }
+    while !servers.iter().all(Server::is_finished) {
+        if let Some(libc::SIGTERM | libc::SIGINT) = next_signal(Duration::from_millis(50)) {
+            crate::warn!("second signal: exiting without waiting");
+            std::process::exit(1);
+        }
+    }
+    for s in servers {
+        s.join();
+    }
+    crate::info!("drained; exiting");
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn core_lists() {
+        assert_eq!(parse_core_list("0-3,6").unwrap(), vec![0, 1, 2, 3, 6]);
+        assert_eq!(parse_core_list("1").unwrap(), vec![1]);
+        assert!(parse_core_list("3-1").is_err());
+        assert!(parse_core_list("x").is_err());
+        assert!(parse_core_list("").is_err());
+    }
+}

@@ -1,0 +1,296 @@
+//! Writing heads: the request head sent upstream and the response head
+//! sent downstream, with hop-by-hop fields removed and the proxy's own
+//! fields (X-Forwarded-For, X-Forwarded-Proto, Via, framing) added.
+//!
+//! Owns: header filtering and head serialisation into a caller's buffer.
+//! Does not own: deciding framing (see `head`) or any I/O.
+
+use super::head::{HeaderKind, RequestHead, ResponseHead, Version};
+
+/// The token this proxy adds to Via (RFC 9110 7.6.3).
+pub const VIA_TOKEN: &[u8] = b"1.1 coregate";
+
+/// Append the decimal form of `n` without allocating.
+pub fn write_decimal(out: &mut Vec<u8>, mut n: u64) {
+    let mut digits = [0u8; 20];
+    let mut i = digits.len();
+    loop {
+        i -= 1;
+        digits[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    out.extend_from_slice(&digits[i..]);
+}
+
+fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Facts about the downstream connection the upstream request carries.
+pub struct Forwarded<'a> {
+    /// The client address as text, e.g. `127.0.0.1`.
+    pub client_ip: &'a [u8],
+    /// `http` (TLS is not terminated by coregate yet).
+    pub proto: &'a [u8],
+    /// Host to send when the client sent none (HTTP/1.0): the backend's
+    /// authority.
+    pub default_host: &'a [u8],
+}
+
+/// Serialise the request head for the upstream into `out`.
+///
+/// The upstream side always speaks HTTP/1.1 with keep-alive. Hop-by-hop
+/// fields (Connection and the names it lists, Keep-Alive, TE, Trailer,
+/// Upgrade, Proxy-*) and Expect are removed: the proxy answers
+/// `100-continue` itself. Content-Length and Transfer-Encoding pass as
+/// validated; the body is forwarded in the framing it arrived in.
+pub fn write_upstream_request(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &RequestHead,
+    fwd: &Forwarded<'_>,
+) {
+    out.extend_from_slice(head.method_span.get(buf));
+    out.push(b' ');
+    if head.path.is_empty() {
+        out.push(b'/');
+    } else {
+        out.extend_from_slice(head.path.get(buf));
+    }
+    out.extend_from_slice(b" HTTP/1.1\r\n");
+
+    let mut has_xff = false;
+    let mut has_via = false;
+    for h in &head.headers {
+        match h.kind {
+            HeaderKind::Connection | HeaderKind::HopByHop | HeaderKind::Expect => continue,
+            HeaderKind::XForwardedFor => {
+                has_xff = true;
+                continue;
+            }
+            HeaderKind::Via => {
+                has_via = true;
+                continue;
+            }
+            HeaderKind::XForwardedProto => continue,
+            HeaderKind::Host if head.authority.is_some() => continue,
+            HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
+            _ => {}
+        }
+        header(out, h.name.get(buf), h.value.get(buf));
+    }
+    match (head.authority, head.host) {
+        (Some(a), _) => header(out, b"Host", a.get(buf)),
+        (None, None) => header(out, b"Host", fwd.default_host),
+        (None, Some(_)) => {}
+    }
+
+    out.extend_from_slice(b"X-Forwarded-For: ");
+    if has_xff {
+        for h in head
+            .headers
+            .iter()
+            .filter(|h| h.kind == HeaderKind::XForwardedFor)
+        {
+            out.extend_from_slice(h.value.get(buf));
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(fwd.client_ip);
+    out.extend_from_slice(b"\r\n");
+    header(out, b"X-Forwarded-Proto", fwd.proto);
+
+    out.extend_from_slice(b"Via: ");
+    if has_via {
+        for h in head.headers.iter().filter(|h| h.kind == HeaderKind::Via) {
+            out.extend_from_slice(h.value.get(buf));
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(VIA_TOKEN);
+    out.extend_from_slice(b"\r\n\r\n");
+}
+
+/// How the downstream response body is framed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum OutFraming {
+    /// No body, or a body delimited by Content-Length (forwarded as is).
+    AsIs,
+    /// The upstream's chunked body, forwarded byte for byte.
+    ChunkedVerbatim,
+    /// The upstream closes to end the body; we chunk it for the client.
+    Rechunk,
+    /// No framing header: the body ends when we close the connection.
+    UntilClose,
+}
+
+/// Serialise the response head for the downstream client into `out`.
+pub fn write_downstream_response(
+    out: &mut Vec<u8>,
+    buf: &[u8],
+    head: &ResponseHead,
+    framing: OutFraming,
+    client_version: Version,
+    keep_alive: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    write_decimal(out, u64::from(head.status));
+    out.push(b' ');
+    out.extend_from_slice(head.reason.get(buf));
+    out.extend_from_slice(b"\r\n");
+    let mut has_via = false;
+    for h in &head.headers {
+        match h.kind {
+            HeaderKind::Connection | HeaderKind::HopByHop => continue,
+            HeaderKind::TransferEncoding if framing != OutFraming::ChunkedVerbatim => continue,
+            HeaderKind::Via => {
+                has_via = true;
+                continue;
+            }
+            HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
+            _ => {}
+        }
+        header(out, h.name.get(buf), h.value.get(buf));
+    }
+    if framing == OutFraming::Rechunk {
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
+    }
+    out.extend_from_slice(b"Via: ");
+    if has_via {
+        for h in head.headers.iter().filter(|h| h.kind == HeaderKind::Via) {
+            out.extend_from_slice(h.value.get(buf));
+            out.extend_from_slice(b", ");
+        }
+    }
+    out.extend_from_slice(VIA_TOKEN);
+    out.extend_from_slice(b"\r\n");
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Reason phrase for the statuses the proxy itself produces.
+pub fn reason_phrase(status: u16) -> &'static str {
+    match status {
+        100 => "Continue",
+        200 => "OK",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        408 => "Request Timeout",
+        413 => "Content Too Large",
+        414 => "URI Too Long",
+        417 => "Expectation Failed",
+        429 => "Too Many Requests",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Error",
+    }
+}
+
+/// A response the proxy answers itself: status line, a short text body
+/// naming the status, and `Connection: close` when the connection ends.
+pub fn write_canned(out: &mut Vec<u8>, status: u16, keep_alive: bool, client_version: Version) {
+    let reason = reason_phrase(status).as_bytes();
+    out.extend_from_slice(b"HTTP/1.1 ");
+    write_decimal(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
+    write_decimal(out, reason.len() as u64 + 1);
+    out.extend_from_slice(b"\r\n");
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    out.extend_from_slice(reason);
+    out.push(b'\n');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::http::head::{
+        HeadLimits, Method, RequestHead, ResponseHead, parse_request, parse_response,
+    };
+
+    fn upstream(raw: &str) -> String {
+        let mut head = RequestHead::default();
+        parse_request(raw.as_bytes(), &HeadLimits::default(), &mut head).unwrap();
+        let mut out = Vec::new();
+        let fwd = Forwarded {
+            client_ip: b"10.0.0.9",
+            proto: b"http",
+            default_host: b"backend:80",
+        };
+        write_upstream_request(&mut out, raw.as_bytes(), &head, &fwd);
+        String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn strips_hop_by_hop_and_adds_forwarding() {
+        let out = upstream(
+            "GET /p HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: x\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nExpect: 100-continue\r\nX-Keep: yes\r\n\r\n",
+        );
+        assert_eq!(
+            out,
+            "GET /p HTTP/1.1\r\nHost: a\r\nX-Keep: yes\r\nX-Forwarded-For: 1.2.3.4, 10.0.0.9\r\nX-Forwarded-Proto: http\r\nVia: 1.1 coregate\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn http10_gets_host_and_absolute_form_is_rewritten() {
+        assert!(upstream("GET / HTTP/1.0\r\n\r\n").contains("Host: backend:80\r\n"));
+        let out = upstream("GET http://example.com HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert!(out.starts_with("GET / HTTP/1.1\r\n"), "{out}");
+        assert!(
+            out.contains("Host: example.com\r\n") && !out.contains("other"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn response_head_rewrite() {
+        let raw = "HTTP/1.1 200 OK\r\nConnection: close, X-Hop\r\nX-Hop: 1\r\nTransfer-Encoding: chunked\r\nX-App: 1\r\n\r\n";
+        let mut head = ResponseHead::default();
+        parse_response(raw.as_bytes(), 16384, Method::Get, &mut head).unwrap();
+        let mut out = Vec::new();
+        write_downstream_response(
+            &mut out,
+            raw.as_bytes(),
+            &head,
+            OutFraming::ChunkedVerbatim,
+            Version::Http11,
+            true,
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nX-App: 1\r\nVia: 1.1 coregate\r\n\r\n"
+        );
+    }
+
+    #[test]
+    fn canned_has_exact_length() {
+        let mut out = Vec::new();
+        write_canned(&mut out, 502, false, Version::Http11);
+        let s = String::from_utf8(out).unwrap();
+        assert_eq!(
+            s,
+            "HTTP/1.1 502 Bad Gateway\r\nContent-Type: text/plain\r\nContent-Length: 12\r\nConnection: close\r\n\r\nBad Gateway\n"
+        );
+    }
+}

@@ -1,0 +1,29 @@
+//! coregate: an HTTP/1.1 reverse proxy with one shared-nothing worker per
+//! core, each on its own io_uring (or epoll) event loop.
+//!
+//! # Layout
+//!
+//! - [`cli`]: clap definitions of the command line, nothing else.
+//! - [`config`]: TOML file → validated [`config::Snapshot`]; errors carry
+//!   file, line and key.
+//! - [`control`]: the control thread: binds listeners, starts workers,
+//!   handles signals and drains.
+//! - [`worker`]: one pinned thread per core with its runtime, accept loops,
+//!   drain signal and panic isolation.
+//! - [`net`]: listeners (SO_REUSEPORT), upstream connections and their
+//!   keep-alive pool, the per-worker buffer pool.
+//! - [`http`]: HTTP/1.1 syntax: head parsing with strict framing checks,
+//!   the chunked coding, head serialisation.
+//! - [`proxy`]: the per-connection state machine and the body relay.
+//! - [`origin`]: the built-in origin server used by the demo and benches.
+//! - [`log`]: leveled stderr logging.
+
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod http;
+pub mod log;
+pub mod net;
+pub mod origin;
+pub mod proxy;
+pub mod worker;

@@ -1,0 +1,598 @@
+//! The per-connection state machine: read a request head, route it, pick a
+//! backend, forward head and body, stream the response back, repeat while
+//! the connection stays alive.
+//!
+//! Owns: the life of a request (DESIGN.md), mapping every failure to its
+//! status code, keep-alive decisions on both sides, 100-continue, and
+//! retrying a request that met a dead pooled connection. Does not own:
+//! parsing (`http`), sockets (`net`) or the body copy loop (`relay`).
+//!
+//! Seams for later work: admission control goes between `read_head` and
+//! routing in `Conn::handle`; rules replace `Snapshot::route`; backend
+//! selection replaces `WorkerCtx::next_backend`; statistics hook into
+//! `Conn::reject` and the end of `Conn::proxy`.
+
+pub mod relay;
+
+use std::net::SocketAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
+use monoio::net::TcpStream;
+
+use crate::config::{Listener, Snapshot, UpstreamGroup};
+use crate::http::encode::{self, Forwarded, OutFraming};
+use crate::http::head::{self, BodyFraming, Method, RequestHead, ResponseHead, Status, Version};
+use crate::net::buffer::{Buf, flush};
+use crate::net::upstream::{self, ConnectError, UpStream};
+use crate::worker::WorkerCtx;
+use relay::{BodyIn, BodyOut, RelayError, Timeouts, relay};
+
+/// Largest upstream response head accepted (nginx's proxy_buffer_size is
+/// 4-8 KiB; backends with large cookies need more).
+const MAX_UPSTREAM_HEAD_BYTES: usize = 32 * 1024;
+
+/// After an error response that closes the connection, read and discard
+/// what the client still sends for at most this long, so the response is
+/// not lost to a TCP reset (nginx's lingering_close).
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
+
+/// Serve one downstream connection until it closes.
+pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr, listener_idx: usize) {
+    let snapshot = ctx.snapshot.clone();
+    let mut conn = Conn {
+        listener: &snapshot.listeners[listener_idx],
+        snapshot: &snapshot,
+        client_ip: peer.ip().to_canonical().to_string(),
+        stream,
+        buf: Buf::default(),
+        out: Vec::new(),
+        req: RequestHead::default(),
+        res: ResponseHead::default(),
+        ctx,
+    };
+    conn.run().await;
+    conn.release_buffers();
+}
+
+struct Conn<'s> {
+    ctx: Rc<WorkerCtx>,
+    snapshot: &'s Arc<Snapshot>,
+    listener: &'s Listener,
+    client_ip: String,
+    stream: TcpStream,
+    /// Downstream read buffer; empty (no capacity) while idle.
+    buf: Buf,
+    /// Scratch for heads and small bodies on their way out.
+    out: Vec<u8>,
+    req: RequestHead,
+    res: ResponseHead,
+}
+
+/// How a request ended for the downstream connection.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Next {
+    KeepAlive,
+    Close,
+    /// Close after draining what the client still sends.
+    LingerClose,
+}
+
+/// Why the upstream exchange failed before a response head was sent.
+enum UpstreamFailure {
+    /// 502: connect refused or reset, invalid or truncated response head.
+    BadGateway,
+    /// 504: connect, write or response-head timeout.
+    Timeout,
+}
+
+impl UpstreamFailure {
+    fn status(&self) -> u16 {
+        match self {
+            UpstreamFailure::BadGateway => 502,
+            UpstreamFailure::Timeout => 504,
+        }
+    }
+}
+
+/// Why a request ended without a response from the upstream.
+enum Fail {
+    /// Answer `status` ourselves; keep-alive only if the request body was
+    /// fully read.
+    Respond { status: u16, body_consumed: bool },
+    /// Close without answering (the client broke the exchange).
+    Close,
+}
+
+/// Outcome of reading a response head.
+enum HeadResult {
+    Ok,
+    /// Closed before sending a byte: a pooled connection the backend had
+    /// already given up on. Safe to retry when nothing else was sent.
+    ClosedEarly,
+    Failed(UpstreamFailure),
+}
+
+impl Conn<'_> {
+    async fn run(&mut self) {
+        loop {
+            if self.buf.is_empty() {
+                // Idle: hold no buffer while waiting for the next request.
+                self.release_buffers();
+                if !self.wait_readable().await {
+                    return;
+                }
+            }
+            if !self.buf.has_capacity() {
+                self.buf = Buf::new(self.ctx.bufs.get());
+            }
+            let next = match self.read_head().await {
+                Ok(()) => self.handle().await,
+                Err(Some(status)) => self.reject(status, false).await,
+                Err(None) => Next::Close,
+            };
+            match next {
+                Next::KeepAlive if !self.ctx.drain.is_draining() => {}
+                Next::LingerClose => return self.linger().await,
+                _ => return,
+            }
+        }
+    }
+
+    fn release_buffers(&mut self) {
+        let buf = std::mem::take(&mut self.buf).into_inner();
+        if buf.capacity() > 0 {
+            self.ctx.bufs.put(buf);
+        }
+        let out = std::mem::take(&mut self.out);
+        if out.capacity() > 0 {
+            self.ctx.bufs.put(out);
+        }
+    }
+
+    fn out_buf(&mut self) -> &mut Vec<u8> {
+        if self.out.capacity() == 0 {
+            self.out = self.ctx.bufs.get();
+        }
+        &mut self.out
+    }
+
+    /// Wait, holding no buffer, until the client sends something. False
+    /// when the connection should close: keep-alive timeout, drain, error.
+    async fn wait_readable(&mut self) -> bool {
+        let timeout = self.listener.keepalive_timeout;
+        monoio::select! {
+            r = monoio::time::timeout(timeout, self.stream.readable(false)) => matches!(r, Ok(Ok(()))),
+            _ = self.ctx.drain.wait() => false,
+        }
+    }
+
+    /// Read until a whole head is parsed into `self.req`. `Err(Some(s))`:
+    /// answer `s` and close; `Err(None)`: close silently.
+    async fn read_head(&mut self) -> Result<(), Option<u16>> {
+        let deadline = monoio::time::Instant::now() + self.listener.header_timeout;
+        loop {
+            match head::parse_request(self.buf.data(), &self.listener.limits, &mut self.req) {
+                Ok(Status::Complete(_)) => return Ok(()),
+                Ok(Status::Partial) => {}
+                Err(e) => {
+                    crate::debug!("downstream {}: {e}", self.client_ip);
+                    return Err(Some(e.status()));
+                }
+            }
+            if self.buf.is_full() {
+                return Err(Some(431));
+            }
+            let had_bytes = !self.buf.is_empty();
+            match monoio::time::timeout_at(deadline, self.buf.read_from(&mut self.stream)).await {
+                Ok(Ok(n)) if n > 0 => {}
+                Ok(_) => return Err(None),
+                // A client that started a head and stalled gets 408; one
+                // that never sent a byte is just an idle connection.
+                Err(_) if had_bytes => return Err(Some(408)),
+                Err(_) => return Err(None),
+            }
+        }
+    }
+
+    /// Answer with a canned response. A closing answer lingers, so the
+    /// client reads it even if it is still sending.
+    async fn reject(&mut self, status: u16, keep_alive: bool) -> Next {
+        let version = self.req.version;
+        let out = self.out_buf();
+        out.clear();
+        encode::write_canned(out, status, keep_alive, version);
+        let send = self.listener.send_timeout;
+        match monoio::time::timeout(send, flush(&mut self.stream, &mut self.out)).await {
+            Ok(Ok(())) if keep_alive => Next::KeepAlive,
+            Ok(Ok(())) => Next::LingerClose,
+            _ => Next::Close,
+        }
+    }
+
+    async fn linger(&mut self) {
+        let _ = self.stream.shutdown().await;
+        let deadline = monoio::time::Instant::now() + LINGER_TIME;
+        let mut seen = 0;
+        let mut scratch = vec![0u8; 4096];
+        while seen < LINGER_BYTES {
+            match monoio::time::timeout_at(deadline, self.stream.read(scratch)).await {
+                Ok((Ok(n), b)) if n > 0 => {
+                    seen += n;
+                    scratch = b;
+                }
+                _ => return,
+            }
+        }
+    }
+
+    /// Route the parsed request and proxy it.
+    async fn handle(&mut self) -> Next {
+        let data = self.buf.data();
+        let route = self
+            .snapshot
+            .route(self.req.routing_host(data), self.req.path.get(data));
+        let Some(route) = route else {
+            // Without reading the body we cannot find the next request.
+            let keep = self.req.keep_alive && self.req.framing == BodyFraming::None;
+            let head_len = self.req.len;
+            self.buf.consume(head_len);
+            return self.reject(404, keep).await;
+        };
+        let group = route.upstream;
+        self.proxy(group).await
+    }
+
+    async fn proxy(&mut self, group_idx: usize) -> Next {
+        let snapshot = self.snapshot;
+        let group = &snapshot.upstreams[group_idx];
+        let backend_idx = self.ctx.next_backend(group_idx);
+        let backend = &group.backends[backend_idx];
+
+        let method = self.req.method;
+        let version = self.req.version;
+        let framing = self.req.framing;
+        let mut keep = self.req.keep_alive;
+        let expect_continue = self.req.expect_continue;
+
+        // The upstream head, built once so a retry can resend it.
+        let out = self.out_buf();
+        out.clear();
+        let fwd = Forwarded {
+            client_ip: self.client_ip.as_bytes(),
+            proto: b"http",
+            default_host: backend.authority.as_bytes(),
+        };
+        encode::write_upstream_request(&mut self.out, self.buf.data(), &self.req, &fwd);
+        self.buf.consume(self.req.len);
+
+        let mut ubuf = Buf::new(self.ctx.bufs.get());
+        let result = self
+            .exchange(
+                group_idx,
+                group,
+                backend_idx,
+                method,
+                framing,
+                expect_continue,
+                &mut ubuf,
+            )
+            .await;
+        let (mut up, body_sent) = match result {
+            Ok(x) => x,
+            Err(Fail::Respond {
+                status,
+                body_consumed,
+            }) => {
+                self.ctx.bufs.put(ubuf.into_inner());
+                crate::debug!(
+                    "upstream {}: answered {status} to {}",
+                    backend.label,
+                    self.client_ip
+                );
+                return self.reject(status, keep && body_consumed).await;
+            }
+            Err(Fail::Close) => {
+                self.ctx.bufs.put(ubuf.into_inner());
+                return Next::Close;
+            }
+        };
+        if !body_sent {
+            keep = false;
+        }
+
+        // Response head to downstream.
+        let (body_in, out_framing, body_out) = match self.res.framing {
+            BodyFraming::None => (BodyIn::Length(0), OutFraming::AsIs, BodyOut::Verbatim),
+            BodyFraming::Length(n) => (BodyIn::Length(n), OutFraming::AsIs, BodyOut::Verbatim),
+            BodyFraming::Chunked if version == Version::Http11 => (
+                BodyIn::Chunked,
+                OutFraming::ChunkedVerbatim,
+                BodyOut::Verbatim,
+            ),
+            BodyFraming::Chunked => {
+                if !self.res.te_is_plain_chunked {
+                    // An HTTP/1.0 client cannot undo a coding we cannot strip.
+                    self.ctx.bufs.put(ubuf.into_inner());
+                    return self.reject(502, false).await;
+                }
+                keep = false;
+                (BodyIn::Chunked, OutFraming::UntilClose, BodyOut::Dechunk)
+            }
+            BodyFraming::CloseDelimited if version == Version::Http11 => {
+                (BodyIn::UntilClose, OutFraming::Rechunk, BodyOut::Rechunk)
+            }
+            BodyFraming::CloseDelimited => {
+                keep = false;
+                (
+                    BodyIn::UntilClose,
+                    OutFraming::UntilClose,
+                    BodyOut::Verbatim,
+                )
+            }
+        };
+        if self.ctx.drain.is_draining() {
+            keep = false;
+        }
+        self.out.clear();
+        encode::write_downstream_response(
+            &mut self.out,
+            ubuf.data(),
+            &self.res,
+            out_framing,
+            version,
+            keep,
+        );
+        ubuf.consume(self.res.len);
+
+        let timeouts = Timeouts {
+            read: group.read_timeout,
+            write: self.listener.send_timeout,
+        };
+        let relayed = relay(
+            &mut up,
+            &mut ubuf,
+            &mut self.stream,
+            &mut self.out,
+            body_in,
+            body_out,
+            &timeouts,
+        )
+        .await;
+        let upstream_reusable =
+            relayed.is_ok() && self.res.keep_alive && ubuf.is_empty() && body_sent;
+        self.ctx.bufs.put(ubuf.into_inner());
+        if let Err(e) = relayed {
+            // The head is out: all we can do is close, so the client sees a
+            // truncated message rather than a complete-looking one.
+            crate::debug!(
+                "response body from {} to {}: {e}",
+                backend.label,
+                self.client_ip
+            );
+            return Next::Close;
+        }
+        if upstream_reusable {
+            self.ctx
+                .upstreams
+                .put(group_idx, backend_idx, up, group.max_idle);
+        }
+        if keep { Next::KeepAlive } else { Next::Close }
+    }
+
+    /// Connect (or reuse), send the request, and read the response head
+    /// into `self.res`. On success returns the upstream connection and
+    /// whether the request body was completely read from the client.
+    #[allow(clippy::too_many_arguments)]
+    async fn exchange(
+        &mut self,
+        group_idx: usize,
+        group: &UpstreamGroup,
+        backend_idx: usize,
+        method: Method,
+        framing: BodyFraming,
+        expect_continue: bool,
+        ubuf: &mut Buf,
+    ) -> Result<(UpStream, bool), Fail> {
+        let has_body = framing != BodyFraming::None;
+        let upstream_fail = |f: UpstreamFailure| Fail::Respond {
+            status: f.status(),
+            body_consumed: !has_body,
+        };
+        let mut retried = false;
+        loop {
+            let (mut up, reused) = self
+                .upstream_conn(group_idx, group, backend_idx, has_body)
+                .await
+                .map_err(upstream_fail)?;
+            if !has_body {
+                // Head only: `out` stays intact until the response head is
+                // in, so a pooled connection found dead can be retried once
+                // on a fresh one (nothing reached the backend).
+                let head = std::mem::take(&mut self.out);
+                let written =
+                    monoio::time::timeout(group.response_timeout, up.write_all(head)).await;
+                let Ok((res, head)) = written else {
+                    return Err(upstream_fail(UpstreamFailure::Timeout));
+                };
+                self.out = head;
+                let outcome = match res {
+                    Ok(_) => {
+                        self.read_response_head(&mut up, ubuf, method, group.response_timeout)
+                            .await
+                    }
+                    Err(_) => HeadResult::ClosedEarly,
+                };
+                match outcome {
+                    HeadResult::Ok => {
+                        self.out.clear();
+                        return Ok((up, true));
+                    }
+                    HeadResult::ClosedEarly if reused && !retried => {
+                        retried = true;
+                        continue;
+                    }
+                    HeadResult::ClosedEarly => {
+                        return Err(upstream_fail(UpstreamFailure::BadGateway));
+                    }
+                    HeadResult::Failed(f) => return Err(upstream_fail(f)),
+                }
+            }
+
+            // With a body: tell a waiting client to send it, then stream it.
+            if expect_continue && self.buf.is_empty() {
+                let sent = monoio::time::timeout(
+                    self.listener.send_timeout,
+                    self.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
+                )
+                .await;
+                if !matches!(sent, Ok((Ok(_), _))) {
+                    return Err(Fail::Close);
+                }
+            }
+            let body_in = match framing {
+                BodyFraming::Length(n) => BodyIn::Length(n),
+                _ => BodyIn::Chunked,
+            };
+            let timeouts = Timeouts {
+                read: self.listener.body_timeout,
+                write: group.response_timeout,
+            };
+            let sent = relay(
+                &mut self.stream,
+                &mut self.buf,
+                &mut up,
+                &mut self.out,
+                body_in,
+                BodyOut::Verbatim,
+                &timeouts,
+            )
+            .await;
+            let body_sent = match sent {
+                Ok(_) => true,
+                Err(RelayError::SrcTimeout) => {
+                    crate::debug!(
+                        "request body from {}: idle past body_timeout",
+                        self.client_ip
+                    );
+                    return Err(Fail::Respond {
+                        status: 408,
+                        body_consumed: false,
+                    });
+                }
+                Err(RelayError::Framing(e)) => {
+                    crate::debug!("request body from {}: {e}", self.client_ip);
+                    return Err(Fail::Respond {
+                        status: 400,
+                        body_consumed: false,
+                    });
+                }
+                Err(e) if e.is_source() => {
+                    // The client went away mid-body: nobody to answer.
+                    crate::debug!("request body from {}: {e}", self.client_ip);
+                    return Err(Fail::Close);
+                }
+                Err(e) => {
+                    // The upstream stopped reading; it may have answered
+                    // early (413, 401...). Forward that if it did.
+                    crate::debug!("request body to upstream: {e}");
+                    self.out.clear();
+                    false
+                }
+            };
+            return match self
+                .read_response_head(&mut up, ubuf, method, group.response_timeout)
+                .await
+            {
+                HeadResult::Ok => Ok((up, body_sent)),
+                HeadResult::ClosedEarly => Err(Fail::Respond {
+                    status: 502,
+                    body_consumed: body_sent,
+                }),
+                HeadResult::Failed(f) => Err(Fail::Respond {
+                    status: f.status(),
+                    body_consumed: body_sent,
+                }),
+            };
+        }
+    }
+
+    /// A pooled connection to the backend, or a new one.
+    async fn upstream_conn(
+        &mut self,
+        group_idx: usize,
+        group: &UpstreamGroup,
+        backend_idx: usize,
+        has_body: bool,
+    ) -> Result<(UpStream, bool), UpstreamFailure> {
+        while let Some(up) =
+            self.ctx
+                .upstreams
+                .take(group_idx, backend_idx, group.keepalive_timeout)
+        {
+            // A body cannot be replayed, so make sure the backend has not
+            // closed this connection while it sat in the pool.
+            if has_body && up.is_stale() {
+                continue;
+            }
+            return Ok((up, true));
+        }
+        let backend = &group.backends[backend_idx];
+        match upstream::connect(&backend.addr, group.connect_timeout).await {
+            Ok(up) => Ok((up, false)),
+            Err(ConnectError::Timeout) => {
+                crate::debug!("upstream {}: connect timed out", backend.label);
+                Err(UpstreamFailure::Timeout)
+            }
+            Err(ConnectError::Io(e)) => {
+                crate::debug!("upstream {}: {e}", backend.label);
+                Err(UpstreamFailure::BadGateway)
+            }
+        }
+    }
+
+    async fn read_response_head(
+        &mut self,
+        up: &mut UpStream,
+        ubuf: &mut Buf,
+        method: Method,
+        timeout: Duration,
+    ) -> HeadResult {
+        let deadline = monoio::time::Instant::now() + timeout;
+        let mut got_any = false;
+        loop {
+            match head::parse_response(ubuf.data(), MAX_UPSTREAM_HEAD_BYTES, method, &mut self.res)
+            {
+                Ok(Status::Complete(n)) => {
+                    match self.res.status {
+                        // Informational: 100 Continue was answered by us,
+                        // 103 and others are optional; skip them. 101 would
+                        // need an Upgrade we never forward.
+                        101 => return HeadResult::Failed(UpstreamFailure::BadGateway),
+                        100..=199 => {
+                            ubuf.consume(n);
+                            continue;
+                        }
+                        _ => return HeadResult::Ok,
+                    }
+                }
+                Ok(Status::Partial) => {}
+                Err(e) => {
+                    crate::debug!("upstream response: {e}");
+                    return HeadResult::Failed(UpstreamFailure::BadGateway);
+                }
+            }
+            match monoio::time::timeout_at(deadline, ubuf.read_from(up)).await {
+                Ok(Ok(n)) if n > 0 => got_any = true,
+                Ok(Ok(_)) | Ok(Err(_)) if !got_any && ubuf.is_empty() => {
+                    return HeadResult::ClosedEarly;
+                }
+                Ok(_) => return HeadResult::Failed(UpstreamFailure::BadGateway),
+                Err(_) => return HeadResult::Failed(UpstreamFailure::Timeout),
+            }
+        }
+    }
+}

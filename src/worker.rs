@@ -1,0 +1,339 @@
+//! Workers: one OS thread per selected core, pinned, each running its own
+//! monoio runtime with its own listeners, buffers and upstream pools.
+//!
+//! Owns: the thread, the runtime (io_uring or epoll), the accept loops, the
+//! drain sequence, and panic isolation per connection. Does not own: what a
+//! connection does (`proxy`, `origin`) or when to drain (`control`).
+
+use std::cell::{Cell, RefCell};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
+use std::pin::Pin;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+use std::time::{Duration, Instant};
+
+use monoio::io::AsyncReadRent;
+use monoio::net::{TcpListener, TcpStream, UnixStream};
+use slab::Slab;
+
+use crate::config::Snapshot;
+use crate::net::buffer::BufPool;
+use crate::net::upstream::UpstreamPool;
+use crate::origin::OriginBody;
+
+/// Which event loop a worker runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// io_uring when the kernel allows it, epoll otherwise.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+impl DriverKind {
+    /// Resolve `Auto` against what this kernel (or container) permits.
+    pub fn resolve(self) -> DriverKind {
+        match self {
+            DriverKind::Auto if monoio::utils::detect_uring() => DriverKind::Uring,
+            DriverKind::Auto => DriverKind::Epoll,
+            other => other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Auto => "auto",
+            DriverKind::Uring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
+/// What the worker's connections do.
+#[derive(Clone)]
+pub enum Role {
+    Proxy,
+    /// The built-in origin server, answering every request itself with a
+    /// body of this many bytes.
+    Origin(usize),
+}
+
+/// Control messages, one byte each, over the worker's socketpair.
+pub const MSG_DRAIN: u8 = b'D';
+
+/// The drain signal inside one worker: a flag plus the wakers of every
+/// task waiting for it (idle connections, accept loops). Waiters register
+/// in a slab and deregister on drop, so waiting costs no allocation.
+#[derive(Default)]
+pub struct Drain {
+    started: Cell<bool>,
+    waiters: RefCell<Slab<Waker>>,
+}
+
+impl Drain {
+    pub fn is_draining(&self) -> bool {
+        self.started.get()
+    }
+
+    pub fn start(&self) {
+        if self.started.replace(true) {
+            return;
+        }
+        for waker in self.waiters.borrow_mut().drain() {
+            waker.wake();
+        }
+    }
+
+    /// Resolves once draining has started.
+    pub fn wait(&self) -> DrainWait<'_> {
+        DrainWait {
+            drain: self,
+            key: None,
+        }
+    }
+}
+
+pub struct DrainWait<'a> {
+    drain: &'a Drain,
+    key: Option<usize>,
+}
+
+impl Future for DrainWait<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.drain.started.get() {
+            return Poll::Ready(());
+        }
+        let mut waiters = self.drain.waiters.borrow_mut();
+        match self.key {
+            Some(k) => waiters[k].clone_from(cx.waker()),
+            None => {
+                let k = waiters.insert(cx.waker().clone());
+                drop(waiters);
+                self.key = Some(k);
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for DrainWait<'_> {
+    fn drop(&mut self) {
+        if let Some(k) = self.key {
+            // After start() the slab is empty and no key was handed out since.
+            self.drain.waiters.borrow_mut().try_remove(k);
+        }
+    }
+}
+
+/// Everything one worker owns. Shared by its tasks through `Rc`: no
+/// locks, no atomics.
+pub struct WorkerCtx {
+    pub id: usize,
+    pub snapshot: Rc<Arc<Snapshot>>,
+    pub bufs: BufPool,
+    pub upstreams: UpstreamPool,
+    /// Round-robin cursor per upstream group.
+    pub rr: Vec<Cell<usize>>,
+    pub drain: Drain,
+    pub open_connections: Cell<usize>,
+    pub driver: DriverKind,
+}
+
+impl WorkerCtx {
+    pub fn new(id: usize, snapshot: Arc<Snapshot>, driver: DriverKind) -> Self {
+        WorkerCtx {
+            id,
+            upstreams: UpstreamPool::new(&snapshot),
+            rr: snapshot.upstreams.iter().map(|_| Cell::new(id)).collect(),
+            snapshot: Rc::new(snapshot),
+            bufs: BufPool::new(),
+            drain: Drain::default(),
+            open_connections: Cell::new(0),
+            driver,
+        }
+    }
+
+    /// Next backend of `group`, round robin within this worker.
+    pub fn next_backend(&self, group: usize) -> usize {
+        let cursor = &self.rr[group];
+        let n = self.snapshot.upstreams[group].backends.len();
+        let i = cursor.get() % n;
+        cursor.set(i + 1);
+        i
+    }
+}
+
+/// What the control thread hands a worker thread.
+pub struct WorkerSpec {
+    pub id: usize,
+    pub core: Option<core_affinity::CoreId>,
+    pub driver: DriverKind,
+    pub snapshot: Arc<Snapshot>,
+    /// `(socket, index into snapshot.listeners)`
+    pub listeners: Vec<(std::net::TcpListener, usize)>,
+    pub control: std::os::unix::net::UnixStream,
+    pub role: Role,
+}
+
+/// io_uring submission queue size: enough for every connection of a busy
+/// worker to have a read or poll in flight without waiting for space.
+const URING_ENTRIES: u32 = 4096;
+
+/// Start the worker thread.
+pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
+    std::thread::Builder::new()
+        .name(format!("coregate-w{}", spec.id))
+        .spawn(move || {
+            if let Some(core) = spec.core {
+                if !core_affinity::set_for_current(core) {
+                    crate::warn!("could not pin to core {}", core.id);
+                }
+            }
+            let driver = spec.driver.resolve();
+            let result = match driver {
+                DriverKind::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                    .with_entries(URING_ENTRIES)
+                    .enable_timer()
+                    .build()
+                    .map(|mut rt| rt.block_on(worker_main(spec, driver))),
+                _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
+                    .enable_timer()
+                    .build()
+                    .map(|mut rt| rt.block_on(worker_main(spec, driver))),
+            };
+            if let Err(e) = result {
+                crate::error!("cannot start the {} event loop: {e}", driver.name());
+                std::process::exit(1);
+            }
+        })
+}
+
+async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
+    let core = spec
+        .core
+        .map(|c| c.id.to_string())
+        .unwrap_or_else(|| "-".into());
+    crate::info!(
+        "worker {} on core {} running {}",
+        spec.id,
+        core,
+        driver.name()
+    );
+    let ctx = Rc::new(WorkerCtx::new(spec.id, spec.snapshot, driver));
+    let origin = match spec.role {
+        Role::Proxy => None,
+        Role::Origin(size) => Some(Rc::new(OriginBody::new(size))),
+    };
+    for (socket, idx) in spec.listeners {
+        match TcpListener::from_std(socket) {
+            Ok(l) => {
+                monoio::spawn(accept_loop(ctx.clone(), l, idx, origin.clone()));
+            }
+            Err(e) => {
+                crate::error!("cannot register listener: {e}");
+                std::process::exit(1);
+            }
+        }
+    }
+    // The control socket closing (control thread gone) drains too.
+    if let Ok(mut control) = UnixStream::from_std(spec.control) {
+        loop {
+            let (res, buf) = control.read(vec![0u8; 16]).await;
+            match res {
+                Ok(n) if n > 0 && buf[..n].contains(&MSG_DRAIN) => break,
+                Ok(n) if n > 0 => continue,
+                _ => break,
+            }
+        }
+    }
+    let drain_timeout = ctx.snapshot.drain_timeout;
+    ctx.drain.start();
+    ctx.upstreams.clear();
+    let deadline = Instant::now() + drain_timeout;
+    while ctx.open_connections.get() > 0 && Instant::now() < deadline {
+        monoio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let left = ctx.open_connections.get();
+    if left > 0 {
+        crate::warn!("drain timeout: closing {left} connections still open");
+    }
+}
+
+async fn accept_loop(
+    ctx: Rc<WorkerCtx>,
+    listener: TcpListener,
+    listener_idx: usize,
+    origin: Option<Rc<OriginBody>>,
+) {
+    loop {
+        let accepted = monoio::select! {
+            r = listener.accept() => Some(r),
+            _ = ctx.drain.wait() => None,
+        };
+        match accepted {
+            None => break,
+            Some(Ok((stream, peer))) => {
+                let _ = stream.set_nodelay(true);
+                ctx.open_connections.set(ctx.open_connections.get() + 1);
+                let guard = ConnGuard(ctx.clone());
+                let task = connection(ctx.clone(), stream, peer, listener_idx, origin.clone());
+                monoio::spawn(async move {
+                    // A panic ends this connection only; the guard keeps the
+                    // count right either way.
+                    let _guard = guard;
+                    if CatchUnwind(Box::pin(task)).await.is_err() {
+                        crate::error!("connection from {peer} panicked; closed it");
+                    }
+                });
+            }
+            Some(Err(e)) => {
+                // EMFILE and friends: back off instead of spinning.
+                crate::warn!("accept failed: {e}");
+                monoio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn connection(
+    ctx: Rc<WorkerCtx>,
+    stream: TcpStream,
+    peer: SocketAddr,
+    idx: usize,
+    origin: Option<Rc<OriginBody>>,
+) {
+    match origin {
+        None => crate::proxy::serve(ctx, stream, peer, idx).await,
+        Some(body) => crate::origin::serve(ctx, stream, idx, body).await,
+    }
+}
+
+struct ConnGuard(Rc<WorkerCtx>);
+
+impl Drop for ConnGuard {
+    fn drop(&mut self) {
+        let open = &self.0.open_connections;
+        open.set(open.get() - 1);
+    }
+}
+
+/// Polls a future, turning a panic inside it into `Err`.
+struct CatchUnwind<F>(Pin<Box<F>>);
+
+impl<F: Future> Future for CatchUnwind<F> {
+    type Output = Result<F::Output, ()>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let fut = self.0.as_mut();
+        match std::panic::catch_unwind(AssertUnwindSafe(|| fut.poll(cx))) {
+            Ok(Poll::Ready(v)) => Poll::Ready(Ok(v)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(_) => Poll::Ready(Err(())),
+        }
+    }
+}
