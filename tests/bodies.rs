@@ -1,0 +1,116 @@
+//! Request and response bodies in every framing, large and small.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use crate::support::*;
+
+fn sha256_hex(path: &std::path::Path) -> String {
+    let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+}
+
+fn make_file(dir: &std::path::Path, name: &str, size: usize) -> std::path::PathBuf {
+    let path = dir.join(name);
+    let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+    std::fs::write(&path, data).unwrap();
+    path
+}
+
+#[test]
+fn chunked_request_body_reaches_upstream_intact() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let file = make_file(&proxy.dir, "up.bin", 300_000);
+    let out = curl(&[
+        "-H", "Transfer-Encoding: chunked",
+        "--data-binary", &format!("@{}", file.display()),
+        &format!("http://{}/echo", proxy.addr),
+    ]);
+    let echo = echo_json(&out.stdout);
+    assert_eq!(echo["body_len"], 300_000);
+    assert_eq!(echo["body_sha256"], sha256_hex(&file));
+    assert_eq!(header(&echo, "transfer-encoding"), Some("chunked"));
+}
+
+#[test]
+fn chunked_response_with_trailers_reaches_client_intact() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let out = curl(&["--raw", "-i", &format!("http://{}/chunked?n=5000", proxy.addr)]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(text.ends_with("0\r\nX-Trailer: done\r\n\r\n"), "trailers forwarded verbatim");
+    let decoded = curl(&[&format!("http://{}/chunked?n=5000", proxy.addr)]);
+    assert_eq!(decoded.stdout.len(), 5000);
+}
+
+#[test]
+fn expect_100_continue_is_answered_before_the_body() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let mut s = TcpStream::connect(&proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").unwrap();
+    let mut buf = [0u8; 25];
+    s.read_exact(&mut buf).unwrap();
+    assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
+    s.write_all(b"hello").unwrap();
+    let mut rest = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while !String::from_utf8_lossy(&rest).contains("body_sha256") {
+        let n = s.read(&mut chunk).unwrap();
+        assert!(n > 0, "closed early");
+        rest.extend_from_slice(&chunk[..n]);
+    }
+    let text = String::from_utf8_lossy(&rest);
+    assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+    assert!(text.contains("\"body_len\": 5"), "{text}");
+    assert!(!text.to_ascii_lowercase().contains("expect"), "Expect is not forwarded: {text}");
+}
+
+#[test]
+fn ten_mib_bodies_both_ways_with_bounded_memory() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+    let before = proxy.rss_kib();
+    let file = make_file(&proxy.dir, "ten.bin", 10 << 20);
+    let out = curl(&["--data-binary", &format!("@{}", file.display()), &format!("http://{}/echo", proxy.addr)]);
+    let echo = echo_json(&out.stdout);
+    assert_eq!(echo["body_len"], 10 << 20);
+    assert_eq!(echo["body_sha256"], sha256_hex(&file));
+
+    let down = proxy.dir.join("down.bin");
+    let out = curl(&["-o", down.to_str().unwrap(), "-w", "%{http_code}", &format!("http://{}/bytes?n={}", proxy.addr, 10 << 20)]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(std::fs::metadata(&down).unwrap().len(), 10 << 20);
+    let grown = proxy.rss_kib().saturating_sub(before);
+    // A streamed body holds a few 64 KiB buffers, never the body.
+    assert!(grown < 8 * 1024, "proxy RSS grew by {grown} KiB relaying 10 MiB each way");
+}
+
+#[test]
+fn head_and_bodyless_statuses_carry_no_body() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    // HEAD keeps Content-Length but sends no body; the next request on the
+    // same connection must parse cleanly.
+    let reqs = "HEAD /bytes?n=100 HTTP/1.1\r\nHost: a\r\n\r\nGET /bytes?n=2 HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let (got, _) = raw_exchange(&proxy.addr, reqs.as_bytes());
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(statuses(&got), vec![200, 200], "{text}");
+    assert!(text.contains("Content-Length: 100\r\n"), "{text}");
+    assert!(text.ends_with("\r\n\r\n01"), "{text}");
+}
+
+#[test]
+fn body_in_the_same_packet_as_the_head_is_forwarded() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let (got, _) = raw_exchange(
+        &proxy.addr,
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 3\r\nConnection: close\r\n\r\nabc",
+    );
+    assert!(String::from_utf8_lossy(&got).contains("\"body_len\": 3"));
+}

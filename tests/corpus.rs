@@ -1,0 +1,1 @@
+// Placeholder until the corpus replay lands (helper writing it).

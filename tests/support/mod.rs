@@ -1,0 +1,233 @@
+//! Test harness: real processes on 127.0.0.1, each bounded in time and
+//! stopped by PID when its handle drops.
+
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_coregate");
+
+/// A fresh directory for one test's files.
+pub fn temp_dir() -> PathBuf {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    let dir = std::env::temp_dir().join(format!(
+        "coregate-test-{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).expect("create temp dir");
+    dir
+}
+
+/// A child process, sent SIGTERM then SIGKILL when dropped.
+pub struct Proc {
+    pub child: Child,
+    /// What the process printed as its address (host:port or a path).
+    pub addr: String,
+    pub dir: PathBuf,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's PID.
+        unsafe { libc::kill(self.pid(), sig) };
+    }
+
+    /// Wait for exit, at most `limit`.
+    pub fn wait_exit(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        let end = Instant::now() + limit;
+        while Instant::now() < end {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    }
+
+    /// Resident set size of the process, in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        status
+            .lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            self.signal(libc::SIGTERM);
+            if self.wait_exit(Duration::from_secs(3)).is_none() {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+/// Start `cmd`, wait (up to 15 s) for a stdout line starting with
+/// `marker`, and return the process with the text after the marker.
+fn start(mut cmd: Command, marker: &str, dir: PathBuf) -> Proc {
+    let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let wanted = marker.to_string();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        while let Some(Ok(line)) = lines.next() {
+            if let Some(rest) = line.strip_prefix(&wanted) {
+                let _ = tx.send(rest.trim().to_string());
+                break;
+            }
+        }
+        // Keep draining so the child never blocks on a full pipe.
+        for _ in lines {}
+    });
+    let addr = match rx.recv_timeout(Duration::from_secs(15)) {
+        Ok(a) => a,
+        Err(_) => {
+            let _ = child.kill();
+            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+            panic!("{cmd:?} did not print {marker:?} within 15 s; stderr:\n{log}");
+        }
+    };
+    Proc { child, addr, dir }
+}
+
+/// The Python test origin (tests/support/origin.py) on 127.0.0.1.
+pub fn python_origin() -> Proc {
+    let dir = temp_dir();
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py"));
+    let mut p = start(cmd, "READY", dir);
+    p.addr = format!("127.0.0.1:{}", p.addr);
+    p
+}
+
+/// The Python test origin on a UNIX socket.
+pub fn python_origin_unix() -> Proc {
+    let dir = temp_dir();
+    let sock = dir.join("origin.sock");
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py")).arg("--unix").arg(&sock);
+    start(cmd, "READY", dir)
+}
+
+/// coregate's own origin.
+pub fn coregate_origin(body_size: usize) -> Proc {
+    let dir = temp_dir();
+    let mut cmd = Command::new(BIN);
+    cmd.args(["origin", "--listen", "127.0.0.1:0", "--workers", "1", "--body-size", &body_size.to_string()]);
+    let mut p = start(cmd, "coregate origin listening on http://", dir);
+    p.addr = p.addr.split_whitespace().next().expect("address").to_string();
+    p
+}
+
+/// coregate with this config text (its listener should use port 0).
+pub fn coregate(config: &str, extra: &[&str]) -> Proc {
+    let dir = temp_dir();
+    let path = dir.join("coregate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run").arg("--config").arg(&path).args(extra);
+    start(cmd, "coregate listening on http://", dir)
+}
+
+/// A one-route config in front of `backend` (a tcp:// or unix: URL).
+pub fn config_for(backend: &str, upstream_extra: &str) -> String {
+    format!(
+        "[server]\ndrain_timeout = \"10s\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"2s\"\n\n\
+         [upstream.app]\nbackends = [\"{backend}\"]\n{upstream_extra}\n\n[[route]]\nupstream = \"app\"\n"
+    )
+}
+
+/// The proxy in front of a TCP origin, with `workers` workers.
+pub fn proxy_to(origin: &Proc, upstream_extra: &str, extra: &[&str]) -> Proc {
+    coregate(&config_for(&format!("tcp://{}", origin.addr), upstream_extra), extra)
+}
+
+/// Run curl with a 20 s cap.
+pub fn curl(args: &[&str]) -> Output {
+    Command::new("curl")
+        .args(["--silent", "--show-error", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("run curl")
+}
+
+/// `curl -o /dev/null -w %{http_code}` → status.
+pub fn status_of(args: &[&str]) -> u16 {
+    let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
+    all.extend_from_slice(args);
+    let out = curl(&all);
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+}
+
+/// Send raw bytes, then read until the server closes or 5 s pass.
+/// Returns what was read and whether the server closed.
+pub fn raw_exchange(addr: &str, bytes: &[u8]) -> (Vec<u8>, bool) {
+    let mut s = TcpStream::connect(addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(bytes).expect("write");
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match s.read(&mut chunk) {
+            Ok(0) => return (got, true),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (got, true),
+            Err(_) => return (got, false),
+        }
+    }
+}
+
+/// Status codes of every response in `raw`, in order (status lines only).
+pub fn statuses(raw: &[u8]) -> Vec<u16> {
+    let text = String::from_utf8_lossy(raw);
+    text.match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12)?.parse().ok())
+        .collect()
+}
+
+/// A TCP port on 127.0.0.1 with nothing listening.
+pub fn dead_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    l.local_addr().unwrap().port()
+}
+
+/// Parse the Python origin's /echo JSON.
+pub fn echo_json(body: &[u8]) -> serde_json::Value {
+    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+pub fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
+    echo["headers"]
+        .as_array()?
+        .iter()
+        .find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
+        .and_then(|h| h[1].as_str())
+}

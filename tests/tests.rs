@@ -1,0 +1,11 @@
+//! Integration tests: coregate as a real process on 127.0.0.1 between real
+//! clients (curl, raw sockets) and real origins (Python's http.server,
+//! nginx, coregate's own origin). One binary, a module per area.
+
+mod support;
+
+mod bodies;
+mod failures;
+mod forwarding;
+mod lifecycle;
+mod nginx;
