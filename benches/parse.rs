@@ -4,8 +4,10 @@
 use std::hint::black_box;
 
 use coregate::http::chunked::ChunkedDecoder;
-use coregate::http::head::{parse_request, parse_response, HeadLimits, Method, RequestHead, ResponseHead};
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use coregate::http::head::{
+    HeadLimits, Method, RequestHead, ResponseHead, parse_request, parse_response,
+};
+use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// What a desktop browser sends for a page (Firefox, trimmed cookies).
 const BROWSER: &[u8] = b"GET /wp-content/uploads/2010/03/hello-kitty-darth-vader-pink.jpg HTTP/1.1\r\n\
@@ -51,7 +53,9 @@ fn heads(c: &mut Criterion) {
     g.throughput(Throughput::Bytes(RESPONSE.len() as u64));
     let mut head = ResponseHead::default();
     g.bench_function("api", |b| {
-        b.iter(|| parse_response(black_box(RESPONSE), 32 * 1024, Method::Get, &mut head).expect("valid"))
+        b.iter(|| {
+            parse_response(black_box(RESPONSE), 32 * 1024, Method::Get, &mut head).expect("valid")
+        })
     });
     g.finish();
 }

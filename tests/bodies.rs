@@ -7,8 +7,15 @@ use std::time::Duration;
 use crate::support::*;
 
 fn sha256_hex(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum").arg(path).output().expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap_or_default().to_string()
+    let out = std::process::Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
 }
 
 fn make_file(dir: &std::path::Path, name: &str, size: usize) -> std::path::PathBuf {
@@ -24,8 +31,10 @@ fn chunked_request_body_reaches_upstream_intact() {
     let proxy = proxy_to(&origin, "", &[]);
     let file = make_file(&proxy.dir, "up.bin", 300_000);
     let out = curl(&[
-        "-H", "Transfer-Encoding: chunked",
-        "--data-binary", &format!("@{}", file.display()),
+        "-H",
+        "Transfer-Encoding: chunked",
+        "--data-binary",
+        &format!("@{}", file.display()),
         &format!("http://{}/echo", proxy.addr),
     ]);
     let echo = echo_json(&out.stdout);
@@ -38,10 +47,17 @@ fn chunked_request_body_reaches_upstream_intact() {
 fn chunked_response_with_trailers_reaches_client_intact() {
     let origin = python_origin();
     let proxy = proxy_to(&origin, "", &[]);
-    let out = curl(&["--raw", "-i", &format!("http://{}/chunked?n=5000", proxy.addr)]);
+    let out = curl(&[
+        "--raw",
+        "-i",
+        &format!("http://{}/chunked?n=5000", proxy.addr),
+    ]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
-    assert!(text.ends_with("0\r\nX-Trailer: done\r\n\r\n"), "trailers forwarded verbatim");
+    assert!(
+        text.ends_with("0\r\nX-Trailer: done\r\n\r\n"),
+        "trailers forwarded verbatim"
+    );
     let decoded = curl(&[&format!("http://{}/chunked?n=5000", proxy.addr)]);
     assert_eq!(decoded.stdout.len(), 5000);
 }
@@ -52,7 +68,10 @@ fn expect_100_continue_is_answered_before_the_body() {
     let proxy = proxy_to(&origin, "", &[]);
     let mut s = TcpStream::connect(&proxy.addr).unwrap();
     s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    s.write_all(b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n").unwrap();
+    s.write_all(
+        b"POST /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\nExpect: 100-continue\r\n\r\n",
+    )
+    .unwrap();
     let mut buf = [0u8; 25];
     s.read_exact(&mut buf).unwrap();
     assert_eq!(&buf, b"HTTP/1.1 100 Continue\r\n\r\n");
@@ -67,7 +86,10 @@ fn expect_100_continue_is_answered_before_the_body() {
     let text = String::from_utf8_lossy(&rest);
     assert!(text.starts_with("HTTP/1.1 200"), "{text}");
     assert!(text.contains("\"body_len\": 5"), "{text}");
-    assert!(!text.to_ascii_lowercase().contains("expect"), "Expect is not forwarded: {text}");
+    assert!(
+        !text.to_ascii_lowercase().contains("expect"),
+        "Expect is not forwarded: {text}"
+    );
 }
 
 #[test]
@@ -76,18 +98,31 @@ fn ten_mib_bodies_both_ways_with_bounded_memory() {
     let proxy = proxy_to(&origin, "", &["--workers", "1"]);
     let before = proxy.rss_kib();
     let file = make_file(&proxy.dir, "ten.bin", 10 << 20);
-    let out = curl(&["--data-binary", &format!("@{}", file.display()), &format!("http://{}/echo", proxy.addr)]);
+    let out = curl(&[
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("http://{}/echo", proxy.addr),
+    ]);
     let echo = echo_json(&out.stdout);
     assert_eq!(echo["body_len"], 10 << 20);
     assert_eq!(echo["body_sha256"], sha256_hex(&file));
 
     let down = proxy.dir.join("down.bin");
-    let out = curl(&["-o", down.to_str().unwrap(), "-w", "%{http_code}", &format!("http://{}/bytes?n={}", proxy.addr, 10 << 20)]);
+    let out = curl(&[
+        "-o",
+        down.to_str().unwrap(),
+        "-w",
+        "%{http_code}",
+        &format!("http://{}/bytes?n={}", proxy.addr, 10 << 20),
+    ]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
     assert_eq!(std::fs::metadata(&down).unwrap().len(), 10 << 20);
     let grown = proxy.rss_kib().saturating_sub(before);
     // A streamed body holds a few 64 KiB buffers, never the body.
-    assert!(grown < 8 * 1024, "proxy RSS grew by {grown} KiB relaying 10 MiB each way");
+    assert!(
+        grown < 8 * 1024,
+        "proxy RSS grew by {grown} KiB relaying 10 MiB each way"
+    );
 }
 
 #[test]

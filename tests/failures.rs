@@ -8,10 +8,19 @@ use crate::support::*;
 
 #[test]
 fn dead_backend_is_502() {
-    let proxy = coregate(&config_for(&format!("tcp://127.0.0.1:{}", dead_port()), ""), &[]);
+    let proxy = coregate(
+        &config_for(&format!("tcp://127.0.0.1:{}", dead_port()), ""),
+        &[],
+    );
     assert_eq!(status_of(&[&format!("http://{}/", proxy.addr)]), 502);
     // The connection survives a 502 for a body-less request.
-    let out = curl(&["-v", "-o", "/dev/null", &format!("http://{}/a", proxy.addr), &format!("http://{}/b", proxy.addr)]);
+    let out = curl(&[
+        "-v",
+        "-o",
+        "/dev/null",
+        &format!("http://{}/a", proxy.addr),
+        &format!("http://{}/b", proxy.addr),
+    ]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("Re-using existing connection"));
 }
 
@@ -30,7 +39,12 @@ fn truncated_response_is_never_completed() {
     let proxy = proxy_to(&origin, "", &[]);
     let out = curl(&[&format!("http://{}/truncate", proxy.addr)]);
     // curl exit 18: "transfer closed with outstanding read data remaining".
-    assert_eq!(out.status.code(), Some(18), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(
+        out.status.code(),
+        Some(18),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(out.stdout.len(), 1000);
 }
 
@@ -58,7 +72,10 @@ fn oversize_head_is_431_and_long_uri_414() {
     let origin = python_origin();
     let proxy = proxy_to(&origin, "", &[]);
     let big = format!("X-Big: {}", "a".repeat(20_000));
-    assert_eq!(status_of(&["-H", &big, &format!("http://{}/", proxy.addr)]), 431);
+    assert_eq!(
+        status_of(&["-H", &big, &format!("http://{}/", proxy.addr)]),
+        431
+    );
     let long = format!("http://{}/{}", proxy.addr, "u".repeat(9000));
     assert_eq!(status_of(&[&long]), 414);
 }
@@ -87,8 +104,18 @@ fn smuggling_vectors_get_400_and_close() {
     ];
     for v in vectors {
         let (got, closed) = raw_exchange(&proxy.addr, v);
-        assert_eq!(statuses(&got), vec![400], "vector {:?} got {:?}", String::from_utf8_lossy(v), String::from_utf8_lossy(&got));
-        assert!(closed, "connection stays open after {:?}", String::from_utf8_lossy(v));
+        assert_eq!(
+            statuses(&got),
+            vec![400],
+            "vector {:?} got {:?}",
+            String::from_utf8_lossy(v),
+            String::from_utf8_lossy(&got)
+        );
+        assert!(
+            closed,
+            "connection stays open after {:?}",
+            String::from_utf8_lossy(v)
+        );
     }
 }
 
@@ -101,7 +128,12 @@ fn slow_head_gets_408() {
     s.write_all(b"GET / HTTP/1.1\r\nHost: a\r\n").unwrap();
     let mut got = Vec::new();
     let _ = s.read_to_end(&mut got);
-    assert_eq!(statuses(&got), vec![408], "{}", String::from_utf8_lossy(&got));
+    assert_eq!(
+        statuses(&got),
+        vec![408],
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
 }
 
 #[test]
@@ -110,6 +142,10 @@ fn upstream_that_answers_early_is_forwarded() {
     let proxy = proxy_to(&origin, "", &[]);
     let file = proxy.dir.join("big.bin");
     std::fs::write(&file, vec![b'x'; 8 << 20]).unwrap();
-    let code = status_of(&["--data-binary", &format!("@{}", file.display()), &format!("http://{}/early413", proxy.addr)]);
+    let code = status_of(&[
+        "--data-binary",
+        &format!("@{}", file.display()),
+        &format!("http://{}/early413", proxy.addr),
+    ]);
     assert_eq!(code, 413);
 }

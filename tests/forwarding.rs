@@ -7,23 +7,42 @@ fn forwards_request_and_strips_hop_by_hop_headers() {
     let origin = python_origin();
     let proxy = proxy_to(&origin, "", &[]);
     let out = curl(&[
-        "-H", "Connection: X-Secret",
-        "-H", "X-Secret: 1",
-        "-H", "Keep-Alive: timeout=5",
-        "-H", "Proxy-Authorization: Basic eA==",
-        "-H", "X-Forwarded-For: 203.0.113.7",
-        "-H", "X-Forwarded-Proto: https",
-        "-H", "X-Kept: yes",
+        "-H",
+        "Connection: X-Secret",
+        "-H",
+        "X-Secret: 1",
+        "-H",
+        "Keep-Alive: timeout=5",
+        "-H",
+        "Proxy-Authorization: Basic eA==",
+        "-H",
+        "X-Forwarded-For: 203.0.113.7",
+        "-H",
+        "X-Forwarded-Proto: https",
+        "-H",
+        "X-Kept: yes",
         &format!("http://{}/echo/path?q=1", proxy.addr),
     ]);
     let echo = echo_json(&out.stdout);
     assert_eq!(echo["path"], "/echo/path?q=1");
     assert_eq!(echo["version"], "HTTP/1.1");
     assert_eq!(header(&echo, "x-kept"), Some("yes"));
-    for gone in ["x-secret", "keep-alive", "proxy-authorization", "connection"] {
-        assert_eq!(header(&echo, gone), None, "{gone} must not reach the upstream: {echo}");
+    for gone in [
+        "x-secret",
+        "keep-alive",
+        "proxy-authorization",
+        "connection",
+    ] {
+        assert_eq!(
+            header(&echo, gone),
+            None,
+            "{gone} must not reach the upstream: {echo}"
+        );
     }
-    assert_eq!(header(&echo, "x-forwarded-for"), Some("203.0.113.7, 127.0.0.1"));
+    assert_eq!(
+        header(&echo, "x-forwarded-for"),
+        Some("203.0.113.7, 127.0.0.1")
+    );
     assert_eq!(header(&echo, "x-forwarded-proto"), Some("http"));
     assert_eq!(header(&echo, "via"), Some("1.1 coregate"));
     assert_eq!(header(&echo, "host"), Some(proxy.addr.as_str()));
@@ -49,7 +68,11 @@ fn keep_alive_is_reused_on_both_sides() {
     // One curl, three URLs: curl reuses its connection to the proxy.
     let out = curl(&["-v", "-w", "\n", &url, &url, &url]);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(stderr.matches("Re-using existing connection").count(), 2, "{stderr}");
+    assert_eq!(
+        stderr.matches("Re-using existing connection").count(),
+        2,
+        "{stderr}"
+    );
     let ports: Vec<u64> = String::from_utf8_lossy(&out.stdout)
         .lines()
         .filter(|l| !l.is_empty())
@@ -57,7 +80,10 @@ fn keep_alive_is_reused_on_both_sides() {
         .collect();
     assert_eq!(ports.len(), 3);
     // The origin saw one upstream connection for all three requests.
-    assert!(ports.iter().all(|&p| p == ports[0]), "upstream connection not reused: {ports:?}");
+    assert!(
+        ports.iter().all(|&p| p == ports[0]),
+        "upstream connection not reused: {ports:?}"
+    );
 }
 
 #[test]
@@ -74,7 +100,10 @@ fn pipelined_requests_are_answered_in_order() {
     let first = text.find("id=1").expect("first response");
     let second = text.find("\r\n\r\n012").expect("second response");
     let third = text.find("id=3").expect("third response");
-    assert!(first < second && second < third, "responses out of order:\n{text}");
+    assert!(
+        first < second && second < third,
+        "responses out of order:\n{text}"
+    );
 }
 
 #[test]
@@ -85,7 +114,10 @@ fn http10_client_gets_close_delimited_body_from_chunked_upstream() {
     assert!(closed);
     let text = String::from_utf8_lossy(&got);
     let (head, body) = text.split_once("\r\n\r\n").expect("head");
-    assert!(!head.to_ascii_lowercase().contains("transfer-encoding"), "{head}");
+    assert!(
+        !head.to_ascii_lowercase().contains("transfer-encoding"),
+        "{head}"
+    );
     assert_eq!(body.len(), 2500, "{head}");
 }
 
@@ -95,7 +127,11 @@ fn close_delimited_upstream_is_rechunked_for_http11_clients() {
     let proxy = proxy_to(&origin, "", &[]);
     let out = curl(&["-i", &format!("http://{}/close?n=3000", proxy.addr)]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.to_ascii_lowercase().contains("transfer-encoding: chunked"), "{text}");
+    assert!(
+        text.to_ascii_lowercase()
+            .contains("transfer-encoding: chunked"),
+        "{text}"
+    );
     let body = text.split_once("\r\n\r\n").unwrap().1;
     assert_eq!(body.len(), 3000);
 }
@@ -114,9 +150,16 @@ fn routes_by_host_and_prefix_and_404s_the_rest() {
     let proxy = coregate(&config, &[]);
     let base = format!("http://{}", proxy.addr);
     let out = curl(&["-H", "Host: API.test:80", &format!("{base}/v1/x")]);
-    assert_eq!(out.stdout.len(), 7, "host+prefix route goes to the 7-byte origin");
+    assert_eq!(
+        out.stdout.len(),
+        7,
+        "host+prefix route goes to the 7-byte origin"
+    );
     assert_eq!(status_of(&[&format!("{base}/echo/1")]), 200);
-    assert_eq!(status_of(&["-H", "Host: other", &format!("{base}/v1/x")]), 404);
+    assert_eq!(
+        status_of(&["-H", "Host: other", &format!("{base}/v1/x")]),
+        404
+    );
     assert_eq!(status_of(&[&format!("{base}/nothing")]), 404);
 }
 

@@ -15,9 +15,14 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_zero() {
     proxy.signal(libc::SIGTERM);
     let out = client.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.ends_with("\n200"), "in-flight request did not complete: {text}");
+    assert!(
+        text.ends_with("\n200"),
+        "in-flight request did not complete: {text}"
+    );
     assert!(text.contains("\"path\": \"/slow?ms=1500\""), "{text}");
-    let status = proxy.wait_exit(Duration::from_secs(10)).expect("exits after drain");
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits after drain");
     assert_eq!(status.code(), Some(0), "{}", proxy.stderr());
 }
 
@@ -27,11 +32,14 @@ fn idle_keep_alive_connections_do_not_hold_up_drain() {
     let mut proxy = proxy_to(&origin, "", &[]);
     let mut idle = std::net::TcpStream::connect(&proxy.addr).unwrap();
     use std::io::{Read, Write};
-    idle.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n").unwrap();
+    idle.write_all(b"GET /echo HTTP/1.1\r\nHost: a\r\n\r\n")
+        .unwrap();
     let mut buf = [0u8; 4096];
     assert!(idle.read(&mut buf).unwrap() > 0);
     proxy.signal(libc::SIGTERM);
-    let status = proxy.wait_exit(Duration::from_secs(5)).expect("idle connection closed at drain");
+    let status = proxy
+        .wait_exit(Duration::from_secs(5))
+        .expect("idle connection closed at drain");
     assert_eq!(status.code(), Some(0));
 }
 
@@ -41,7 +49,11 @@ fn epoll_driver_proxies_too() {
     let proxy = proxy_to(&origin, "", &["--driver", "epoll", "--workers", "1"]);
     let out = curl(&["-d", "via epoll", &format!("http://{}/echo", proxy.addr)]);
     assert_eq!(echo_json(&out.stdout)["body_len"], 9);
-    assert!(proxy.stderr().contains("running epoll"), "{}", proxy.stderr());
+    assert!(
+        proxy.stderr().contains("running epoll"),
+        "{}",
+        proxy.stderr()
+    );
 }
 
 #[test]
@@ -49,7 +61,11 @@ fn io_uring_driver_is_logged() {
     let origin = python_origin();
     let proxy = proxy_to(&origin, "", &["--driver", "uring", "--workers", "1"]);
     assert_eq!(status_of(&[&format!("http://{}/echo", proxy.addr)]), 200);
-    assert!(proxy.stderr().contains("running io_uring"), "{}", proxy.stderr());
+    assert!(
+        proxy.stderr().contains("running io_uring"),
+        "{}",
+        proxy.stderr()
+    );
 }
 
 #[test]
@@ -57,19 +73,44 @@ fn check_reports_file_line_and_key_and_run_refuses() {
     let dir = temp_dir();
     let path = dir.join("bad.toml");
     std::fs::write(&path, "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[upstream.a]\nbackends = [\"tcp://127.0.0.1:1\"]\nconnect_timeout = \"fast\"\n\n[[route]]\nupstream = \"b\"\n").unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&path).output().unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains(&format!("{}:6: upstream.a.connect_timeout:", path.display())), "{err}");
-    assert!(err.contains(&format!("{}:9: route.upstream:", path.display())), "{err}");
-    let run = Command::new(BIN).args(["run", "--config"]).arg(&path).output().unwrap();
+    assert!(
+        err.contains(&format!(
+            "{}:6: upstream.a.connect_timeout:",
+            path.display()
+        )),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!("{}:9: route.upstream:", path.display())),
+        "{err}"
+    );
+    let run = Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
     assert!(!run.status.success());
     assert!(String::from_utf8_lossy(&run.stderr).contains("upstream.a.connect_timeout"));
 
     let good = dir.join("good.toml");
     std::fs::write(&good, "[[listener]]\nlisten = \"127.0.0.1:0\"\n").unwrap();
-    let out = Command::new(BIN).args(["check", "--config"]).arg(&good).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&good)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -77,12 +118,30 @@ fn quick_proxy_without_config_file() {
     let origin = coregate_origin(11);
     let dir = temp_dir();
     let mut cmd = Command::new(BIN);
-    cmd.args(["run", "--listen", "127.0.0.1:0", "--upstream", &format!("tcp://{}", origin.addr), "--workers", "2"]);
-    let mut child = cmd.stdout(std::process::Stdio::piped()).stderr(std::process::Stdio::null()).spawn().unwrap();
+    cmd.args([
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        &format!("tcp://{}", origin.addr),
+        "--workers",
+        "2",
+    ]);
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
     let mut line = String::new();
     use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let addr = line.trim().strip_prefix("coregate listening on http://").expect("address line").to_string();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("coregate listening on http://")
+        .expect("address line")
+        .to_string();
     let out = curl(&[&format!("http://{addr}/")]);
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };

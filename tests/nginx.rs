@@ -26,13 +26,19 @@ fn nginx_origin() -> Option<(Proc, u16)> {
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
     let child = Command::new(nginx)
-        .arg("-p").arg(&dir)
-        .arg("-c").arg(dir.join("nginx.conf"))
+        .arg("-p")
+        .arg(&dir)
+        .arg("-c")
+        .arg(dir.join("nginx.conf"))
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
         .spawn()
         .ok()?;
-    let proc_ = Proc { child, addr: format!("127.0.0.1:{port}"), dir };
+    let proc_ = Proc {
+        child,
+        addr: format!("127.0.0.1:{port}"),
+        dir,
+    };
     for _ in 0..100 {
         if std::net::TcpStream::connect(&proc_.addr).is_ok() {
             return Some((proc_, port));
@@ -50,6 +56,13 @@ fn proxies_to_nginx() {
     let proxy = proxy_to(&nginx, "", &[]);
     let out = curl(&[&format!("http://{}/hello", proxy.addr)]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "hello from nginx\n");
-    let out = curl(&["-X", "DELETE", &format!("http://{}/echo-method", proxy.addr)]);
-    assert_eq!(String::from_utf8_lossy(&out.stdout), "DELETE 127.0.0.1 1.1 coregate\n");
+    let out = curl(&[
+        "-X",
+        "DELETE",
+        &format!("http://{}/echo-method", proxy.addr),
+    ]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "DELETE 127.0.0.1 1.1 coregate\n"
+    );
 }

@@ -69,7 +69,10 @@ pub fn write_upstream_request(
     let mut has_via = false;
     for h in &head.headers {
         match h.kind {
-            HeaderKind::Connection | HeaderKind::HopByHop | HeaderKind::Expect => continue,
+            HeaderKind::Connection
+            | HeaderKind::HopByHop
+            | HeaderKind::Expect
+            | HeaderKind::Shadowing => continue,
             HeaderKind::XForwardedFor => {
                 has_xff = true;
                 continue;
@@ -147,7 +150,7 @@ pub fn write_downstream_response(
     let mut has_via = false;
     for h in &head.headers {
         match h.kind {
-            HeaderKind::Connection | HeaderKind::HopByHop => continue,
+            HeaderKind::Connection | HeaderKind::HopByHop | HeaderKind::Shadowing => continue,
             HeaderKind::TransferEncoding if framing != OutFraming::ChunkedVerbatim => continue,
             HeaderKind::Via => {
                 has_via = true;
@@ -244,7 +247,7 @@ mod tests {
     #[test]
     fn strips_hop_by_hop_and_adds_forwarding() {
         let out = upstream(
-            "GET /p HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: x\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nExpect: 100-continue\r\nX-Keep: yes\r\n\r\n",
+            "GET /p HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, X-Hop\r\nX-Hop: 1\r\nKeep-Alive: 5\r\nTE: trailers\r\nUpgrade: h2c\r\nProxy-Authorization: x\r\nX-Forwarded-For: 1.2.3.4\r\nX-Forwarded-Proto: https\r\nExpect: 100-continue\r\nX-Keep: yes\r\nContent_Length: 5\r\nX_Forwarded_For: 6.6.6.6\r\n\r\n",
         );
         assert_eq!(
             out,

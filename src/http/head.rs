@@ -57,10 +57,39 @@ pub enum HeaderKind {
     XForwardedFor,
     XForwardedProto,
     Via,
+    /// A name that reads as one of the above once `_` becomes `-`; never
+    /// forwarded.
+    Shadowing,
     Other,
 }
 
 fn classify(name: &[u8]) -> HeaderKind {
+    if name.contains(&b'_') {
+        return classify_underscored(name);
+    }
+    classify_exact(name)
+}
+
+/// `Transfer_Encoding`, `Content_Length`, `X_Forwarded_For`...: CGI-style
+/// backends (PHP, WSGI) read `_` as `-`, so forwarding such a field would
+/// let a client frame a body we never framed, or forge what the proxy
+/// adds. Such fields are dropped (nginx drops every underscored name by
+/// default; other underscored names pass here).
+fn classify_underscored(name: &[u8]) -> HeaderKind {
+    let mut folded = [0u8; 32];
+    if name.len() > folded.len() {
+        return HeaderKind::Other;
+    }
+    for (d, &b) in folded.iter_mut().zip(name) {
+        *d = if b == b'_' { b'-' } else { b };
+    }
+    match classify_exact(&folded[..name.len()]) {
+        HeaderKind::Other => HeaderKind::Other,
+        _ => HeaderKind::Shadowing,
+    }
+}
+
+fn classify_exact(name: &[u8]) -> HeaderKind {
     let eq = |s: &str| name.eq_ignore_ascii_case(s.as_bytes());
     match name.len() {
         2 if eq("te") => HeaderKind::HopByHop,
@@ -689,7 +718,13 @@ pub fn parse_response(
     }
     head.len = len;
     head.status = status;
-    head.reason = Span::of(buf, res.reason.unwrap_or("").as_bytes());
+    // httparse hands back a static "" (not a slice of `buf`) for an empty
+    // or non-UTF-8 reason phrase; the phrase carries no meaning, so forward
+    // an empty one then.
+    head.reason = match res.reason {
+        Some(r) if !r.is_empty() => Span::of(buf, r.as_bytes()),
+        _ => Span::default(),
+    };
     head.version = match res.version {
         Some(0) => Version::Http10,
         Some(1) => Version::Http11,
@@ -903,6 +938,27 @@ mod tests {
         "GET / HTTP/2.0\r\nHost: a\r\n\r\n",
         HeadError::Version
     );
+
+    #[test]
+    fn underscored_framing_names_are_marked_shadowing() {
+        let raw = "POST / HTTP/1.1\r\nHost: a\r\nTransfer_Encoding: chunked\r\nX_Custom: 1\r\n\r\n";
+        let (head, _) = req(raw).unwrap();
+        assert_eq!(head.framing, BodyFraming::None);
+        assert_eq!(head.headers[1].kind, HeaderKind::Shadowing);
+        assert_eq!(head.headers[2].kind, HeaderKind::Other);
+    }
+
+    #[test]
+    fn empty_or_non_utf8_reason_phrase() {
+        for raw in [
+            &b"HTTP/1.1 301\r\n\r\n"[..],
+            b"HTTP/1.1 500 Ori\xebntatie\r\nContent-Length: 0\r\n\r\n",
+        ] {
+            let mut head = ResponseHead::default();
+            parse_response(raw, 16384, Method::Get, &mut head).unwrap();
+            assert!(head.reason.get(raw).is_empty());
+        }
+    }
 
     #[test]
     fn oversize_partial_head_is_431() {

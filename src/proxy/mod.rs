@@ -162,6 +162,12 @@ impl Conn<'_> {
 
     /// Wait, holding no buffer, until the client sends something. False
     /// when the connection should close: keep-alive timeout, drain, error.
+    ///
+    /// Measured with scripts/compare-nginx.sh (1 worker, 50 connections,
+    /// 128-byte responses): on epoll the strict (non-relaxed) readiness
+    /// check costs less than reading straight away (14.1 vs 15.8 us of
+    /// proxy CPU per request), because the read then never meets EAGAIN;
+    /// on io_uring the two are within noise.
     async fn wait_readable(&mut self) -> bool {
         let timeout = self.listener.keepalive_timeout;
         monoio::select! {

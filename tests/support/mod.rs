@@ -57,7 +57,8 @@ impl Proc {
 
     /// Resident set size of the process, in KiB.
     pub fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
+        let status =
+            std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap_or_default();
         status
             .lines()
             .find(|l| l.starts_with("VmRSS:"))
@@ -133,7 +134,9 @@ pub fn python_origin_unix() -> Proc {
     let dir = temp_dir();
     let sock = dir.join("origin.sock");
     let mut cmd = Command::new("python3");
-    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py")).arg("--unix").arg(&sock);
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py"))
+        .arg("--unix")
+        .arg(&sock);
     start(cmd, "READY", dir)
 }
 
@@ -141,9 +144,22 @@ pub fn python_origin_unix() -> Proc {
 pub fn coregate_origin(body_size: usize) -> Proc {
     let dir = temp_dir();
     let mut cmd = Command::new(BIN);
-    cmd.args(["origin", "--listen", "127.0.0.1:0", "--workers", "1", "--body-size", &body_size.to_string()]);
+    cmd.args([
+        "origin",
+        "--listen",
+        "127.0.0.1:0",
+        "--workers",
+        "1",
+        "--body-size",
+        &body_size.to_string(),
+    ]);
     let mut p = start(cmd, "coregate origin listening on http://", dir);
-    p.addr = p.addr.split_whitespace().next().expect("address").to_string();
+    p.addr = p
+        .addr
+        .split_whitespace()
+        .next()
+        .expect("address")
+        .to_string();
     p
 }
 
@@ -167,7 +183,10 @@ pub fn config_for(backend: &str, upstream_extra: &str) -> String {
 
 /// The proxy in front of a TCP origin, with `workers` workers.
 pub fn proxy_to(origin: &Proc, upstream_extra: &str, extra: &[&str]) -> Proc {
-    coregate(&config_for(&format!("tcp://{}", origin.addr), upstream_extra), extra)
+    coregate(
+        &config_for(&format!("tcp://{}", origin.addr), upstream_extra),
+        extra,
+    )
 }
 
 /// Run curl with a 20 s cap.
@@ -184,7 +203,10 @@ pub fn status_of(args: &[&str]) -> u16 {
     let mut all = vec!["-o", "/dev/null", "-w", "%{http_code}"];
     all.extend_from_slice(args);
     let out = curl(&all);
-    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(0)
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
 }
 
 /// Send raw bytes, then read until the server closes or 5 s pass.
@@ -221,7 +243,8 @@ pub fn dead_port() -> u16 {
 
 /// Parse the Python origin's /echo JSON.
 pub fn echo_json(body: &[u8]) -> serde_json::Value {
-    serde_json::from_slice(body).unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
 }
 
 pub fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
