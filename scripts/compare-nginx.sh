@@ -4,8 +4,9 @@
 #   scripts/compare-nginx.sh [--rounds N] [--duration SECONDS] [--conns N] [--body BYTES] [--dry-run]
 #
 # Layout (2-core machine): origin (coregate origin, 1 worker) and wrk on
-# CPU 0; the proxy under test (coregate 1 worker, or nginx 1 worker with
-# upstream keepalive) alone on CPU 1. Rounds interleave the two proxies;
+# CPU 0; the proxy under test alone on CPU 1: nginx (1 worker, upstream
+# keepalive), coregate on io_uring and coregate on epoll (1 worker each,
+# idle while another is measured). Rounds interleave the proxies;
 # the table reports medians of max req/s (wrk) and the proxy's CPU
 # microseconds per request (utime+stime from /proc/PID/stat over the run).
 set -euo pipefail
@@ -35,7 +36,7 @@ run() { if [ "$DRY" = 1 ]; then echo "+ $*"; else "$@"; fi; }
 run cargo build --release --quiet
 
 WORK=$(mktemp -d /tmp/coregate-bench.XXXXXX)
-ORIGIN_PORT=19100 NGINX_PORT=19101 CG_PORT=19102
+ORIGIN_PORT=19100 NGINX_PORT=19101 CG_PORT=19102 CGE_PORT=19103
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; wait 2>/dev/null || true; }
 trap cleanup EXIT
@@ -66,16 +67,18 @@ CONF
 if [ "$DRY" = 1 ]; then
   echo "+ taskset -c $LOAD_CPU $BIN origin --listen 127.0.0.1:$ORIGIN_PORT --workers 1 --body-size $BODY"
   echo "+ taskset -c $PROXY_CPU $NGINX -c $WORK/nginx.conf"
-  echo "+ taskset -c $PROXY_CPU $BIN run --listen 127.0.0.1:$CG_PORT --upstream tcp://127.0.0.1:$ORIGIN_PORT --workers 1"
+  echo "+ taskset -c $PROXY_CPU $BIN run --listen 127.0.0.1:$CG_PORT --upstream tcp://127.0.0.1:$ORIGIN_PORT --workers 1 --driver uring"
+  echo "+ taskset -c $PROXY_CPU $BIN run --listen 127.0.0.1:$CGE_PORT --upstream tcp://127.0.0.1:$ORIGIN_PORT --workers 1 --driver epoll"
   echo "+ for each of $ROUNDS rounds, each proxy: taskset -c $LOAD_CPU wrk -t1 -c$CONNS -d${DURATION}s URL"
   exit 0
 fi
 
 taskset -c $LOAD_CPU $BIN origin --listen 127.0.0.1:$ORIGIN_PORT --workers 1 --body-size "$BODY" >/dev/null 2>&1 & pids+=($!)
 taskset -c $PROXY_CPU "$NGINX" -c "$WORK/nginx.conf" >/dev/null 2>&1 & NGINX_PID=$!; pids+=($NGINX_PID)
-taskset -c $PROXY_CPU $BIN run --listen 127.0.0.1:$CG_PORT --upstream tcp://127.0.0.1:$ORIGIN_PORT --workers 1 >/dev/null 2>"$WORK/coregate.log" & CG_PID=$!; pids+=($CG_PID)
+taskset -c $PROXY_CPU $BIN run --listen 127.0.0.1:$CG_PORT --upstream tcp://127.0.0.1:$ORIGIN_PORT --workers 1 --driver uring >/dev/null 2>"$WORK/coregate.log" & CG_PID=$!; pids+=($CG_PID)
+taskset -c $PROXY_CPU $BIN run --listen 127.0.0.1:$CGE_PORT --upstream tcp://127.0.0.1:$ORIGIN_PORT --workers 1 --driver epoll >/dev/null 2>"$WORK/coregate-epoll.log" & CGE_PID=$!; pids+=($CGE_PID)
 sleep 1
-for port in $ORIGIN_PORT $NGINX_PORT $CG_PORT; do
+for port in $ORIGIN_PORT $NGINX_PORT $CG_PORT $CGE_PORT; do
   curl -sf -o /dev/null "http://127.0.0.1:$port/" || { echo "port $port not answering" >&2; exit 1; }
 done
 
@@ -84,8 +87,12 @@ TCK=$(getconf CLK_TCK)
 results="$WORK/results.tsv"
 : > "$results"
 for round in $(seq 1 "$ROUNDS"); do
-  for name in nginx coregate; do
-    if [ $name = nginx ]; then pid=$NGINX_PID port=$NGINX_PORT; else pid=$CG_PID port=$CG_PORT; fi
+  for name in nginx coregate-uring coregate-epoll; do
+    case $name in
+      nginx) pid=$NGINX_PID port=$NGINX_PORT;;
+      coregate-uring) pid=$CG_PID port=$CG_PORT;;
+      coregate-epoll) pid=$CGE_PID port=$CGE_PORT;;
+    esac
     t0=$(cpu_ticks $pid)
     out=$(taskset -c $LOAD_CPU wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
     t1=$(cpu_ticks $pid)
@@ -103,13 +110,12 @@ import statistics, sys
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
 def med(name, col):
     return statistics.median(float(r[col]) for r in rows if r[1] == name)
-n_rps, c_rps = med("nginx", 2), med("coregate", 2)
-n_us, c_us = med("nginx", 3), med("coregate", 3)
+n_rps, n_us = med("nginx", 2), med("nginx", 3)
 print()
 print(f"{sys.argv[2]} interleaved rounds, wrk -t1 -c{sys.argv[4]} -d{sys.argv[3]}s, {sys.argv[5]}-byte responses")
-print("| proxy (1 worker, CPU 1) | median req/s | median proxy CPU us/request |")
-print("|---|---|---|")
-print(f"| nginx | {n_rps:,.0f} | {n_us:.2f} |")
-print(f"| coregate | {c_rps:,.0f} | {c_us:.2f} |")
-print(f"| ratio coregate/nginx | {c_rps/n_rps:.2f}x | {c_us/n_us:.2f}x |")
+print("| proxy (1 worker, CPU 1) | median req/s | median proxy CPU us/request | req/s vs nginx | CPU/request vs nginx |")
+print("|---|---|---|---|---|")
+for name in ("nginx", "coregate-uring", "coregate-epoll"):
+    rps, us = med(name, 2), med(name, 3)
+    print(f"| {name} | {rps:,.0f} | {us:.2f} | {rps/n_rps:.2f}x | {us/n_us:.2f}x |")
 PY

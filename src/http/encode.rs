@@ -5,7 +5,7 @@
 //! Owns: header filtering and head serialisation into a caller's buffer.
 //! Does not own: deciding framing (see `head`) or any I/O.
 
-use super::head::{HeaderKind, RequestHead, ResponseHead, Version};
+use super::head::{HeaderKind, HeaderSpan, RequestHead, ResponseHead, Version};
 
 /// The token this proxy adds to Via (RFC 9110 7.6.3).
 pub const VIA_TOKEN: &[u8] = b"1.1 coregate";
@@ -29,6 +29,26 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(name);
     out.extend_from_slice(b": ");
     out.extend_from_slice(value);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Write `Name: v1, v2, own`: the values of every field of `kind` in the
+/// message, then this proxy's own element (X-Forwarded-For, Via).
+fn write_appended(
+    out: &mut Vec<u8>,
+    name: &[u8],
+    buf: &[u8],
+    headers: &[HeaderSpan],
+    kind: HeaderKind,
+    own: &[u8],
+) {
+    out.extend_from_slice(name);
+    out.extend_from_slice(b": ");
+    for h in headers.iter().filter(|h| h.kind == kind) {
+        out.extend_from_slice(h.value.get(buf));
+        out.extend_from_slice(b", ");
+    }
+    out.extend_from_slice(own);
     out.extend_from_slice(b"\r\n");
 }
 
@@ -65,23 +85,15 @@ pub fn write_upstream_request(
     }
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
-    let mut has_xff = false;
-    let mut has_via = false;
     for h in &head.headers {
         match h.kind {
             HeaderKind::Connection
             | HeaderKind::HopByHop
             | HeaderKind::Expect
-            | HeaderKind::Shadowing => continue,
-            HeaderKind::XForwardedFor => {
-                has_xff = true;
-                continue;
-            }
-            HeaderKind::Via => {
-                has_via = true;
-                continue;
-            }
-            HeaderKind::XForwardedProto => continue,
+            | HeaderKind::Shadowing
+            | HeaderKind::XForwardedFor
+            | HeaderKind::XForwardedProto
+            | HeaderKind::Via => continue,
             HeaderKind::Host if head.authority.is_some() => continue,
             HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
             _ => {}
@@ -93,31 +105,18 @@ pub fn write_upstream_request(
         (None, None) => header(out, b"Host", fwd.default_host),
         (None, Some(_)) => {}
     }
-
-    out.extend_from_slice(b"X-Forwarded-For: ");
-    if has_xff {
-        for h in head
-            .headers
-            .iter()
-            .filter(|h| h.kind == HeaderKind::XForwardedFor)
-        {
-            out.extend_from_slice(h.value.get(buf));
-            out.extend_from_slice(b", ");
-        }
-    }
-    out.extend_from_slice(fwd.client_ip);
-    out.extend_from_slice(b"\r\n");
+    let headers = &head.headers;
+    write_appended(
+        out,
+        b"X-Forwarded-For",
+        buf,
+        headers,
+        HeaderKind::XForwardedFor,
+        fwd.client_ip,
+    );
     header(out, b"X-Forwarded-Proto", fwd.proto);
-
-    out.extend_from_slice(b"Via: ");
-    if has_via {
-        for h in head.headers.iter().filter(|h| h.kind == HeaderKind::Via) {
-            out.extend_from_slice(h.value.get(buf));
-            out.extend_from_slice(b", ");
-        }
-    }
-    out.extend_from_slice(VIA_TOKEN);
-    out.extend_from_slice(b"\r\n\r\n");
+    write_appended(out, b"Via", buf, headers, HeaderKind::Via, VIA_TOKEN);
+    out.extend_from_slice(b"\r\n");
 }
 
 /// How the downstream response body is framed.
@@ -147,15 +146,11 @@ pub fn write_downstream_response(
     out.push(b' ');
     out.extend_from_slice(head.reason.get(buf));
     out.extend_from_slice(b"\r\n");
-    let mut has_via = false;
     for h in &head.headers {
         match h.kind {
             HeaderKind::Connection | HeaderKind::HopByHop | HeaderKind::Shadowing => continue,
             HeaderKind::TransferEncoding if framing != OutFraming::ChunkedVerbatim => continue,
-            HeaderKind::Via => {
-                has_via = true;
-                continue;
-            }
+            HeaderKind::Via => continue,
             HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
             _ => {}
         }
@@ -164,15 +159,7 @@ pub fn write_downstream_response(
     if framing == OutFraming::Rechunk {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
-    out.extend_from_slice(b"Via: ");
-    if has_via {
-        for h in head.headers.iter().filter(|h| h.kind == HeaderKind::Via) {
-            out.extend_from_slice(h.value.get(buf));
-            out.extend_from_slice(b", ");
-        }
-    }
-    out.extend_from_slice(VIA_TOKEN);
-    out.extend_from_slice(b"\r\n");
+    write_appended(out, b"Via", buf, &head.headers, HeaderKind::Via, VIA_TOKEN);
     if !keep_alive {
         out.extend_from_slice(b"Connection: close\r\n");
     } else if client_version == Version::Http10 {

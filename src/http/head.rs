@@ -380,6 +380,26 @@ struct FramingFields {
     conn_keep_alive: bool,
 }
 
+impl FramingFields {
+    /// Take in one field if it is Content-Length, Transfer-Encoding or
+    /// Connection; requests and responses frame by the same rules.
+    fn add(&mut self, buf: &[u8], h: &HeaderSpan, names: &mut Vec<Span>) -> Result<(), HeadError> {
+        let v = h.value.get(buf);
+        match h.kind {
+            HeaderKind::ContentLength => {
+                if self.content_length.is_some() {
+                    return Err(HeadError::Framing("duplicate Content-Length"));
+                }
+                self.content_length = Some(parse_content_length(v)?);
+            }
+            HeaderKind::TransferEncoding => add_transfer_encoding(self, v)?,
+            HeaderKind::Connection => add_connection(self, buf, v, names)?,
+            _ => {}
+        }
+        Ok(())
+    }
+}
+
 /// `Content-Length = 1*DIGIT` (RFC 9110 8.6). A list, a sign, spaces
 /// inside or a second Content-Length field are all refused: a smuggler
 /// relies on two hops reading them differently.
@@ -566,16 +586,9 @@ pub fn parse_request(
     let mut f = FramingFields::default();
     let mut host_count = 0;
     for h in &head.headers {
+        f.add(buf, h, &mut head.connection_names)?;
         let v = h.value.get(buf);
         match h.kind {
-            HeaderKind::ContentLength => {
-                if f.content_length.is_some() {
-                    return Err(HeadError::Framing("duplicate Content-Length"));
-                }
-                f.content_length = Some(parse_content_length(v)?);
-            }
-            HeaderKind::TransferEncoding => add_transfer_encoding(&mut f, v)?,
-            HeaderKind::Connection => add_connection(&mut f, buf, v, &mut head.connection_names)?,
             HeaderKind::Host => {
                 host_count += 1;
                 if host_count > 1 {
@@ -735,18 +748,7 @@ pub fn parse_response(
 
     let mut f = FramingFields::default();
     for h in &head.headers {
-        let v = h.value.get(buf);
-        match h.kind {
-            HeaderKind::ContentLength => {
-                if f.content_length.is_some() {
-                    return Err(HeadError::Framing("duplicate Content-Length"));
-                }
-                f.content_length = Some(parse_content_length(v)?);
-            }
-            HeaderKind::TransferEncoding => add_transfer_encoding(&mut f, v)?,
-            HeaderKind::Connection => add_connection(&mut f, buf, v, &mut head.connection_names)?,
-            _ => {}
-        }
+        f.add(buf, h, &mut head.connection_names)?;
     }
     head.keep_alive = match head.version {
         Version::Http11 => !f.conn_close,
