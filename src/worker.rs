@@ -184,6 +184,22 @@ pub struct WorkerSpec {
 /// worker to have a read or poll in flight without waiting for space.
 const URING_ENTRIES: u32 = 4096;
 
+/// io_uring setup for a ring that only its own worker thread touches.
+///
+/// COOP_TASKRUN: completions for sockets woken from other CPUs run as task
+/// work on our next kernel entry instead of interrupting the worker with an
+/// IPI. Measured in interleaved rounds (1 worker, 50 connections, 128-byte
+/// bodies, proxy alone on its CPU): 17.0 -> 12.9 us of proxy CPU per
+/// request and 56k -> 76k req/s; without it 9% of the worker's time went
+/// to `irqentry_exit_to_user_mode`. SINGLE_ISSUER holds by construction
+/// (one thread per ring) and lets the kernel skip locking. Both need Linux
+/// 6.0; `spawn` falls back to a plain ring on older kernels.
+fn uring_setup() -> io_uring::Builder {
+    let mut b = io_uring::IoUring::builder();
+    b.setup_coop_taskrun().setup_single_issuer();
+    b
+}
+
 /// Start the worker thread.
 pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
@@ -198,8 +214,18 @@ pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
             let result = match driver {
                 DriverKind::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                     .with_entries(URING_ENTRIES)
+                    .uring_builder(uring_setup())
                     .enable_timer()
                     .build()
+                    .or_else(|e| {
+                        crate::warn!(
+                            "io_uring refused COOP_TASKRUN|SINGLE_ISSUER ({e}); using a plain ring"
+                        );
+                        monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
+                            .with_entries(URING_ENTRIES)
+                            .enable_timer()
+                            .build()
+                    })
                     .map(|mut rt| rt.block_on(worker_main(spec, driver))),
                 _ => monoio::RuntimeBuilder::<monoio::LegacyDriver>::new()
                     .enable_timer()
