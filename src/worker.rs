@@ -266,6 +266,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
             }
         }
     }
+    monoio::spawn(purge_idle_upstreams(ctx.clone()));
     // The control socket closing (control thread gone) drains too.
     if let Ok(mut control) = UnixStream::from_std(spec.control) {
         loop {
@@ -287,6 +288,18 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     let left = ctx.open_connections.get();
     if left > 0 {
         crate::warn!("drain timeout: closing {left} connections still open");
+    }
+}
+
+/// How often idle upstream connections are checked against their timeout.
+const POOL_PURGE_INTERVAL: Duration = Duration::from_secs(1);
+
+async fn purge_idle_upstreams(ctx: Rc<WorkerCtx>) {
+    loop {
+        monoio::select! {
+            _ = monoio::time::sleep(POOL_PURGE_INTERVAL) => ctx.upstreams.purge_expired(&ctx.snapshot),
+            _ = ctx.drain.wait() => return,
+        }
     }
 }
 

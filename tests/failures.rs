@@ -149,3 +149,32 @@ fn upstream_that_answers_early_is_forwarded() {
     ]);
     assert_eq!(code, 413);
 }
+
+#[test]
+fn backend_restart_does_not_fail_requests_on_dead_pooled_connections() {
+    let port = dead_port();
+    let first = python_origin_on(port);
+    let proxy = proxy_to(&first, "", &["--workers", "1"]);
+    let url = format!("http://{}/echo", proxy.addr);
+    // Fill the pool with three idle upstream connections.
+    let clients: Vec<_> = (0..3)
+        .map(|_| {
+            let u = format!("http://{}/slow?ms=300", proxy.addr);
+            std::thread::spawn(move || status_of(&[&u]))
+        })
+        .collect();
+    for c in clients {
+        assert_eq!(c.join().unwrap(), 200);
+    }
+    // Restart the backend: every pooled connection is now dead.
+    drop(first);
+    let _second = python_origin_on(port);
+    // An idempotent request is retried once on a fresh connection.
+    assert_eq!(status_of(&[&url]), 200);
+    // A POST is never retried; its pooled connection is checked first.
+    assert_eq!(
+        status_of(&["-X", "POST", "-H", "Content-Length: 0", &url]),
+        200
+    );
+    assert_eq!(status_of(&["-d", "x", &url]), 200);
+}

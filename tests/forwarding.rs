@@ -193,3 +193,30 @@ fn unix_socket_backend() {
     assert_eq!(echo["body_len"], 9);
     assert_eq!(echo["method"], "POST");
 }
+
+#[test]
+fn absolute_form_without_path_routes_to_root() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let (got, _) = raw_exchange(
+        &proxy.addr,
+        b"GET http://example.test HTTP/1.1\r\nHost: ignored\r\nConnection: close\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(statuses(&got), vec![200], "{text}");
+    assert!(text.contains("\"path\": \"/\""), "{text}");
+    assert!(text.contains("[\"Host\", \"example.test\"]"), "{text}");
+}
+
+#[test]
+fn http10_client_gets_no_100_continue() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let (got, _) = raw_exchange(
+        &proxy.addr,
+        b"POST /echo HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\nhi",
+    );
+    let text = String::from_utf8_lossy(&got);
+    assert_eq!(statuses(&got), vec![200], "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+}

@@ -18,6 +18,7 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
+use crate::net::buffer::BUF_SIZE;
 use file::{FileConfig, ListenerSection, RouteSection, UpstreamSection};
 pub use snapshot::{Backend, BackendAddr, Listener, Route, Snapshot, UpstreamGroup};
 
@@ -168,7 +169,11 @@ impl Validator<'_> {
         let Some(v) = value else { return default };
         match parse_duration(v.get_ref()) {
             Some(d) if !d.is_zero() => d,
-            _ => {
+            Some(_) => {
+                self.problem(v.span(), key, "must be greater than zero");
+                default
+            }
+            None => {
                 self.problem(
                     v.span(),
                     key,
@@ -267,7 +272,8 @@ impl Validator<'_> {
         let max_head_bytes = self.int(
             &l.max_head_bytes,
             "listener.max_head_bytes",
-            256..=1 << 20,
+            // A head must fit the connection's read buffer.
+            256..=BUF_SIZE as i64,
             defaults.max_head_bytes as i64,
         );
         let max_headers = self.int(
@@ -279,7 +285,7 @@ impl Validator<'_> {
         let max_uri_bytes = self.int(
             &l.max_uri_bytes,
             "listener.max_uri_bytes",
-            16..=1 << 20,
+            16..=BUF_SIZE as i64,
             defaults.max_uri_bytes as i64,
         );
         let header_timeout = self.duration(
@@ -384,37 +390,51 @@ impl Validator<'_> {
             }
         };
         let path_prefix = match &r.path_prefix {
-            None => "/".to_string(),
-            Some(p) if p.get_ref().starts_with('/') => p.get_ref().clone(),
+            None => Some("/".to_string()),
+            Some(p) if p.get_ref().starts_with('/') => Some(p.get_ref().clone()),
             Some(p) => {
                 self.problem(
                     p.span(),
                     "route.path_prefix",
                     format!("{:?} must start with '/'", p.get_ref()),
                 );
-                return None;
+                None
             }
         };
         let host = match &r.host {
-            None => None,
-            Some(h) if !h.get_ref().is_empty() && !h.get_ref().contains(['/', ' ', ':']) => {
-                Some(h.get_ref().to_ascii_lowercase())
+            None => Some(None),
+            Some(h) if valid_route_host(h.get_ref()) => {
+                Some(Some(h.get_ref().to_ascii_lowercase()))
             }
             Some(h) => {
                 self.problem(
                     h.span(),
                     "route.host",
-                    format!("{:?} is not a host name (no port, no path)", h.get_ref()),
+                    format!(
+                        "{:?} is not a host name or IP literal (no port, no path)",
+                        h.get_ref()
+                    ),
                 );
-                return None;
+                None
             }
         };
         Some(Route {
-            host,
-            path_prefix,
+            host: host?,
+            path_prefix: path_prefix?,
             upstream: upstream?,
         })
     }
+}
+
+/// A route's host: a name or IPv4 address without port, or a bracketed
+/// IPv6 literal such as `[::1]`, as it appears in Host.
+fn valid_route_host(h: &str) -> bool {
+    let bracketed = h.len() > 2 && h.starts_with('[') && h.ends_with(']');
+    let inner = if bracketed { &h[1..h.len() - 1] } else { h };
+    !inner.is_empty()
+        && inner.chars().all(|c| {
+            c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_') || (bracketed && c == ':')
+        })
 }
 
 /// `tcp://host:port` or `unix:/absolute/path`.
@@ -528,6 +548,26 @@ upstream = "missing"
         .unwrap_err();
         assert_eq!(err.problems[0].line, 3, "{err}");
         assert!(err.to_string().contains("baklog"), "{err}");
+    }
+
+    #[test]
+    fn route_problems_are_all_reported() {
+        let text = "[[listener]]\nlisten = \"127.0.0.1:1\"\n[upstream.a]\nbackends = [\"tcp://127.0.0.1:2\"]\n\
+                    [[route]]\nhost = \"a b\"\npath_prefix = \"x\"\nupstream = \"a\"\n\
+                    [[route]]\nhost = \"[::1]\"\nupstream = \"a\"\n";
+        let err = parse(text, "r.toml").unwrap_err();
+        assert_eq!(err.problems.len(), 2, "{err}");
+        assert!(err.to_string().contains("r.toml:6: route.host:"), "{err}");
+        assert!(
+            err.to_string().contains("r.toml:7: route.path_prefix:"),
+            "{err}"
+        );
+        let zero = parse(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\nheader_timeout = \"0s\"\n",
+            "z",
+        )
+        .unwrap_err();
+        assert!(zero.to_string().contains("greater than zero"), "{zero}");
     }
 
     #[test]

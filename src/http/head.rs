@@ -136,6 +136,14 @@ pub enum Method {
 }
 
 impl Method {
+    /// RFC 9110 9.2.2: repeating the request has the effect of one.
+    pub fn is_idempotent(self) -> bool {
+        matches!(
+            self,
+            Method::Get | Method::Head | Method::Put | Method::Delete | Method::Options
+        )
+    }
+
     fn from_bytes(m: &[u8]) -> Method {
         match m {
             b"GET" => Method::Get,
@@ -290,6 +298,16 @@ impl RequestHead {
         self.connection_names
             .iter()
             .any(|s| s.get(buf).eq_ignore_ascii_case(name))
+    }
+
+    /// Path to route on: `/` for an absolute-form target without a path
+    /// (`GET http://a HTTP/1.1`) and for `OPTIONS *`, which concern the
+    /// whole host.
+    pub fn routing_path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
+        match self.path.get(buf) {
+            b"" | b"*" => b"/",
+            p => p,
+        }
     }
 }
 

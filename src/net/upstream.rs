@@ -189,6 +189,18 @@ impl UpstreamPool {
         }
     }
 
+    /// Close idle connections older than their group's keepalive timeout,
+    /// so a backend's closed sockets do not sit in CLOSE_WAIT until the
+    /// next request to that backend.
+    pub fn purge_expired(&self, snapshot: &Snapshot) {
+        let mut idle = self.idle.borrow_mut();
+        for (lists, group) in idle.iter_mut().zip(&snapshot.upstreams) {
+            for list in lists {
+                list.retain(|c| c.since.elapsed() < group.keepalive_timeout);
+            }
+        }
+    }
+
     /// Idle connections held, over all backends.
     pub fn idle_count(&self) -> usize {
         self.idle.borrow().iter().flatten().map(Vec::len).sum()

@@ -98,6 +98,15 @@ impl UpstreamFailure {
     }
 }
 
+/// What `exchange` needs to know of the request once its head is consumed.
+#[derive(Clone, Copy)]
+struct RequestFacts {
+    method: Method,
+    version: Version,
+    framing: BodyFraming,
+    expect_continue: bool,
+}
+
 /// Why a request ended without a response from the upstream.
 enum Fail {
     /// Answer `status` ourselves; keep-alive only if the request body was
@@ -207,6 +216,7 @@ impl Conn<'_> {
     /// Answer with a canned response. A closing answer lingers, so the
     /// client reads it even if it is still sending.
     async fn reject(&mut self, status: u16, keep_alive: bool) -> Next {
+        let keep_alive = keep_alive && !self.ctx.drain.is_draining();
         let version = self.req.version;
         let out = self.out_buf();
         out.clear();
@@ -240,7 +250,7 @@ impl Conn<'_> {
         let data = self.buf.data();
         let route = self
             .snapshot
-            .route(self.req.routing_host(data), self.req.path.get(data));
+            .route(self.req.routing_host(data), self.req.routing_path(data));
         let Some(route) = route else {
             // Without reading the body we cannot find the next request.
             let keep = self.req.keep_alive && self.req.framing == BodyFraming::None;
@@ -258,11 +268,14 @@ impl Conn<'_> {
         let backend_idx = self.ctx.next_backend(group_idx);
         let backend = &group.backends[backend_idx];
 
-        let method = self.req.method;
         let version = self.req.version;
-        let framing = self.req.framing;
         let mut keep = self.req.keep_alive;
-        let expect_continue = self.req.expect_continue;
+        let facts = RequestFacts {
+            method: self.req.method,
+            version,
+            framing: self.req.framing,
+            expect_continue: self.req.expect_continue,
+        };
 
         // The upstream head, built once so a retry can resend it.
         let out = self.out_buf();
@@ -277,15 +290,7 @@ impl Conn<'_> {
 
         let mut ubuf = Buf::new(self.ctx.bufs.get());
         let result = self
-            .exchange(
-                group_idx,
-                group,
-                backend_idx,
-                method,
-                framing,
-                expect_continue,
-                &mut ubuf,
-            )
+            .exchange(group_idx, group, backend_idx, facts, &mut ubuf)
             .await;
         let (mut up, body_sent) = match result {
             Ok(x) => x,
@@ -381,43 +386,57 @@ impl Conn<'_> {
             );
             return Next::Close;
         }
-        if upstream_reusable {
+        if upstream_reusable && !self.ctx.drain.is_draining() {
             self.ctx
                 .upstreams
                 .put(group_idx, backend_idx, up, group.max_idle);
         }
-        if keep { Next::KeepAlive } else { Next::Close }
+        match (keep, body_sent) {
+            (true, _) => Next::KeepAlive,
+            // The upstream answered before taking the whole body: the
+            // client may still be sending, so linger or it gets a reset
+            // instead of the answer.
+            (false, false) => Next::LingerClose,
+            (false, true) => Next::Close,
+        }
     }
 
     /// Connect (or reuse), send the request, and read the response head
     /// into `self.res`. On success returns the upstream connection and
     /// whether the request body was completely read from the client.
-    #[allow(clippy::too_many_arguments)]
     async fn exchange(
         &mut self,
         group_idx: usize,
         group: &UpstreamGroup,
         backend_idx: usize,
-        method: Method,
-        framing: BodyFraming,
-        expect_continue: bool,
+        facts: RequestFacts,
         ubuf: &mut Buf,
     ) -> Result<(UpStream, bool), Fail> {
+        let RequestFacts {
+            method,
+            version,
+            framing,
+            expect_continue,
+        } = facts;
         let has_body = framing != BodyFraming::None;
         let upstream_fail = |f: UpstreamFailure| Fail::Respond {
             status: f.status(),
             body_consumed: !has_body,
         };
+        // A pooled connection the backend closed while idle is only found
+        // out by using it. An idempotent body-less request is retried once
+        // on a new connection (RFC 9110 9.2.2); anything else is checked
+        // before use instead, since it cannot be replayed.
+        let retryable = !has_body && method.is_idempotent();
         let mut retried = false;
         loop {
             let (mut up, reused) = self
-                .upstream_conn(group_idx, group, backend_idx, has_body)
+                .upstream_conn(group_idx, group, backend_idx, !retryable, retried)
                 .await
                 .map_err(upstream_fail)?;
             if !has_body {
                 // Head only: `out` stays intact until the response head is
-                // in, so a pooled connection found dead can be retried once
-                // on a fresh one (nothing reached the backend).
+                // in, so the request can be sent again.
                 let head = std::mem::take(&mut self.out);
                 let written =
                     monoio::time::timeout(group.response_timeout, up.write_all(head)).await;
@@ -437,7 +456,7 @@ impl Conn<'_> {
                         self.out.clear();
                         return Ok((up, true));
                     }
-                    HeadResult::ClosedEarly if reused && !retried => {
+                    HeadResult::ClosedEarly if reused && retryable && !retried => {
                         retried = true;
                         continue;
                     }
@@ -449,7 +468,8 @@ impl Conn<'_> {
             }
 
             // With a body: tell a waiting client to send it, then stream it.
-            if expect_continue && self.buf.is_empty() {
+            // RFC 9110 10.1.1: ignore the expectation from an HTTP/1.0 client.
+            if expect_continue && version == Version::Http11 && self.buf.is_empty() {
                 let sent = monoio::time::timeout(
                     self.listener.send_timeout,
                     self.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
@@ -526,22 +546,26 @@ impl Conn<'_> {
         }
     }
 
-    /// A pooled connection to the backend, or a new one.
+    /// A pooled connection to the backend, or a new one. `check_stale`
+    /// peeks at a pooled connection before handing it out; `fresh` skips
+    /// the pool (a retry must not meet another dead pooled connection).
     async fn upstream_conn(
         &mut self,
         group_idx: usize,
         group: &UpstreamGroup,
         backend_idx: usize,
-        has_body: bool,
+        check_stale: bool,
+        fresh: bool,
     ) -> Result<(UpStream, bool), UpstreamFailure> {
-        while let Some(up) =
-            self.ctx
-                .upstreams
-                .take(group_idx, backend_idx, group.keepalive_timeout)
+        while let Some(up) = (!fresh)
+            .then(|| {
+                self.ctx
+                    .upstreams
+                    .take(group_idx, backend_idx, group.keepalive_timeout)
+            })
+            .flatten()
         {
-            // A body cannot be replayed, so make sure the backend has not
-            // closed this connection while it sat in the pool.
-            if has_body && up.is_stale() {
+            if check_stale && up.is_stale() {
                 continue;
             }
             return Ok((up, true));

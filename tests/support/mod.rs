@@ -129,6 +129,17 @@ pub fn python_origin() -> Proc {
     p
 }
 
+/// The Python test origin on a given TCP port (to restart a backend).
+pub fn python_origin_on(port: u16) -> Proc {
+    let dir = temp_dir();
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py"))
+        .args(["--port", &port.to_string()]);
+    let mut p = start(cmd, "READY", dir);
+    p.addr = format!("127.0.0.1:{}", p.addr);
+    p
+}
+
 /// The Python test origin on a UNIX socket.
 pub fn python_origin_unix() -> Proc {
     let dir = temp_dir();
