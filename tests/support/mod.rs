@@ -181,6 +181,13 @@ pub fn coregate(config: &str, extra: &[&str]) -> Proc {
     std::fs::write(&path, config).expect("write config");
     let mut cmd = Command::new(BIN);
     cmd.arg("run").arg("--config").arg(&path).args(extra);
+    // COREGATE_TEST_DRIVER=epoll runs the suite on the epoll path; tests
+    // that pick a driver themselves keep theirs.
+    if let Ok(driver) = std::env::var("COREGATE_TEST_DRIVER") {
+        if !extra.contains(&"--driver") {
+            cmd.args(["--driver", &driver]);
+        }
+    }
     start(cmd, "coregate listening on http://", dir)
 }
 
