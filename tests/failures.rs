@@ -178,3 +178,24 @@ fn backend_restart_does_not_fail_requests_on_dead_pooled_connections() {
     );
     assert_eq!(status_of(&["-d", "x", &url]), 200);
 }
+
+#[test]
+fn silent_connection_is_closed_after_header_timeout() {
+    let origin = python_origin();
+    // header_timeout is 2s in config_for; keepalive_timeout stays 60s.
+    let proxy = proxy_to(&origin, "", &[]);
+    let mut s = TcpStream::connect(&proxy.addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let start = Instant::now();
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(
+        got.is_empty(),
+        "no response for a connection that sent nothing"
+    );
+    let waited = start.elapsed();
+    assert!(
+        waited < Duration::from_secs(8),
+        "closed after {waited:?}, not at header_timeout"
+    );
+}
