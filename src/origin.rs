@@ -110,7 +110,7 @@ pub async fn serve(
         let received = match body_in {
             None => None,
             Some(b) => {
-                if req.expect_continue && buf.is_empty() {
+                if req.expect_continue && req.version == Version::Http11 && buf.is_empty() {
                     let (r, _) = stream
                         .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
                         .await;

@@ -1,4 +1,4 @@
-//! Bad backends and hostile clients get the status codes of DESIGN.md.
+//! Bad backends and hostile clients get the status codes of docs/design.md.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;

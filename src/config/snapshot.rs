@@ -40,7 +40,8 @@ pub struct UpstreamGroup {
     pub name: String,
     pub backends: Vec<Backend>,
     pub connect_timeout: Duration,
-    /// From the end of the request to the end of the response head: 504.
+    /// From the end of the request to the end of the response head, and
+    /// the longest stall writing the request to the backend: 504.
     pub response_timeout: Duration,
     /// Longest silence while reading a response body.
     pub read_timeout: Duration,

@@ -78,11 +78,13 @@ pub fn write_upstream_request(
 ) {
     out.extend_from_slice(head.method_span.get(buf));
     out.push(b' ');
-    if head.path.is_empty() {
+    // An absolute-form target may have no path ("http://a" or
+    // "http://a?q"); origin-form always starts with '/' (RFC 9112 3.2.1).
+    let path = head.path.get(buf);
+    if path.first() != Some(&b'/') && path != b"*" {
         out.push(b'/');
-    } else {
-        out.extend_from_slice(head.path.get(buf));
     }
+    out.extend_from_slice(path);
     out.extend_from_slice(b" HTTP/1.1\r\n");
 
     for h in &head.headers {
@@ -245,6 +247,8 @@ mod tests {
     #[test]
     fn http10_gets_host_and_absolute_form_is_rewritten() {
         assert!(upstream("GET / HTTP/1.0\r\n\r\n").contains("Host: backend:80\r\n"));
+        let out = upstream("GET http://example.com?q=1 HTTP/1.1\r\nHost: other\r\n\r\n");
+        assert!(out.starts_with("GET /?q=1 HTTP/1.1\r\n"), "{out}");
         let out = upstream("GET http://example.com HTTP/1.1\r\nHost: other\r\n\r\n");
         assert!(out.starts_with("GET / HTTP/1.1\r\n"), "{out}");
         assert!(

@@ -78,7 +78,14 @@ fn classify(name: &[u8]) -> HeaderKind {
 fn classify_underscored(name: &[u8]) -> HeaderKind {
     let mut folded = [0u8; 32];
     if name.len() > folded.len() {
-        return HeaderKind::Other;
+        // Only Proxy-* names are this long among the shadowable ones.
+        let proxy =
+            name[..6].eq_ignore_ascii_case(b"proxy-") || name[..6].eq_ignore_ascii_case(b"proxy_");
+        return if proxy {
+            HeaderKind::Shadowing
+        } else {
+            HeaderKind::Other
+        };
     }
     for (d, &b) in folded.iter_mut().zip(name) {
         *d = if b == b'_' { b'-' } else { b };
@@ -132,6 +139,7 @@ pub enum Method {
     Delete,
     Options,
     Connect,
+    Trace,
     Other,
 }
 
@@ -140,7 +148,12 @@ impl Method {
     pub fn is_idempotent(self) -> bool {
         matches!(
             self,
-            Method::Get | Method::Head | Method::Put | Method::Delete | Method::Options
+            Method::Get
+                | Method::Head
+                | Method::Put
+                | Method::Delete
+                | Method::Options
+                | Method::Trace
         )
     }
 
@@ -154,6 +167,7 @@ impl Method {
             b"DELETE" => Method::Delete,
             b"OPTIONS" => Method::Options,
             b"CONNECT" => Method::Connect,
+            b"TRACE" => Method::Trace,
             _ => Method::Other,
         }
     }
@@ -190,7 +204,7 @@ pub enum HeadError {
 }
 
 impl HeadError {
-    /// The status a downstream client gets for this error (DESIGN.md table).
+    /// The status a downstream client gets for this error (docs/design.md table).
     pub fn status(self) -> u16 {
         match self {
             HeadError::HeadTooLarge | HeadError::TooManyHeaders => 431,
@@ -306,6 +320,7 @@ impl RequestHead {
     pub fn routing_path<'a>(&self, buf: &'a [u8]) -> &'a [u8] {
         match self.path.get(buf) {
             b"" | b"*" => b"/",
+            [b'?', ..] => b"/",
             p => p,
         }
     }
@@ -549,7 +564,7 @@ fn record_headers(base: &[u8], parsed: &[httparse::Header<'_>], out: &mut Vec<He
 /// Parse a request head at the start of `buf` into `head`.
 ///
 /// On `Complete`, `head` describes the message and every framing rule of
-/// DESIGN.md step 3 has passed. Errors are final for the connection.
+/// docs/design.md step 3 has passed. Errors are final for the connection.
 pub fn parse_request(
     buf: &[u8],
     limits: &HeadLimits,
@@ -718,7 +733,7 @@ fn request_framing(f: &FramingFields, version: Version) -> Result<BodyFraming, H
 }
 
 /// Parse an upstream response head. `request_method` decides whether a
-/// body may follow (HEAD) and `request_version` nothing: the upstream side
+/// body may follow (HEAD); the upstream side
 /// always speaks HTTP/1.1.
 pub fn parse_response(
     buf: &[u8],
@@ -966,6 +981,8 @@ mod tests {
         assert_eq!(head.framing, BodyFraming::None);
         assert_eq!(head.headers[1].kind, HeaderKind::Shadowing);
         assert_eq!(head.headers[2].kind, HeaderKind::Other);
+        let long = format!("Proxy_{}", "x".repeat(40));
+        assert_eq!(classify(long.as_bytes()), HeaderKind::Shadowing);
     }
 
     #[test]

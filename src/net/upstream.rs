@@ -33,8 +33,8 @@ impl UpStream {
 
     /// True when the backend has closed (or sent unsolicited bytes on) an
     /// idle connection. One non-blocking `recv(MSG_PEEK)`: used before
-    /// sending a request body on a pooled connection, where a silent
-    /// close would lose bytes we cannot replay.
+    /// sending a request that cannot be retried (a body, or a
+    /// non-idempotent method), where a silent close would lose it.
     pub fn is_stale(&self) -> bool {
         let mut byte = 0u8;
         // SAFETY: recv into a valid one-byte buffer on a socket fd we own;

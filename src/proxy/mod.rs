@@ -2,7 +2,7 @@
 //! backend, forward head and body, stream the response back, repeat while
 //! the connection stays alive.
 //!
-//! Owns: the life of a request (DESIGN.md), mapping every failure to its
+//! Owns: the life of a request (docs/design.md), mapping every failure to its
 //! status code, keep-alive decisions on both sides, 100-continue, and
 //! retrying a request that met a dead pooled connection. Does not own:
 //! parsing (`http`), sockets (`net`) or the body copy loop (`relay`).
