@@ -1,5 +1,6 @@
 //! Any bytes into the request parser, as a pipelined stream: no panic, and
-//! every accepted head's offsets stay inside the input.
+//! every accepted head's offsets stay inside the input and it has no bare
+//! CR or LF.
 #![no_main]
 
 use coregate::http::head::{parse_request, BodyFraming, HeadLimits, RequestHead, Status};
@@ -11,6 +12,16 @@ fuzz_target!(|data: &[u8]| {
     let mut rest = data;
     while let Ok(Status::Complete(n)) = parse_request(rest, &limits, &mut head) {
         assert!(n <= rest.len());
+        // No bare LF and no bare CR in an accepted head, by definition.
+        let accepted = &rest[..n];
+        for (i, &b) in accepted.iter().enumerate() {
+            if b == b'\n' {
+                assert!(i > 0 && accepted[i - 1] == b'\r', "bare LF accepted");
+            }
+            if b == b'\r' {
+                assert_eq!(accepted.get(i + 1), Some(&b'\n'), "bare CR accepted");
+            }
+        }
         for h in &head.headers {
             let _ = (h.name.get(rest), h.value.get(rest));
         }
