@@ -115,7 +115,16 @@ print()
 print(f"{sys.argv[2]} interleaved rounds, wrk -t1 -c{sys.argv[4]} -d{sys.argv[3]}s, {sys.argv[5]}-byte responses")
 print("| proxy (1 worker, CPU 1) | median req/s | median proxy CPU us/request | req/s vs nginx | CPU/request vs nginx |")
 print("|---|---|---|---|---|")
+def paired(name, col):
+    # Ratio against nginx within each round, then the median: the machine's
+    # drift between rounds cancels out.
+    by_round = {}
+    for r in rows:
+        by_round.setdefault(r[0], {})[r[1]] = float(r[col])
+    return statistics.median(v[name] / v["nginx"] for v in by_round.values())
 for name in ("nginx", "coregate-uring", "coregate-epoll"):
     rps, us = med(name, 2), med(name, 3)
-    print(f"| {name} | {rps:,.0f} | {us:.2f} | {rps/n_rps:.2f}x | {us/n_us:.2f}x |")
+    print(f"| {name} | {rps:,.0f} | {us:.2f} | {paired(name, 2):.2f}x | {paired(name, 3):.2f}x |")
+print()
+print("Ratios are medians of per-round ratios against nginx in the same round.")
 PY
