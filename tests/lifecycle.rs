@@ -116,36 +116,18 @@ fn check_reports_file_line_and_key_and_run_refuses() {
 #[test]
 fn quick_proxy_without_config_file() {
     let origin = coregate_origin(11);
-    let dir = temp_dir();
     let mut cmd = Command::new(BIN);
+    let upstream = format!("tcp://{}", origin.addr);
     cmd.args([
         "run",
         "--listen",
         "127.0.0.1:0",
         "--upstream",
-        &format!("tcp://{}", origin.addr),
+        &upstream,
         "--workers",
         "2",
     ]);
-    let mut child = cmd
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    use std::io::BufRead;
-    std::io::BufReader::new(child.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("coregate listening on http://")
-        .expect("address line")
-        .to_string();
-    let out = curl(&[&format!("http://{addr}/")]);
-    // SAFETY: kill(2) on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let _ = child.wait();
+    let proxy = start(cmd, "coregate listening on http://", temp_dir());
+    let out = curl(&[&format!("http://{}/", proxy.addr)]);
     assert_eq!(out.stdout.len(), 11);
-    let _ = dir;
 }

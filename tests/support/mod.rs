@@ -86,7 +86,7 @@ impl Drop for Proc {
 
 /// Start `cmd`, wait (up to 15 s) for a stdout line starting with
 /// `marker`, and return the process with the text after the marker.
-fn start(mut cmd: Command, marker: &str, dir: PathBuf) -> Proc {
+pub fn start(mut cmd: Command, marker: &str, dir: PathBuf) -> Proc {
     let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
     let mut child = cmd
         .stdin(Stdio::null())

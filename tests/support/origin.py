@@ -39,6 +39,14 @@ class Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
+    def read_exactly(self, remaining, digest):
+        while remaining:
+            part = self.rfile.read(min(remaining, 65536))
+            if not part:
+                raise ConnectionError("truncated body")
+            digest.update(part)
+            remaining -= len(part)
+
     def read_body(self):
         te = self.headers.get("Transfer-Encoding", "")
         digest = hashlib.sha256()
@@ -51,24 +59,12 @@ class Handler(BaseHTTPRequestHandler):
                     while self.rfile.readline() not in (b"\r\n", b"\n", b""):
                         pass
                     break
-                remaining = size
-                while remaining:
-                    part = self.rfile.read(min(remaining, 65536))
-                    if not part:
-                        raise ConnectionError("truncated chunk")
-                    digest.update(part)
-                    total += len(part)
-                    remaining -= len(part)
+                self.read_exactly(size, digest)
+                total += size
                 self.rfile.readline()
         else:
-            remaining = int(self.headers.get("Content-Length", "0") or 0)
-            while remaining:
-                part = self.rfile.read(min(remaining, 65536))
-                if not part:
-                    raise ConnectionError("truncated body")
-                digest.update(part)
-                total += len(part)
-                remaining -= len(part)
+            total = int(self.headers.get("Content-Length", "0") or 0)
+            self.read_exactly(total, digest)
         return total, digest.hexdigest()
 
     def send_body(self, status, body, ctype="application/octet-stream", length=True, extra=()):
