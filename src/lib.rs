@@ -10,6 +10,8 @@
 //!   handles signals and drains.
 //! - [`worker`]: one pinned thread per core with its runtime, accept loops,
 //!   drain signal and panic isolation.
+//! - [`idle`]: keep-alive and first-byte deadlines of idle connections, a
+//!   slab entry each instead of a timer future.
 //! - [`net`]: listeners (SO_REUSEPORT), upstream connections and their
 //!   keep-alive pool, the per-worker buffer pool.
 //! - [`http`]: HTTP/1.1 syntax: head parsing with strict framing checks,
@@ -22,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod http;
+pub mod idle;
 pub mod log;
 pub mod net;
 pub mod origin;

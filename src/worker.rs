@@ -20,7 +20,9 @@ use monoio::net::{TcpListener, TcpStream, UnixStream};
 use slab::Slab;
 
 use crate::config::Snapshot;
-use crate::net::buffer::BufPool;
+use crate::http::head::HeaderSpan;
+use crate::idle::IdleSet;
+use crate::net::buffer::{BufPool, VecPool};
 use crate::net::upstream::UpstreamPool;
 use crate::origin::OriginBody;
 
@@ -136,10 +138,14 @@ pub struct WorkerCtx {
     pub id: usize,
     pub snapshot: Rc<Arc<Snapshot>>,
     pub bufs: BufPool,
+    /// Header offset arrays for request and response heads in flight.
+    pub header_vecs: VecPool<HeaderSpan>,
     pub upstreams: UpstreamPool,
     /// Round-robin cursor per upstream group.
     pub rr: Vec<Cell<usize>>,
     pub drain: Drain,
+    /// Deadlines of idle connections (see `idle`).
+    pub idle: IdleSet,
     pub open_connections: Cell<usize>,
     pub driver: DriverKind,
 }
@@ -152,7 +158,9 @@ impl WorkerCtx {
             rr: snapshot.upstreams.iter().map(|_| Cell::new(id)).collect(),
             snapshot: Rc::new(snapshot),
             bufs: BufPool::new(),
+            header_vecs: VecPool::with_capacity(HEADER_VEC_CAPACITY),
             drain: Drain::default(),
+            idle: IdleSet::default(),
             open_connections: Cell::new(0),
             driver,
         }
@@ -167,6 +175,10 @@ impl WorkerCtx {
         i
     }
 }
+
+/// Header slots a pooled header array starts with: typical requests carry
+/// 10-20 fields, so growth is rare.
+const HEADER_VEC_CAPACITY: usize = 32;
 
 /// What the control thread hands a worker thread.
 pub struct WorkerSpec {
@@ -267,6 +279,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         }
     }
     monoio::spawn(purge_idle_upstreams(ctx.clone()));
+    monoio::spawn(crate::idle::sweep(ctx.clone()));
     // The control socket closing (control thread gone) drains too.
     if let Ok(mut control) = UnixStream::from_std(spec.control) {
         loop {
@@ -280,6 +293,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     }
     let drain_timeout = ctx.snapshot.drain_timeout;
     ctx.drain.start();
+    ctx.idle.fire_all();
     ctx.upstreams.clear();
     let deadline = Instant::now() + drain_timeout;
     while ctx.open_connections.get() > 0 && Instant::now() < deadline {
@@ -348,7 +362,9 @@ async fn connection(
 ) {
     match origin {
         None => crate::proxy::serve(ctx, stream, peer, idx).await,
-        Some(body) => crate::origin::serve(ctx, stream, idx, body).await,
+        // Boxed so the proxy's connection future does not grow to the
+        // origin's size: every idle proxy connection carries its future.
+        Some(body) => Box::pin(crate::origin::serve(ctx, stream, idx, body)).await,
     }
 }
 

@@ -23,9 +23,14 @@ pub const BUF_SIZE: usize = 64 * 1024;
 /// burst does not pin memory forever (64 MiB per worker at most).
 pub const MAX_FREE: usize = 1024;
 
-pub struct BufPool {
-    free: RefCell<Vec<Vec<u8>>>,
+/// A free list of vectors of one capacity, owned by one worker.
+pub struct VecPool<T> {
+    free: RefCell<Vec<Vec<T>>>,
+    capacity: usize,
 }
+
+/// The byte buffers every connection reads and writes through.
+pub type BufPool = VecPool<u8>;
 
 impl Default for BufPool {
     fn default() -> Self {
@@ -35,27 +40,38 @@ impl Default for BufPool {
 
 impl BufPool {
     pub fn new() -> Self {
-        BufPool {
+        VecPool::with_capacity(BUF_SIZE)
+    }
+}
+
+impl<T> VecPool<T> {
+    /// A pool handing out vectors with room for `capacity` elements.
+    pub fn with_capacity(capacity: usize) -> Self {
+        VecPool {
             free: RefCell::new(Vec::new()),
+            capacity,
         }
     }
 
-    pub fn get(&self) -> Vec<u8> {
+    pub fn get(&self) -> Vec<T> {
         self.free
             .borrow_mut()
             .pop()
-            .unwrap_or_else(|| Vec::with_capacity(BUF_SIZE))
+            .unwrap_or_else(|| Vec::with_capacity(self.capacity))
     }
 
-    pub fn put(&self, mut buf: Vec<u8>) {
-        // A buffer lost to a cancelled read comes back with no capacity.
-        if buf.capacity() != BUF_SIZE {
+    /// Take a vector back. One smaller than the pool's size (a buffer lost
+    /// to a cancelled read has none) or grown past four times it is dropped
+    /// instead, so the pool neither hands out short buffers nor pins a
+    /// burst's largest ones.
+    pub fn put(&self, mut v: Vec<T>) {
+        if v.capacity() < self.capacity || v.capacity() > 4 * self.capacity {
             return;
         }
-        buf.clear();
+        v.clear();
         let mut free = self.free.borrow_mut();
         if free.len() < MAX_FREE {
-            free.push(buf);
+            free.push(v);
         }
     }
 
@@ -168,6 +184,8 @@ mod tests {
         assert_eq!(pool.free_count(), 1);
         assert_eq!(pool.get().as_ptr(), ptr);
         pool.put(Vec::new());
+        assert_eq!(pool.free_count(), 0);
+        pool.put(Vec::with_capacity(5 * BUF_SIZE));
         assert_eq!(pool.free_count(), 0);
     }
 

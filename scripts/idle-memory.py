@@ -1,0 +1,145 @@
+#!/usr/bin/env python3
+"""Memory per idle keep-alive connection: coregate against nginx.
+
+    scripts/idle-memory.py [--conns N] [--binary target/release/coregate]
+
+Starts the built-in origin, nginx (1 worker, master_process off) and
+coregate (1 worker) on 127.0.0.1, all pinned to CPU 1. Then, for each proxy
+in turn, it opens N connections, sends one request on each and reads the
+response, so that every connection is an idle keep-alive connection. It
+reports the proxy's RSS growth divided by N. Everything it starts is stopped
+before it exits.
+"""
+import argparse
+import os
+import resource
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def wait_port(port, limit=10.0):
+    end = time.time() + limit
+    while time.time() < end:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise SystemExit(f"nothing listening on {port}")
+
+
+def open_idle(port, n):
+    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
+    conns = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        s.sendall(request)
+        got = b""
+        while b"\r\n\r\n" not in got:
+            got += s.recv(65536)
+        head, _, body = got.partition(b"\r\n\r\n")
+        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
+        while len(body) < length:
+            body += s.recv(65536)
+        conns.append(s)
+    return conns
+
+
+def measure(name, pid, port, n):
+    # Warm up: the first connections grow pools and arenas once.
+    warm = open_idle(port, 200)
+    for s in warm:
+        s.close()
+    time.sleep(0.5)
+    before = rss_kib(pid)
+    conns = open_idle(port, n)
+    time.sleep(1.0)
+    after = rss_kib(pid)
+    for s in conns:
+        s.close()
+    per = (after - before) * 1024 / n
+    print(f"| {name} | {n} | {before} | {after} | {per:.0f} |", flush=True)
+    return per
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--conns", type=int, default=10000)
+    ap.add_argument("--binary", default="target/release/coregate")
+    args = ap.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = args.conns + 1000
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    work = tempfile.mkdtemp(prefix="coregate-idle.")
+    origin_port, nginx_port, cg_port = 19400, 19401, 19402
+    conf = f"""daemon off; master_process off; worker_processes 1;
+worker_rlimit_nofile {want};
+error_log {work}/error.log; pid {work}/nginx.pid;
+events {{ worker_connections {want}; }}
+http {{
+  access_log off;
+  keepalive_timeout 300s; keepalive_requests 1000000;
+  client_body_temp_path {work}/b; proxy_temp_path {work}/p; fastcgi_temp_path {work}/f;
+  uwsgi_temp_path {work}/u; scgi_temp_path {work}/s;
+  upstream origin {{ server 127.0.0.1:{origin_port}; keepalive 64; }}
+  server {{ listen 127.0.0.1:{nginx_port};
+    location / {{ proxy_pass http://origin; proxy_http_version 1.1; proxy_set_header Connection ""; }} }}
+}}
+"""
+    with open(f"{work}/nginx.conf", "w") as f:
+        f.write(conf)
+    with open(f"{work}/coregate.toml", "w") as f:
+        f.write(f"""[[listener]]
+listen = "127.0.0.1:{cg_port}"
+keepalive_timeout = "300s"
+[upstream.origin]
+backends = ["tcp://127.0.0.1:{origin_port}"]
+[[route]]
+upstream = "origin"
+""")
+    pin = ["taskset", "-c", "1"]
+    procs = []
+    try:
+        procs.append(subprocess.Popen(pin + [args.binary, "origin", "--listen", f"127.0.0.1:{origin_port}", "--workers", "1"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        ng = subprocess.Popen(pin + [nginx, "-c", f"{work}/nginx.conf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(ng)
+        cg = subprocess.Popen(pin + [args.binary, "run", "--config", f"{work}/coregate.toml", "--workers", "1"],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        procs.append(cg)
+        for p in (origin_port, nginx_port, cg_port):
+            wait_port(p)
+        print(f"kernel {os.uname().release}; {args.conns} idle keep-alive connections each, after one 128-byte response")
+        print("| proxy | connections | RSS before (KiB) | RSS after (KiB) | bytes per idle connection |")
+        print("|---|---|---|---|---|")
+        n = measure("nginx", ng.pid, nginx_port, args.conns)
+        c = measure("coregate", cg.pid, cg_port, args.conns)
+        print(f"\ncoregate / nginx: {c / n:.2f}x")
+    finally:
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
