@@ -179,6 +179,33 @@ impl Server {
     }
 }
 
+/// Raise the soft open-files limit to the hard limit, as HAProxy does on
+/// its own and nginx with worker_rlimit_nofile: each proxied request holds
+/// two sockets, and a soft limit of 1024 would cap a worker near 500.
+/// Returns the limit now in force.
+pub fn raise_fd_limit() -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid, initialised rlimit struct.
+    unsafe {
+        let mut lim = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: lim.rlim_max,
+                rlim_max: lim.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                return lim.rlim_max;
+            }
+        }
+        lim.rlim_cur
+    }
+}
+
 /// Block SIGTERM, SIGINT and SIGHUP in the calling thread; threads spawned
 /// afterwards inherit the mask, so only `wait_for_signals` sees them.
 pub fn block_signals() {

@@ -24,6 +24,10 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
+    if !matches!(command, Command::Check { .. }) {
+        let limit = control::raise_fd_limit();
+        coregate::info!("open files limit: {limit}");
+    }
     match command {
         Command::Check { config } => match config::load(&config) {
             Ok(s) => {
