@@ -9,3 +9,4 @@ mod failures;
 mod forwarding;
 mod lifecycle;
 mod nginx;
+mod smuggling;
