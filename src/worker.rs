@@ -215,7 +215,11 @@ fn uring_setup() -> io_uring::Builder {
 /// Start the worker thread.
 pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
     std::thread::Builder::new()
-        .name(format!("coregate-w{}", spec.id))
+        .name(match spec.role {
+            // Origin threads are told apart from proxy ones in logs (demo).
+            Role::Proxy => format!("coregate-w{}", spec.id),
+            Role::Origin(_) => format!("coregate-o{}", spec.id),
+        })
         .spawn(move || {
             if let Some(core) = spec.core {
                 if !core_affinity::set_for_current(core) {
