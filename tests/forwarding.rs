@@ -220,3 +220,32 @@ fn http10_client_gets_no_100_continue() {
     assert_eq!(statuses(&got), vec![200], "{text}");
     assert!(!text.contains("100 Continue"), "{text}");
 }
+
+#[test]
+fn upstream_connection_is_not_reused_after_a_get_with_a_body() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+    let reqs = "GET /echo HTTP/1.1\r\nHost: a\r\n\r\n\
+                GET /echo HTTP/1.1\r\nHost: a\r\nContent-Length: 2\r\n\r\nhi\
+                GET /echo HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n";
+    let (got, _) = raw_exchange(&proxy.addr, reqs.as_bytes());
+    let text = String::from_utf8_lossy(&got);
+    let ports: Vec<u64> = text
+        .split("\r\n\r\n")
+        .filter(|part| part.starts_with('{'))
+        .map(|body| {
+            echo_json(&body.as_bytes()[..body.rfind('}').unwrap() + 1])["peer_port"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert_eq!(ports.len(), 3, "{text}");
+    assert_eq!(
+        ports[0], ports[1],
+        "a plain GET leaves the connection pooled"
+    );
+    assert_ne!(
+        ports[1], ports[2],
+        "the connection that carried a GET body is not reused"
+    );
+}

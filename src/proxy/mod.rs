@@ -402,8 +402,18 @@ impl Conn<'_> {
             &timeouts,
         )
         .await;
-        let upstream_reusable =
-            relayed.is_ok() && self.res.keep_alive && ubuf.is_empty() && body_sent;
+        // A body on a method whose body has no defined meaning (RFC 9110
+        // 9.3.1, 9.3.2, 9.3.5) is forwarded with its framing, but a backend
+        // that ignores it would read it as a second request and answer it
+        // to the next client on this connection (desync-guardian's
+        // "Ambiguous" tier). Such a connection is never reused.
+        let body_without_meaning = facts.framing != BodyFraming::None
+            && matches!(facts.method, Method::Get | Method::Head | Method::Delete);
+        let upstream_reusable = relayed.is_ok()
+            && self.res.keep_alive
+            && ubuf.is_empty()
+            && body_sent
+            && !body_without_meaning;
         self.ctx.bufs.put(ubuf.into_inner());
         if let Err(e) = relayed {
             // The head is out: all we can do is close, so the client sees a
