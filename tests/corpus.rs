@@ -250,37 +250,46 @@ const DEVIATIONS: &[(&str, &str, &str)] = &[
         "desync-guardian",
         "Get with a body and Content-Length",
         "a request body is framed by Content-Length whatever the method (RFC 9112 \
-         6.3) and the field is forwarded, so the upstream sees the same framing",
+         6.3) and the field is forwarded, so the upstream sees the same framing; \
+         the upstream connection is then never reused, so a backend that ignores \
+         the body cannot answer it to another client",
     ),
     (
         "desync-guardian",
         "Has a CL in GET",
         "a request body is framed by Content-Length whatever the method (RFC 9112 \
-         6.3) and the field is forwarded, so the upstream sees the same framing",
+         6.3) and the field is forwarded, so the upstream sees the same framing; \
+         the upstream connection is then never reused, so a backend that ignores \
+         the body cannot answer it to another client",
     ),
     (
         "desync-guardian",
         "Head with a body and Content-Length",
         "a request body is framed by Content-Length whatever the method (RFC 9112 \
-         6.3) and the field is forwarded, so the upstream sees the same framing",
+         6.3) and the field is forwarded, so the upstream sees the same framing; \
+         the upstream connection is then never reused, so a backend that ignores \
+         the body cannot answer it to another client",
     ),
     (
         "desync-guardian",
         "Get with a body and Transfer-Encoding",
         "a request body is framed by chunked whatever the method (RFC 9112 6.3) and \
-         forwarded with its Transfer-Encoding, so the upstream sees the same framing",
+         forwarded with its Transfer-Encoding, so the upstream sees the same framing; \
+         the upstream connection is then never reused",
     ),
     (
         "desync-guardian",
         "Has a TE in GET",
         "a request body is framed by chunked whatever the method (RFC 9112 6.3) and \
-         forwarded with its Transfer-Encoding, so the upstream sees the same framing",
+         forwarded with its Transfer-Encoding, so the upstream sees the same framing; \
+         the upstream connection is then never reused",
     ),
     (
         "desync-guardian",
         "Head with a body and Transfer-Encoding",
         "a request body is framed by chunked whatever the method (RFC 9112 6.3) and \
-         forwarded with its Transfer-Encoding, so the upstream sees the same framing",
+         forwarded with its Transfer-Encoding, so the upstream sees the same framing; \
+         the upstream connection is then never reused",
     ),
     (
         "desync-guardian",
