@@ -86,7 +86,7 @@ pub async fn serve(
                 Ok(Status::Complete(n)) => break n,
                 Ok(Status::Partial) => {}
                 Err(e) => {
-                    write_canned(&mut out, e.status(), false, Version::Http11);
+                    write_canned(&mut out, e.status(), false, Version::Http11, true);
                     let _ = flush(&mut stream, &mut out).await;
                     break 'conn;
                 }

@@ -56,3 +56,63 @@ fn severe_desync_guardian_cases_are_refused_end_to_end() {
         failures.join("\n")
     );
 }
+
+/// Pooled upstream connections must not carry bytes nobody asked for to
+/// the next client.
+mod pooled_connection_poisoning {
+    use super::*;
+
+    #[test]
+    fn body_sent_to_a_head_request_does_not_reach_the_next_client() {
+        let origin = python_origin();
+        let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+        let url = format!("http://{}", proxy.addr);
+        let _ = curl(&["-I", &format!("{url}/headbody")]);
+        std::thread::sleep(Duration::from_millis(300));
+        let out = curl(&["-i", &format!("{url}/echo?victim")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            !text.contains("X-Injected"),
+            "next client got injected bytes:\n{text}"
+        );
+        assert!(text.contains("/echo?victim"), "{text}");
+    }
+
+    #[test]
+    fn request_smuggled_in_an_ignored_body_is_not_answered_to_the_next_client() {
+        let origin = python_origin();
+        let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+        let url = format!("http://{}", proxy.addr);
+        // Answered 100 ms later: the stray answer arrives while the
+        // connection sits in the pool.
+        let smuggled = "GET /slow?ms=100&smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
+        let out = curl(&["--data-binary", smuggled, &format!("{url}/ignore")]);
+        assert_eq!(String::from_utf8_lossy(&out.stdout), "ignored\n");
+        std::thread::sleep(Duration::from_millis(300));
+        let out = curl(&[&format!("{url}/echo?victim")]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            text.contains("/echo?victim") && !text.contains("smuggled"),
+            "next client got: {text}"
+        );
+    }
+
+    #[test]
+    fn canned_answer_to_head_has_no_body_on_a_kept_alive_connection() {
+        let origin = python_origin();
+        let config = format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[upstream.app]\nbackends = [\"tcp://{}\"]\n\n\
+             [[route]]\nhost = \"known\"\nupstream = \"app\"\n",
+            origin.addr
+        );
+        let proxy = coregate(&config, &[]);
+        let reqs = "HEAD / HTTP/1.1\r\nHost: other\r\n\r\nGET /echo HTTP/1.1\r\nHost: known\r\nConnection: close\r\n\r\n";
+        let got = send_and_close(&proxy.addr, reqs.as_bytes());
+        let text = String::from_utf8_lossy(&got);
+        assert_eq!(statuses(&got), vec![404, 200], "{text}");
+        assert!(
+            text.contains("Content-Length: 10\r\n\r\nHTTP/1.1 200"),
+            "HEAD answer carried a body:\n{text}"
+        );
+    }
+}

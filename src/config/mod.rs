@@ -122,6 +122,10 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+/// Longest duration a config may set. Deadlines are computed as
+/// `Instant + duration`; an unbounded one would overflow.
+const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
 /// Parse `250ms`, `5s`, `2m`, `1h`.
 pub fn parse_duration(s: &str) -> Option<Duration> {
     let s = s.trim();
@@ -168,9 +172,13 @@ impl Validator<'_> {
     ) -> Duration {
         let Some(v) = value else { return default };
         match parse_duration(v.get_ref()) {
-            Some(d) if !d.is_zero() => d,
-            Some(_) => {
+            Some(d) if !d.is_zero() && d <= MAX_DURATION => d,
+            Some(d) if d.is_zero() => {
                 self.problem(v.span(), key, "must be greater than zero");
+                default
+            }
+            Some(_) => {
+                self.problem(v.span(), key, "must be at most 7 days");
                 default
             }
             None => {
@@ -568,6 +576,12 @@ upstream = "missing"
         )
         .unwrap_err();
         assert!(zero.to_string().contains("greater than zero"), "{zero}");
+        let huge = parse(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\nheader_timeout = \"18446744073709551615s\"\n",
+            "h",
+        )
+        .unwrap_err();
+        assert!(huge.to_string().contains("at most 7 days"), "{huge}");
     }
 
     #[test]

@@ -193,8 +193,15 @@ pub fn reason_phrase(status: u16) -> &'static str {
 }
 
 /// A response the proxy answers itself: status line, a short text body
-/// naming the status, and `Connection: close` when the connection ends.
-pub fn write_canned(out: &mut Vec<u8>, status: u16, keep_alive: bool, client_version: Version) {
+/// naming the status (left out, length kept, when `with_body` is false:
+/// the answer to HEAD), and `Connection: close` when the connection ends.
+pub fn write_canned(
+    out: &mut Vec<u8>,
+    status: u16,
+    keep_alive: bool,
+    client_version: Version,
+    with_body: bool,
+) {
     let reason = reason_phrase(status).as_bytes();
     out.extend_from_slice(b"HTTP/1.1 ");
     write_decimal(out, u64::from(status));
@@ -209,8 +216,10 @@ pub fn write_canned(out: &mut Vec<u8>, status: u16, keep_alive: bool, client_ver
         out.extend_from_slice(b"Connection: keep-alive\r\n");
     }
     out.extend_from_slice(b"\r\n");
-    out.extend_from_slice(reason);
-    out.push(b'\n');
+    if with_body {
+        out.extend_from_slice(reason);
+        out.push(b'\n');
+    }
 }
 
 #[cfg(test)]
@@ -280,7 +289,7 @@ mod tests {
     #[test]
     fn canned_has_exact_length() {
         let mut out = Vec::new();
-        write_canned(&mut out, 502, false, Version::Http11);
+        write_canned(&mut out, 502, false, Version::Http11, true);
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,

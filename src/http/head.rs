@@ -801,6 +801,11 @@ pub fn parse_response(
         Version::Http11 => !f.conn_close,
         Version::Http10 => f.conn_keep_alive && !f.conn_close,
     };
+    if head.version == Version::Http10 && f.te_seen {
+        // RFC 9112 6.1: framing of a 1.0 message with Transfer-Encoding is
+        // faulty; read it as chunked but close the connection after it.
+        head.keep_alive = false;
+    }
     head.te_is_plain_chunked = f.te_plain_chunked;
     // RFC 9112 6.3, in order.
     head.framing = if request_method == Method::Head

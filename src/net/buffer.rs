@@ -134,24 +134,30 @@ impl Buf {
             self.v.truncate(self.v.len() - self.pos);
             self.pos = 0;
         }
+        // While the vector is lent to the kernel, `self` reads as empty; if
+        // this future is dropped mid-read it stays empty and consistent.
+        let pos = std::mem::take(&mut self.pos);
         let v = std::mem::take(&mut self.v);
         let (len, cap) = (v.len(), v.capacity());
         if len == cap {
             self.v = v;
+            self.pos = pos;
             return Err(io::Error::other("read buffer full"));
         }
         let (res, slice) = r.read(v.slice_mut(len..cap)).await;
         self.v = slice.into_inner();
+        self.pos = pos;
         res
     }
 
     /// Write unread bytes `[0, n)` to `w` and consume them.
     pub async fn write_to<W: AsyncWriteRent>(&mut self, w: &mut W, n: usize) -> io::Result<()> {
         debug_assert!(n <= self.data().len());
+        let start = std::mem::take(&mut self.pos);
         let v = std::mem::take(&mut self.v);
-        let start = self.pos;
         let (res, slice) = w.write_all(v.slice(start..start + n)).await;
         self.v = slice.into_inner();
+        self.pos = start;
         res?;
         self.consume(n);
         Ok(())

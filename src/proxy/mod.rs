@@ -247,9 +247,12 @@ impl Conn<'_> {
     async fn reject(&mut self, status: u16, keep_alive: bool) -> Next {
         let keep_alive = keep_alive && !self.ctx.drain.is_draining();
         let version = self.req.version;
+        // A HEAD answer carries no content (RFC 9110 9.3.2), or a kept-alive
+        // client would read it as the start of its next response.
+        let with_body = self.req.method != Method::Head;
         let out = self.out_buf();
         out.clear();
-        encode::write_canned(out, status, keep_alive, version);
+        encode::write_canned(out, status, keep_alive, version, with_body);
         let send = self.listener.send_timeout;
         match monoio::time::timeout(send, flush(&mut self.stream, &mut self.out)).await {
             Ok(Ok(())) if keep_alive => Next::KeepAlive,
@@ -462,15 +465,15 @@ impl Conn<'_> {
             status: f.status(),
             body_consumed: !has_body,
         };
-        // A pooled connection the backend closed while idle is only found
-        // out by using it. An idempotent body-less request is retried once
-        // on a new connection (RFC 9110 9.2.2); anything else is checked
-        // before use instead, since it cannot be replayed.
+        // A pooled connection is peeked at before use (`upstream_conn`), but
+        // the backend may still close it between the peek and our write.
+        // An idempotent body-less request is then retried once on a new
+        // connection (RFC 9110 9.2.2); anything else cannot be replayed.
         let retryable = !has_body && method.is_idempotent();
         let mut retried = false;
         loop {
             let (mut up, reused) = self
-                .upstream_conn(group_idx, group, backend_idx, !retryable, retried)
+                .upstream_conn(group_idx, group, backend_idx, retried)
                 .await
                 .map_err(upstream_fail)?;
             if !has_body {
@@ -585,15 +588,20 @@ impl Conn<'_> {
         }
     }
 
-    /// A pooled connection to the backend, or a new one. `check_stale`
-    /// peeks at a pooled connection before handing it out; `fresh` skips
-    /// the pool (a retry must not meet another dead pooled connection).
+    /// A pooled connection to the backend, or a new one; `fresh` skips the
+    /// pool (a retry must not meet another dead pooled connection).
+    ///
+    /// Every pooled connection is peeked at before use (`is_stale`). An
+    /// idle connection must have nothing to read: bytes there are EOF, or
+    /// an answer nobody asked for (a body after a HEAD response, bytes past
+    /// Content-Length, a backend answering a request it found in a body it
+    /// did not read). Handing such a connection to the next request would
+    /// give that client someone else's response.
     async fn upstream_conn(
         &mut self,
         group_idx: usize,
         group: &UpstreamGroup,
         backend_idx: usize,
-        check_stale: bool,
         fresh: bool,
     ) -> Result<(UpStream, bool), UpstreamFailure> {
         while let Some(up) = (!fresh)
@@ -604,7 +612,7 @@ impl Conn<'_> {
             })
             .flatten()
         {
-            if check_stale && up.is_stale() {
+            if up.is_stale() {
                 continue;
             }
             return Ok((up, true));

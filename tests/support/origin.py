@@ -12,6 +12,11 @@ Listens on 127.0.0.1 (TCP, port 0 by default) or on a UNIX socket, prints
   /slow?ms=M      waits M ms, then answers like /echo
   /hang           never answers (sleeps 60 s)
   /early413       answers 413 without reading the request body, closes
+  /headbody       broken on purpose: sends a body even to HEAD, then
+                  a second, unasked-for response
+  /ignore         broken on purpose: answers without reading the request
+                  body and keeps the connection, so the body is read as
+                  the next request (the CL.0 desync)
 
 Every connection stops after 60 s, so a stuck test cannot keep it alive.
 """
@@ -130,6 +135,15 @@ class Handler(BaseHTTPRequestHandler):
         elif url.path.startswith("/hang"):
             time.sleep(60)
             self.close_connection = True
+        elif url.path.startswith("/headbody"):
+            body = b"real body"
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+            self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Injected: yes\r\n\r\ninjected")
+        elif url.path.startswith("/ignore"):
+            self.send_body(200, b"ignored\n", "text/plain")
         elif url.path.startswith("/early413"):
             self.send_body(413, b"too large\n", "text/plain", extra=[("Connection", "close")])
             self.close_connection = True
