@@ -1,4 +1,5 @@
-//! Idle deadlines for keep-alive connections, one small slab entry each.
+//! Idle deadlines for keep-alive connections, one small slab entry each,
+//! and the worker's drain signal, which fires them all.
 //!
 //! An idle connection must cost little (docs/design.md: nginx keeps about
 //! 0.6 KiB per idle connection). A monoio `Sleep` is 640 bytes with
@@ -9,8 +10,11 @@
 //! tick late, which idle and header timeouts tolerate. Draining fires every
 //! entry at once.
 //!
-//! Owns: idle deadlines and their wake-ups. Does not own: per-request
-//! timeouts, which live in the request's own (boxed) future.
+//! Tasks that only wait for the drain (accept loops, the pool purge, the
+//! built-in origin's connections) register with no deadline.
+//!
+//! Owns: idle deadlines, the drain flag, and their wake-ups. Does not own:
+//! per-request timeouts, which live in the request's own (boxed) future.
 
 use std::cell::{Cell, RefCell};
 use std::future::Future;
@@ -24,7 +28,8 @@ use slab::Slab;
 pub const IDLE_TICK: Duration = Duration::from_millis(250);
 
 struct Entry {
-    deadline: Instant,
+    /// `None`: woken only by the drain.
+    deadline: Option<Instant>,
     waker: Option<Waker>,
     fired: bool,
 }
@@ -32,8 +37,8 @@ struct Entry {
 #[derive(Default)]
 pub struct IdleSet {
     entries: RefCell<Slab<Entry>>,
-    /// Set by `fire_all` (drain): later waits fire at once.
-    closed: Cell<bool>,
+    /// Set by `start_drain`: every wait fires, now and from then on.
+    draining: Cell<bool>,
 }
 
 impl IdleSet {
@@ -43,26 +48,45 @@ impl IdleSet {
         IdleWait {
             set: self,
             key: None,
-            deadline,
+            deadline: Some(deadline),
+        }
+    }
+
+    /// Resolves when the worker drains.
+    pub fn drained(&self) -> IdleWait<'_> {
+        IdleWait {
+            set: self,
+            key: None,
+            deadline: None,
+        }
+    }
+
+    pub fn is_draining(&self) -> bool {
+        self.draining.get()
+    }
+
+    /// Start the drain: wake every waiter, and make later waits resolve at
+    /// once.
+    pub fn start_drain(&self) {
+        self.draining.set(true);
+        for (_, e) in self.entries.borrow_mut().iter_mut() {
+            e.fired = true;
+            if let Some(w) = e.waker.take() {
+                w.wake();
+            }
         }
     }
 
     /// Fire every entry whose deadline has passed. Called every tick.
     pub fn expire(&self, now: Instant) {
         for (_, e) in self.entries.borrow_mut().iter_mut() {
-            if !e.fired && e.deadline <= now {
+            if !e.fired && e.deadline.is_some_and(|d| d <= now) {
                 e.fired = true;
                 if let Some(w) = e.waker.take() {
                     w.wake();
                 }
             }
         }
-    }
-
-    /// Fire everything, now and from now on (drain).
-    pub fn fire_all(&self) {
-        self.closed.set(true);
-        self.expire(Instant::now() + Duration::from_secs(u32::MAX as u64));
     }
 
     /// Entries registered (idle connections waiting).
@@ -78,14 +102,14 @@ impl IdleSet {
 pub struct IdleWait<'a> {
     set: &'a IdleSet,
     key: Option<usize>,
-    deadline: Instant,
+    deadline: Option<Instant>,
 }
 
 impl Future for IdleWait<'_> {
     type Output = ();
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.set.closed.get() {
+        if self.set.draining.get() {
             return Poll::Ready(());
         }
         let mut entries = self.set.entries.borrow_mut();
@@ -126,7 +150,7 @@ impl Drop for IdleWait<'_> {
 
 /// Expire deadlines every tick until the worker drains.
 pub async fn sweep(ctx: std::rc::Rc<crate::worker::WorkerCtx>) {
-    while !ctx.drain.is_draining() {
+    while !ctx.idle.is_draining() {
         monoio::time::sleep(IDLE_TICK).await;
         ctx.idle.expire(Instant::now());
     }
@@ -160,7 +184,7 @@ mod tests {
         let mut cx = Context::from_waker(waker);
         assert!(far.as_mut().poll(&mut cx).is_pending());
         assert_eq!(set.len(), 1);
-        set.fire_all();
+        set.start_drain();
         assert!(far.as_mut().poll(&mut cx).is_ready());
         // After a drain, new waits fire at once.
         let mut late = std::pin::pin!(set.wait_until(Instant::now() + Duration::from_secs(3600)));

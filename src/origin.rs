@@ -93,14 +93,14 @@ pub async fn serve(
             }
             let read = monoio::select! {
                 r = monoio::time::timeout(IDLE, buf.read_from(&mut stream)) => r,
-                _ = ctx.drain.wait() => break 'conn,
+                _ = ctx.idle.drained() => break 'conn,
             };
             match read {
                 Ok(Ok(n)) if n > 0 => {}
                 _ => break 'conn,
             }
         };
-        let (keep, method) = (req.keep_alive && !ctx.drain.is_draining(), req.method);
+        let (keep, method) = (req.keep_alive && !ctx.idle.is_draining(), req.method);
         let body_in = match req.framing {
             BodyFraming::Length(n) => Some(BodyIn::Length(n)),
             BodyFraming::Chunked => Some(BodyIn::Chunked),

@@ -5,19 +5,18 @@
 //! drain sequence, and panic isolation per connection. Does not own: what a
 //! connection does (`proxy`, `origin`) or when to drain (`control`).
 
-use std::cell::{Cell, RefCell};
+use std::cell::Cell;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::pin::Pin;
 use std::rc::Rc;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream, UnixStream};
-use slab::Slab;
 
 use crate::config::Snapshot;
 use crate::http::head::HeaderSpan;
@@ -66,72 +65,6 @@ pub enum Role {
 /// Control messages, one byte each, over the worker's socketpair.
 pub const MSG_DRAIN: u8 = b'D';
 
-/// The drain signal inside one worker: a flag plus the wakers of every
-/// task waiting for it (idle connections, accept loops). Waiters register
-/// in a slab and deregister on drop, so waiting costs no allocation.
-#[derive(Default)]
-pub struct Drain {
-    started: Cell<bool>,
-    waiters: RefCell<Slab<Waker>>,
-}
-
-impl Drain {
-    pub fn is_draining(&self) -> bool {
-        self.started.get()
-    }
-
-    pub fn start(&self) {
-        if self.started.replace(true) {
-            return;
-        }
-        for waker in self.waiters.borrow_mut().drain() {
-            waker.wake();
-        }
-    }
-
-    /// Resolves once draining has started.
-    pub fn wait(&self) -> DrainWait<'_> {
-        DrainWait {
-            drain: self,
-            key: None,
-        }
-    }
-}
-
-pub struct DrainWait<'a> {
-    drain: &'a Drain,
-    key: Option<usize>,
-}
-
-impl Future for DrainWait<'_> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.drain.started.get() {
-            return Poll::Ready(());
-        }
-        let mut waiters = self.drain.waiters.borrow_mut();
-        match self.key {
-            Some(k) => waiters[k].clone_from(cx.waker()),
-            None => {
-                let k = waiters.insert(cx.waker().clone());
-                drop(waiters);
-                self.key = Some(k);
-            }
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for DrainWait<'_> {
-    fn drop(&mut self) {
-        if let Some(k) = self.key {
-            // After start() the slab is empty and no key was handed out since.
-            self.drain.waiters.borrow_mut().try_remove(k);
-        }
-    }
-}
-
 /// Everything one worker owns. Shared by its tasks through `Rc`: no
 /// locks, no atomics.
 pub struct WorkerCtx {
@@ -143,8 +76,7 @@ pub struct WorkerCtx {
     pub upstreams: UpstreamPool,
     /// Round-robin cursor per upstream group.
     pub rr: Vec<Cell<usize>>,
-    pub drain: Drain,
-    /// Deadlines of idle connections (see `idle`).
+    /// Deadlines of idle connections and the drain signal (see `idle`).
     pub idle: IdleSet,
     pub open_connections: Cell<usize>,
     pub driver: DriverKind,
@@ -159,7 +91,6 @@ impl WorkerCtx {
             snapshot: Rc::new(snapshot),
             bufs: BufPool::new(),
             header_vecs: VecPool::with_capacity(HEADER_VEC_CAPACITY),
-            drain: Drain::default(),
             idle: IdleSet::default(),
             open_connections: Cell::new(0),
             driver,
@@ -221,10 +152,10 @@ pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
             Role::Origin(_) => format!("coregate-o{}", spec.id),
         })
         .spawn(move || {
-            if let Some(core) = spec.core {
-                if !core_affinity::set_for_current(core) {
-                    crate::warn!("could not pin to core {}", core.id);
-                }
+            if let Some(core) = spec.core
+                && !core_affinity::set_for_current(core)
+            {
+                crate::warn!("could not pin to core {}", core.id);
             }
             let driver = spec.driver.resolve();
             let result = match driver {
@@ -296,8 +227,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         }
     }
     let drain_timeout = ctx.snapshot.drain_timeout;
-    ctx.drain.start();
-    ctx.idle.fire_all();
+    ctx.idle.start_drain();
     ctx.upstreams.clear();
     let deadline = Instant::now() + drain_timeout;
     while ctx.open_connections.get() > 0 && Instant::now() < deadline {
@@ -316,7 +246,7 @@ async fn purge_idle_upstreams(ctx: Rc<WorkerCtx>) {
     loop {
         monoio::select! {
             _ = monoio::time::sleep(POOL_PURGE_INTERVAL) => ctx.upstreams.purge_expired(&ctx.snapshot),
-            _ = ctx.drain.wait() => return,
+            _ = ctx.idle.drained() => return,
         }
     }
 }
@@ -330,7 +260,7 @@ async fn accept_loop(
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => Some(r),
-            _ = ctx.drain.wait() => None,
+            _ = ctx.idle.drained() => None,
         };
         match accepted {
             None => break,

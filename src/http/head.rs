@@ -646,10 +646,8 @@ pub fn parse_request(
                 }
                 head.host = Some(h.value);
             }
-            HeaderKind::Expect => {
-                if v.eq_ignore_ascii_case(b"100-continue") {
-                    head.expect_continue = true;
-                }
+            HeaderKind::Expect if v.eq_ignore_ascii_case(b"100-continue") => {
+                head.expect_continue = true;
             }
             _ => {}
         }

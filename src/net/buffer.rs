@@ -188,7 +188,8 @@ mod tests {
         let ptr = a.as_ptr();
         pool.put(a);
         assert_eq!(pool.free_count(), 1);
-        assert_eq!(pool.get().as_ptr(), ptr);
+        let again = pool.get();
+        assert_eq!(again.as_ptr(), ptr);
         pool.put(Vec::new());
         assert_eq!(pool.free_count(), 0);
         pool.put(Vec::with_capacity(5 * BUF_SIZE));

@@ -5,7 +5,6 @@
 //! choosing the backend (`proxy`, later `balance`) or speaking HTTP.
 
 use std::cell::RefCell;
-use std::future::Future;
 use std::io;
 use std::os::fd::AsRawFd;
 use std::time::{Duration, Instant};
@@ -56,59 +55,47 @@ impl UpStream {
 }
 
 impl AsyncReadRent for UpStream {
-    fn read<T: IoBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        async move {
-            match self {
-                UpStream::Tcp(s) => s.read(buf).await,
-                UpStream::Unix(s) => s.read(buf).await,
-            }
+    async fn read<T: IoBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Tcp(s) => s.read(buf).await,
+            UpStream::Unix(s) => s.read(buf).await,
         }
     }
 
-    fn readv<T: IoVecBufMut>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        async move {
-            match self {
-                UpStream::Tcp(s) => s.readv(buf).await,
-                UpStream::Unix(s) => s.readv(buf).await,
-            }
+    async fn readv<T: IoVecBufMut>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Tcp(s) => s.readv(buf).await,
+            UpStream::Unix(s) => s.readv(buf).await,
         }
     }
 }
 
 impl AsyncWriteRent for UpStream {
-    fn write<T: IoBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        async move {
-            match self {
-                UpStream::Tcp(s) => s.write(buf).await,
-                UpStream::Unix(s) => s.write(buf).await,
-            }
+    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Tcp(s) => s.write(buf).await,
+            UpStream::Unix(s) => s.write(buf).await,
         }
     }
 
-    fn writev<T: IoVecBuf>(&mut self, buf: T) -> impl Future<Output = BufResult<usize, T>> {
-        async move {
-            match self {
-                UpStream::Tcp(s) => s.writev(buf).await,
-                UpStream::Unix(s) => s.writev(buf).await,
-            }
+    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
+        match self {
+            UpStream::Tcp(s) => s.writev(buf).await,
+            UpStream::Unix(s) => s.writev(buf).await,
         }
     }
 
-    fn flush(&mut self) -> impl Future<Output = io::Result<()>> {
-        async move {
-            match self {
-                UpStream::Tcp(s) => s.flush().await,
-                UpStream::Unix(s) => s.flush().await,
-            }
+    async fn flush(&mut self) -> io::Result<()> {
+        match self {
+            UpStream::Tcp(s) => s.flush().await,
+            UpStream::Unix(s) => s.flush().await,
         }
     }
 
-    fn shutdown(&mut self) -> impl Future<Output = io::Result<()>> {
-        async move {
-            match self {
-                UpStream::Tcp(s) => s.shutdown().await,
-                UpStream::Unix(s) => s.shutdown().await,
-            }
+    async fn shutdown(&mut self) -> io::Result<()> {
+        match self {
+            UpStream::Tcp(s) => s.shutdown().await,
+            UpStream::Unix(s) => s.shutdown().await,
         }
     }
 }

@@ -145,7 +145,7 @@ impl Conn<'_> {
             // length of one request.
             let next = Box::pin(self.request()).await;
             match next {
-                Next::KeepAlive if !self.ctx.drain.is_draining() => {}
+                Next::KeepAlive if !self.ctx.idle.is_draining() => {}
                 // Boxed: its timer would otherwise make every idle
                 // connection's future larger.
                 Next::LingerClose => return Box::pin(self.linger()).await,
@@ -245,7 +245,7 @@ impl Conn<'_> {
     /// Answer with a canned response. A closing answer lingers, so the
     /// client reads it even if it is still sending.
     async fn reject(&mut self, status: u16, keep_alive: bool) -> Next {
-        let keep_alive = keep_alive && !self.ctx.drain.is_draining();
+        let keep_alive = keep_alive && !self.ctx.idle.is_draining();
         let version = self.req.version;
         // A HEAD answer carries no content (RFC 9110 9.3.2), or a kept-alive
         // client would read it as the start of its next response.
@@ -377,7 +377,7 @@ impl Conn<'_> {
                 )
             }
         };
-        if self.ctx.drain.is_draining() {
+        if self.ctx.idle.is_draining() {
             keep = false;
         }
         self.out.clear();
@@ -428,7 +428,7 @@ impl Conn<'_> {
             );
             return Next::Close;
         }
-        if upstream_reusable && !self.ctx.drain.is_draining() {
+        if upstream_reusable && !self.ctx.idle.is_draining() {
             self.ctx
                 .upstreams
                 .put(group_idx, backend_idx, up, group.max_idle);

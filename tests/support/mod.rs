@@ -185,10 +185,10 @@ pub fn coregate(config: &str, extra: &[&str]) -> Proc {
     cmd.arg("run").arg("--config").arg(&path).args(extra);
     // COREGATE_TEST_DRIVER=epoll runs the suite on the epoll path; tests
     // that pick a driver themselves keep theirs.
-    if let Ok(driver) = std::env::var("COREGATE_TEST_DRIVER") {
-        if !extra.contains(&"--driver") {
-            cmd.args(["--driver", &driver]);
-        }
+    if let Ok(driver) = std::env::var("COREGATE_TEST_DRIVER")
+        && !extra.contains(&"--driver")
+    {
+        cmd.args(["--driver", &driver]);
     }
     start(cmd, "coregate listening on http://", dir)
 }
