@@ -9,9 +9,9 @@
 //! - [`control`]: the control thread: binds listeners, starts workers,
 //!   handles signals and drains.
 //! - [`worker`]: one pinned thread per core with its runtime, accept loops,
-//!   drain signal and panic isolation.
-//! - [`idle`]: keep-alive and first-byte deadlines of idle connections, a
-//!   slab entry each instead of a timer future.
+//!   drain sequence and panic isolation.
+//! - [`idle`]: keep-alive and first-byte deadlines of idle connections (a
+//!   slab entry each instead of a timer future) and the drain signal.
 //! - [`net`]: listeners (SO_REUSEPORT), upstream connections and their
 //!   keep-alive pool, the per-worker buffer pool.
 //! - [`http`]: HTTP/1.1 syntax: head parsing with strict framing checks,
