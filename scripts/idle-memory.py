@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Memory per idle keep-alive connection: coregate against nginx.
 
-    scripts/idle-memory.py [--conns N] [--binary target/release/coregate]
+    scripts/idle-memory.py [--conns N] [--binary target/release/coregate] [--driver auto|uring|epoll]
 
 Starts the built-in origin, nginx (1 worker, master_process off) and
 coregate (1 worker) on 127.0.0.1, all pinned to CPU 1. Then, for each proxy
@@ -79,6 +79,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--conns", type=int, default=10000)
     ap.add_argument("--binary", default="target/release/coregate")
+    ap.add_argument("--driver", default="auto", choices=["auto", "uring", "epoll"])
     args = ap.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.conns + 1000
@@ -119,7 +120,8 @@ upstream = "origin"
                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
         ng = subprocess.Popen(pin + [nginx, "-c", f"{work}/nginx.conf"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(ng)
-        cg = subprocess.Popen(pin + [args.binary, "run", "--config", f"{work}/coregate.toml", "--workers", "1"],
+        cg = subprocess.Popen(pin + [args.binary, "run", "--config", f"{work}/coregate.toml", "--workers", "1",
+                                     "--driver", args.driver],
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(cg)
         for p in (origin_port, nginx_port, cg_port):
