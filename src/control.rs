@@ -206,30 +206,34 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-/// Block SIGTERM, SIGINT and SIGHUP in the calling thread; threads spawned
-/// afterwards inherit the mask, so only `wait_for_signals` sees them.
-pub fn block_signals() {
-    // SAFETY: sigset manipulation on a local, zero-initialised sigset_t,
-    // then pthread_sigmask on the current thread.
+/// The signals the control thread handles: SIGTERM, SIGINT, SIGHUP.
+fn control_signals() -> libc::sigset_t {
+    // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
         for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
             libc::sigaddset(&mut set, s);
         }
+        set
+    }
+}
+
+/// Block the control signals in the calling thread; threads spawned
+/// afterwards inherit the mask, so only `next_signal` sees them.
+pub fn block_signals() {
+    let set = control_signals();
+    // SAFETY: pthread_sigmask on the current thread with a valid set.
+    unsafe {
         libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
     }
 }
 
 /// Wait up to `timeout` for one of the blocked signals.
 fn next_signal(timeout: Duration) -> Option<i32> {
-    // SAFETY: as in block_signals; sigtimedwait reads the set and timespec.
+    let set = control_signals();
+    // SAFETY: sigtimedwait reads a valid set and timespec.
     unsafe {
-        let mut set: libc::sigset_t = std::mem::zeroed();
-        libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
-            libc::sigaddset(&mut set, s);
-        }
         let ts = libc::timespec {
             tv_sec: timeout.as_secs() as _,
             tv_nsec: timeout.subsec_nanos() as _,

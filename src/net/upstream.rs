@@ -188,11 +188,6 @@ impl UpstreamPool {
         }
     }
 
-    /// Idle connections held, over all backends.
-    pub fn idle_count(&self) -> usize {
-        self.idle.borrow().iter().flatten().map(Vec::len).sum()
-    }
-
     /// Close every idle connection (drain).
     pub fn clear(&self) {
         for list in self.idle.borrow_mut().iter_mut().flatten() {
