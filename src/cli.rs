@@ -27,6 +27,12 @@ pub enum Command {
         #[arg(long, short)]
         config: PathBuf,
     },
+    /// Reload the config of a running coregate through its admin socket.
+    Reload {
+        /// The admin socket (server.admin_socket, or run --admin-socket).
+        #[arg(long, short)]
+        socket: PathBuf,
+    },
     /// Start a built-in origin and the proxy in front of it, no setup needed.
     Demo {
         /// Where the proxy listens.
@@ -58,6 +64,9 @@ pub struct RunArgs {
     /// Quick proxy: backend, tcp://HOST:PORT or unix:/PATH (with --listen).
     #[arg(long, requires = "listen")]
     pub upstream: Option<String>,
+    /// Admin UNIX socket (overrides server.admin_socket).
+    #[arg(long)]
+    pub admin_socket: Option<PathBuf>,
     #[command(flatten)]
     pub workers: WorkerArgs,
 }

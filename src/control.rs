@@ -1,5 +1,5 @@
-//! The control thread: starts workers, owns signals and drains on
-//! SIGTERM/SIGINT.
+//! The control thread: starts workers, owns signals, reloads on SIGHUP
+//! and drains on SIGTERM/SIGINT.
 //!
 //! Owns: choosing cores, binding listeners before workers start (so errors
 //! surface at once and port 0 resolves to one port shared by all workers),
@@ -15,7 +15,8 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 
-use crate::config::Snapshot;
+use crate::admin::Reloader;
+use crate::config::epoch::Published;
 use crate::net::listener::bind_reuseport;
 use crate::worker::{self, DriverKind, MSG_DRAIN, Role, WorkerSpec};
 
@@ -111,8 +112,14 @@ fn choose_cores(opts: &RunOptions) -> anyhow::Result<Vec<Option<core_affinity::C
 }
 
 impl Server {
-    /// Bind every listener and start the workers.
-    pub fn start(snapshot: Arc<Snapshot>, opts: &RunOptions, role: Role) -> anyhow::Result<Server> {
+    /// Bind every listener of the published snapshot and start the
+    /// workers on it.
+    pub fn start(
+        published: Arc<Published>,
+        opts: &RunOptions,
+        role: Role,
+    ) -> anyhow::Result<Server> {
+        let (_, snapshot) = published.load();
         let cores = choose_cores(opts)?;
         let n = cores.len();
         let mut per_worker: Vec<Vec<(std::net::TcpListener, usize)>> =
@@ -134,7 +141,7 @@ impl Server {
                 id,
                 core,
                 driver: opts.driver,
-                snapshot: snapshot.clone(),
+                published: published.clone(),
                 listeners,
                 control: theirs,
                 role: role.clone(),
@@ -244,17 +251,22 @@ fn next_signal(timeout: Duration) -> Option<i32> {
 }
 
 /// Run until SIGTERM or SIGINT, then drain every server and wait for them.
-/// A second SIGTERM/SIGINT while draining exits at once. Returns an error
-/// if a worker dies on its own.
-pub fn run_until_signal(mut servers: Vec<Server>) -> anyhow::Result<()> {
+/// SIGHUP reloads the config through `reloader` (ignored, with a warning,
+/// without one). A second SIGTERM/SIGINT while draining exits at once.
+/// Returns an error if a worker dies on its own.
+pub fn run_until_signal(
+    mut servers: Vec<Server>,
+    reloader: Option<&Reloader>,
+) -> anyhow::Result<()> {
     loop {
         match next_signal(Duration::from_millis(200)) {
             Some(libc::SIGTERM) | Some(libc::SIGINT) => break,
-            Some(libc::SIGHUP) => {
-                crate::warn!(
-                    "SIGHUP: live reload is not supported by this version; configuration unchanged"
-                );
-            }
+            Some(libc::SIGHUP) => match reloader {
+                Some(r) => {
+                    let _ = r.reload_and_log("SIGHUP");
+                }
+                None => crate::warn!("SIGHUP: nothing to reload here"),
+            },
             _ => {}
         }
         if servers.iter().any(Server::any_finished) {

@@ -5,7 +5,8 @@
 //!
 //! - [`cli`]: clap definitions of the command line, nothing else.
 //! - [`config`]: TOML file → validated [`config::Snapshot`]; errors carry
-//!   file, line and key.
+//!   file, line and key. `config::epoch` is where workers find the
+//!   current snapshot.
 //! - [`control`]: the control thread: binds listeners, starts workers,
 //!   handles signals and drains.
 //! - [`worker`]: one pinned thread per core with its runtime, accept loops,
@@ -18,8 +19,14 @@
 //!   the chunked coding, head serialisation.
 //! - [`proxy`]: the per-connection state machine and the body relay.
 //! - [`origin`]: the built-in origin server used by the demo and benches.
+//! - [`rules`]: compiled routes and stacking rules: matchers, the host and
+//!   path-prefix index, actions, header edits, templates.
+//! - [`admin`]: the admin UNIX socket, live reload, and its client.
+//! - [`access_log`]: JSON-lines access log, buffered per worker.
 //! - [`log`]: leveled stderr logging.
 
+pub mod access_log;
+pub mod admin;
 pub mod cli;
 pub mod config;
 pub mod control;
@@ -29,4 +36,5 @@ pub mod log;
 pub mod net;
 pub mod origin;
 pub mod proxy;
+pub mod rules;
 pub mod worker;

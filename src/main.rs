@@ -7,6 +7,8 @@ use anyhow::Context;
 use clap::Parser;
 
 use coregate::cli::{Cli, Command, RunArgs, WorkerArgs};
+use coregate::admin::{self, Reloader};
+use coregate::config::epoch::Published;
 use coregate::config::{self, Snapshot};
 use coregate::control::{self, RunOptions, Server, parse_core_list};
 use coregate::worker::Role;
@@ -24,7 +26,7 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
-    if !matches!(command, Command::Check { .. }) {
+    if !matches!(command, Command::Check { .. } | Command::Reload { .. }) {
         let limit = control::raise_fd_limit();
         coregate::info!("open files limit: {limit}");
     }
@@ -32,11 +34,13 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { config } => match config::load(&config) {
             Ok(s) => {
                 println!(
-                    "{}: ok ({} listeners, {} upstream groups, {} routes)",
+                    "{}: ok ({} listeners, {} upstream groups, {} routes, {} rules, {} regexes)",
                     config.display(),
                     s.listeners.len(),
                     s.upstreams.len(),
-                    s.routes.len()
+                    s.rules.routes().len(),
+                    s.rules.stacking_rules().len(),
+                    s.rules.regex_count()
                 );
                 Ok(ExitCode::SUCCESS)
             }
@@ -46,6 +50,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             }
         },
         Command::Run(args) => run(args),
+        Command::Reload { socket } => reload(&socket),
         Command::Origin {
             listen,
             body_size,
@@ -53,12 +58,16 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             let snapshot = origin_snapshot(&listen)?;
             control::block_signals();
-            let server = Server::start(snapshot, &run_options(&workers)?, Role::Origin(body_size))?;
+            let server = Server::start(
+                Published::new(snapshot),
+                &run_options(&workers)?,
+                Role::Origin(body_size),
+            )?;
             println!(
                 "coregate origin listening on http://{} ({body_size}-byte bodies)",
                 server.local_addrs()[0]
             );
-            control::run_until_signal(vec![server])?;
+            control::run_until_signal(vec![server], None)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen, workers } => demo(&listen, &workers),
@@ -78,6 +87,7 @@ fn run_options(w: &WorkerArgs) -> anyhow::Result<RunOptions> {
 }
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
+    let started = std::time::Instant::now();
     let snapshot = match (&args.config, &args.listen, &args.upstream) {
         (Some(path), _, _) => config::load(path),
         (None, Some(listen), Some(upstream)) => config::quick(listen, upstream),
@@ -92,12 +102,51 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     control::block_signals();
-    let server = Server::start(snapshot, &run_options(&args.workers)?, Role::Proxy)?;
+    let admin_path = args.admin_socket.clone().or(snapshot.admin_socket.clone());
+    let published = Published::new(snapshot);
+    let reloader = Arc::new(Reloader::new(
+        args.config.clone(),
+        published.clone(),
+        started.elapsed(),
+    ));
+    // Bound before the workers start (see `admin::serve`).
+    let _admin = match &admin_path {
+        Some(p) => Some(admin::serve(p, reloader.clone())?),
+        None => None,
+    };
+    let server = Server::start(published, &run_options(&args.workers)?, Role::Proxy)?;
     for addr in server.local_addrs() {
         println!("coregate listening on http://{addr}");
     }
-    control::run_until_signal(vec![server])?;
+    if let Some(p) = &admin_path {
+        println!("admin socket {}", p.display());
+    }
+    control::run_until_signal(vec![server], Some(&reloader))?;
     Ok(ExitCode::SUCCESS)
+}
+
+fn reload(socket: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let reply = admin::request(socket, "reload")?;
+    let ok = reply["ok"].as_bool() == Some(true);
+    if ok {
+        println!(
+            "reloaded {}: epoch {}, {}, loaded at {} in {} ms",
+            reply["config"].as_str().unwrap_or("?"),
+            reply["epoch"],
+            reply["hash"].as_str().unwrap_or("?"),
+            reply["loaded_at"].as_str().unwrap_or("?"),
+            reply["load_ms"]
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "reload refused; still running epoch {} ({}):\n{}",
+            reply["running"]["epoch"],
+            reply["running"]["hash"].as_str().unwrap_or("?"),
+            reply["error"].as_str().unwrap_or("unknown error")
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn origin_snapshot(listen: &str) -> anyhow::Result<Arc<Snapshot>> {
@@ -113,7 +162,7 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
         ..run_options(workers)?
     };
     let origin = Server::start(
-        origin_snapshot("127.0.0.1:0")?,
+        Published::new(origin_snapshot("127.0.0.1:0")?),
         &origin_opts,
         Role::Origin(128),
     )
@@ -126,12 +175,16 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
          [[route]]\nupstream = \"demo\"\n"
     );
     let snapshot = config::parse(&text, "<demo>").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let proxy = Server::start(Arc::new(snapshot), &run_options(workers)?, Role::Proxy)?;
+    let proxy = Server::start(
+        Published::new(Arc::new(snapshot)),
+        &run_options(workers)?,
+        Role::Proxy,
+    )?;
     let addr = proxy.local_addrs()[0];
     println!("coregate demo: proxy on http://{addr} -> built-in origin on http://{origin_addr}");
     println!("try:   curl -i http://{addr}/");
     println!("load:  wrk -t1 -c50 -d10s http://{addr}/");
     println!("stop:  Ctrl-C");
-    control::run_until_signal(vec![proxy, origin])?;
+    control::run_until_signal(vec![proxy, origin], None)?;
     Ok(ExitCode::SUCCESS)
 }

@@ -72,7 +72,7 @@ pub async fn serve(
     listener_idx: usize,
     body: Rc<OriginBody>,
 ) {
-    let limits = ctx.snapshot.listeners[listener_idx].limits;
+    let limits = ctx.current().snapshot.listeners[listener_idx].limits;
     let mut buf = Buf::new(ctx.bufs.get());
     let mut out = ctx.bufs.get();
     let mut req = RequestHead::default();

@@ -5,7 +5,7 @@
 //! drain sequence, and panic isolation per connection. Does not own: what a
 //! connection does (`proxy`, `origin`) or when to drain (`control`).
 
-use std::cell::Cell;
+use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -18,12 +18,15 @@ use std::time::{Duration, Instant};
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream, UnixStream};
 
+use crate::access_log::AccessLog;
 use crate::config::Snapshot;
+use crate::config::epoch::Published;
 use crate::http::head::HeaderSpan;
 use crate::idle::IdleSet;
 use crate::net::buffer::{BufPool, VecPool};
 use crate::net::upstream::UpstreamPool;
 use crate::origin::OriginBody;
+use crate::rules::{RuleSet, Scratch};
 
 /// Which event loop a worker runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -65,30 +68,50 @@ pub enum Role {
 /// Control messages, one byte each, over the worker's socketpair.
 pub const MSG_DRAIN: u8 = b'D';
 
+/// The configuration a worker runs on: a published snapshot and the
+/// worker's own clone of its rules (own regex scratch space).
+pub struct Current {
+    pub epoch: u64,
+    pub snapshot: Arc<Snapshot>,
+    pub rules: RuleSet,
+}
+
 /// Everything one worker owns. Shared by its tasks through `Rc`: no
-/// locks, no atomics.
+/// locks, and one atomic load per request (the config epoch).
 pub struct WorkerCtx {
     pub id: usize,
-    pub snapshot: Rc<Arc<Snapshot>>,
+    published: Arc<Published>,
+    current: RefCell<Rc<Current>>,
+    /// Rule evaluation scratch, borrowed for one evaluation at a time.
+    pub scratch: RefCell<Scratch>,
     pub bufs: BufPool,
     /// Header offset arrays for request and response heads in flight.
     pub header_vecs: VecPool<HeaderSpan>,
     pub upstreams: UpstreamPool,
     /// Round-robin cursor per upstream group.
-    pub rr: Vec<Cell<usize>>,
+    rr: RefCell<Vec<usize>>,
     /// Deadlines of idle connections and the drain signal (see `idle`).
     pub idle: IdleSet,
     pub open_connections: Cell<usize>,
+    pub access_log: AccessLog,
     pub driver: DriverKind,
 }
 
 impl WorkerCtx {
-    pub fn new(id: usize, snapshot: Arc<Snapshot>, driver: DriverKind) -> Self {
+    pub fn new(id: usize, published: Arc<Published>, driver: DriverKind) -> Self {
+        let (epoch, snapshot) = published.load();
         WorkerCtx {
             id,
             upstreams: UpstreamPool::new(&snapshot),
-            rr: snapshot.upstreams.iter().map(|_| Cell::new(id)).collect(),
-            snapshot: Rc::new(snapshot),
+            rr: RefCell::new(vec![id; snapshot.upstreams.len()]),
+            access_log: AccessLog::new(snapshot.access_log.as_deref()),
+            current: RefCell::new(Rc::new(Current {
+                epoch,
+                rules: snapshot.rules.clone(),
+                snapshot,
+            })),
+            published,
+            scratch: RefCell::new(Scratch::default()),
             bufs: BufPool::new(),
             header_vecs: VecPool::with_capacity(HEADER_VEC_CAPACITY),
             idle: IdleSet::default(),
@@ -97,12 +120,47 @@ impl WorkerCtx {
         }
     }
 
+    /// The configuration to serve the next request with. Called once per
+    /// request: one relaxed atomic load, and a switch to the newly
+    /// published snapshot when the epoch moved. Requests in flight keep
+    /// the `Current` they started with, so none sees a mix of two configs.
+    pub fn current(&self) -> Rc<Current> {
+        {
+            let cur = self.current.borrow();
+            if cur.epoch == self.published.epoch() {
+                return cur.clone();
+            }
+        }
+        self.switch()
+    }
+
+    #[cold]
+    fn switch(&self) -> Rc<Current> {
+        let (epoch, snapshot) = self.published.load();
+        let old = self.current.borrow().clone();
+        // Pooled upstream connections follow their backend by group name
+        // and address; the others are closed.
+        self.upstreams.remap(&old.snapshot, &snapshot);
+        let mut rr = self.rr.borrow_mut();
+        rr.resize(snapshot.upstreams.len(), self.id);
+        drop(rr);
+        self.access_log.retarget(snapshot.access_log.as_deref());
+        let next = Rc::new(Current {
+            epoch,
+            rules: snapshot.rules.clone(),
+            snapshot,
+        });
+        *self.current.borrow_mut() = next.clone();
+        crate::debug!("worker {} now on config epoch {epoch}", self.id);
+        next
+    }
+
     /// Next backend of `group`, round robin within this worker.
-    pub fn next_backend(&self, group: usize) -> usize {
-        let cursor = &self.rr[group];
-        let n = self.snapshot.upstreams[group].backends.len();
-        let i = cursor.get() % n;
-        cursor.set(i + 1);
+    pub fn next_backend(&self, snapshot: &Snapshot, group: usize) -> usize {
+        let mut rr = self.rr.borrow_mut();
+        let n = snapshot.upstreams[group].backends.len();
+        let i = rr[group] % n;
+        rr[group] = i + 1;
         i
     }
 }
@@ -116,7 +174,7 @@ pub struct WorkerSpec {
     pub id: usize,
     pub core: Option<core_affinity::CoreId>,
     pub driver: DriverKind,
-    pub snapshot: Arc<Snapshot>,
+    pub published: Arc<Published>,
     /// `(socket, index into snapshot.listeners)`
     pub listeners: Vec<(std::net::TcpListener, usize)>,
     pub control: std::os::unix::net::UnixStream,
@@ -197,7 +255,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         core,
         driver.name()
     );
-    let ctx = Rc::new(WorkerCtx::new(spec.id, spec.snapshot, driver));
+    let ctx = Rc::new(WorkerCtx::new(spec.id, spec.published, driver));
     let origin = match spec.role {
         Role::Proxy => None,
         Role::Origin(size) => Some(Rc::new(OriginBody::new(size))),
@@ -213,7 +271,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
             }
         }
     }
-    monoio::spawn(purge_idle_upstreams(ctx.clone()));
+    monoio::spawn(housekeeping(ctx.clone()));
     monoio::spawn(crate::idle::sweep(ctx.clone()));
     // The control socket closing (control thread gone) drains too.
     if let Ok(mut control) = UnixStream::from_std(spec.control) {
@@ -226,7 +284,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
             }
         }
     }
-    let drain_timeout = ctx.snapshot.drain_timeout;
+    let drain_timeout = ctx.current().snapshot.drain_timeout;
     ctx.idle.start_drain();
     ctx.upstreams.clear();
     let deadline = Instant::now() + drain_timeout;
@@ -237,15 +295,20 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     if left > 0 {
         crate::warn!("drain timeout: closing {left} connections still open");
     }
+    ctx.access_log.flush();
 }
 
-/// How often idle upstream connections are checked against their timeout.
-const POOL_PURGE_INTERVAL: Duration = Duration::from_secs(1);
+/// How often the worker writes out access log lines and checks idle
+/// upstream connections against their timeout.
+const HOUSEKEEPING_INTERVAL: Duration = Duration::from_millis(250);
 
-async fn purge_idle_upstreams(ctx: Rc<WorkerCtx>) {
+async fn housekeeping(ctx: Rc<WorkerCtx>) {
     loop {
         monoio::select! {
-            _ = monoio::time::sleep(POOL_PURGE_INTERVAL) => ctx.upstreams.purge_expired(&ctx.snapshot),
+            _ = monoio::time::sleep(HOUSEKEEPING_INTERVAL) => {
+                ctx.access_log.flush();
+                ctx.upstreams.purge_expired(&ctx.current().snapshot);
+            }
             _ = ctx.idle.drained() => return,
         }
     }
@@ -348,7 +411,7 @@ mod tests {
     async fn a_panicking_connection_ends_alone() {
         let snapshot =
             Arc::new(crate::config::quick("127.0.0.1:0", "tcp://127.0.0.1:9").expect("valid"));
-        let ctx = Rc::new(WorkerCtx::new(0, snapshot, DriverKind::Epoll));
+        let ctx = Rc::new(WorkerCtx::new(0, Published::new(snapshot), DriverKind::Epoll));
         ctx.open_connections.set(2);
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("address");
         let panicking = monoio::spawn(Isolated {

@@ -18,8 +18,12 @@ pub struct FileConfig {
     pub listener: Vec<Spanned<ListenerSection>>,
     #[serde(default)]
     pub upstream: std::collections::BTreeMap<String, Spanned<UpstreamSection>>,
+    /// Routing rules: the first that matches wins.
     #[serde(default)]
-    pub route: Vec<Spanned<RouteSection>>,
+    pub route: Vec<Spanned<RuleSection>>,
+    /// Stacking rules (header edits, access log): every match applies.
+    #[serde(default)]
+    pub rule: Vec<Spanned<RuleSection>>,
 }
 
 /// `[server]`: process-wide settings.
@@ -28,6 +32,10 @@ pub struct FileConfig {
 pub struct ServerSection {
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout: Option<Spanned<String>>,
+    /// Admin UNIX socket (reload; stats later), created with mode 0600.
+    pub admin_socket: Option<Spanned<String>>,
+    /// Where access log lines go: a file path, or `-` for stdout.
+    pub access_log: Option<Spanned<String>>,
 }
 
 /// `[[listener]]`: one address every worker accepts on (SO_REUSEPORT).
@@ -57,11 +65,104 @@ pub struct UpstreamSection {
     pub max_idle: Option<Spanned<i64>>,
 }
 
-/// `[[route]]`: requests matching host and path prefix go to `upstream`.
+/// `[[route]]` and `[[rule]]`: matchers, then actions. Which keys a kind
+/// accepts is checked by validation (a `[[rule]]` has no terminal action).
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
-pub struct RouteSection {
-    pub host: Option<Spanned<String>>,
+pub struct RuleSection {
+    pub name: Option<Spanned<String>>,
+    // Matchers.
+    pub host: Option<Spanned<OneOrMany>>,
+    pub path: Option<Spanned<String>>,
     pub path_prefix: Option<Spanned<String>>,
-    pub upstream: Spanned<String>,
+    pub path_regex: Option<Spanned<String>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub header: Option<Vec<Spanned<FieldSection>>>,
+    pub query: Option<Vec<Spanned<FieldSection>>>,
+    pub client: Option<Spanned<Vec<Spanned<String>>>>,
+    /// The rule does not match when all of these hold.
+    pub not: Option<Spanned<MatchSection>>,
+    // Terminal actions (routes only): exactly one.
+    pub upstream: Option<Spanned<String>>,
+    pub respond: Option<Spanned<RespondSection>>,
+    pub redirect: Option<Spanned<RedirectSection>>,
+    pub drop: Option<Spanned<String>>,
+    // Path changes for `upstream`.
+    pub strip_prefix: Option<Spanned<String>>,
+    pub rewrite: Option<Spanned<String>>,
+    // Stacking actions.
+    pub request_headers: Option<Spanned<EditSection>>,
+    pub response_headers: Option<Spanned<EditSection>>,
+    pub log: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// The matchers of `not = { ... }`: the same keys as a rule's.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MatchSection {
+    pub host: Option<Spanned<OneOrMany>>,
+    pub path: Option<Spanned<String>>,
+    pub path_prefix: Option<Spanned<String>>,
+    pub path_regex: Option<Spanned<String>>,
+    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
+    pub header: Option<Vec<Spanned<FieldSection>>>,
+    pub query: Option<Vec<Spanned<FieldSection>>>,
+    pub client: Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+/// `"a"` or `["a", "b"]`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum OneOrMany {
+    One(String),
+    Many(Vec<String>),
+}
+
+impl OneOrMany {
+    pub fn items(&self) -> Vec<&str> {
+        match self {
+            OneOrMany::One(s) => vec![s.as_str()],
+            OneOrMany::Many(v) => v.iter().map(String::as_str).collect(),
+        }
+    }
+}
+
+/// `{ name = "X-Env", equals = "canary" }`: one of `present`, `equals`,
+/// `regex`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FieldSection {
+    pub name: String,
+    pub present: Option<bool>,
+    pub equals: Option<String>,
+    pub regex: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RespondSection {
+    pub status: Spanned<i64>,
+    #[serde(default)]
+    pub body: String,
+    #[serde(default)]
+    pub headers: std::collections::BTreeMap<String, String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RedirectSection {
+    pub location: Spanned<String>,
+    pub status: Option<Spanned<i64>>,
+}
+
+/// `{ set = { Name = "v" }, add = { Name = "v" }, remove = ["Name"] }`
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EditSection {
+    #[serde(default)]
+    pub set: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub add: std::collections::BTreeMap<String, String>,
+    #[serde(default)]
+    pub remove: Vec<String>,
 }

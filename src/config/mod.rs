@@ -2,10 +2,13 @@
 //! [`Snapshot`].
 //!
 //! Owns: loading, validation (every problem reported with file, line and
-//! key), defaults. Does not own: publishing snapshots to workers (the
-//! control thread does that) or matching requests (`Snapshot::route`).
+//! key), defaults, compiling rules (`rules`), and the publication point
+//! workers read snapshots from (`epoch`). Does not own: matching requests
+//! (`crate::rules`).
 
+pub mod epoch;
 pub mod file;
+mod rules;
 pub mod snapshot;
 
 use std::collections::BTreeMap;
@@ -19,8 +22,9 @@ use toml::Spanned;
 
 use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
 use crate::net::buffer::BUF_SIZE;
-use file::{FileConfig, ListenerSection, RouteSection, UpstreamSection};
-pub use snapshot::{Backend, BackendAddr, Listener, Route, Snapshot, UpstreamGroup};
+use crate::rules::RuleSet;
+use file::{FileConfig, ListenerSection, UpstreamSection};
+pub use snapshot::{Backend, BackendAddr, Listener, Snapshot, UpstreamGroup};
 
 /// One thing wrong with a config, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -248,17 +252,23 @@ impl Validator<'_> {
             names.insert(name.clone(), upstreams.len());
             upstreams.push(self.upstream(name, section));
         }
-        let routes = file
-            .route
-            .iter()
-            .filter_map(|r| self.route(r, &names))
-            .collect();
+        let rules = rules::RuleCompiler::new(self).compile(&file.route, &file.rule, &names);
+        let admin_socket = self.absolute_path(&file.server.admin_socket, "server.admin_socket");
+        let access_log = match &file.server.access_log {
+            Some(p) if p.get_ref() == "-" => None,
+            other => self.absolute_path(other, "server.access_log"),
+        };
         Snapshot {
             source: source.to_string(),
             drain_timeout,
             listeners,
             upstreams,
-            routes,
+            // When rules failed, problems were recorded: the snapshot is
+            // discarded by `parse`.
+            rules: rules.unwrap_or_else(RuleSet::empty),
+            admin_socket,
+            access_log,
+            hash: fnv1a64(self.text.as_bytes()),
         }
     }
 
@@ -375,63 +385,31 @@ impl Validator<'_> {
         }
     }
 
-    fn route(
-        &mut self,
-        section: &Spanned<RouteSection>,
-        names: &BTreeMap<String, usize>,
-    ) -> Option<Route> {
-        let r = section.get_ref();
-        let upstream = match names.get(r.upstream.get_ref()) {
-            Some(&i) => Some(i),
-            None => {
-                let known: Vec<&str> = names.keys().map(String::as_str).collect();
-                self.problem(
-                    r.upstream.span(),
-                    "route.upstream",
-                    format!(
-                        "no upstream named {:?} (defined: {})",
-                        r.upstream.get_ref(),
-                        known.join(", ")
-                    ),
-                );
-                None
-            }
-        };
-        let path_prefix = match &r.path_prefix {
-            None => Some("/".to_string()),
-            Some(p) if p.get_ref().starts_with('/') => Some(p.get_ref().clone()),
-            Some(p) => {
-                self.problem(
-                    p.span(),
-                    "route.path_prefix",
-                    format!("{:?} must start with '/'", p.get_ref()),
-                );
-                None
-            }
-        };
-        let host = match &r.host {
-            None => Some(None),
-            Some(h) if valid_route_host(h.get_ref()) => {
-                Some(Some(h.get_ref().to_ascii_lowercase()))
-            }
-            Some(h) => {
-                self.problem(
-                    h.span(),
-                    "route.host",
-                    format!(
-                        "{:?} is not a host name or IP literal (no port, no path)",
-                        h.get_ref()
-                    ),
-                );
-                None
-            }
-        };
-        Some(Route {
-            host: host?,
-            path_prefix: path_prefix?,
-            upstream: upstream?,
-        })
+    fn absolute_path(&mut self, value: &Option<Spanned<String>>, key: &str) -> Option<PathBuf> {
+        let v = value.as_ref()?;
+        let path = PathBuf::from(v.get_ref());
+        if path.is_absolute() {
+            Some(path)
+        } else {
+            self.problem(
+                v.span(),
+                key,
+                format!("{:?} must be an absolute path", v.get_ref()),
+            );
+            None
+        }
     }
+}
+
+/// FNV-1a, 64 bits: a fingerprint of the config text for `coregate reload`
+/// to report (not a security hash).
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
 }
 
 /// A route's host: a name or IPv4 address without port, or a bracketed
@@ -509,14 +487,22 @@ upstream = "app"
         assert_eq!(s.listeners[0].backlog, 4096);
         assert_eq!(s.upstreams[0].backends.len(), 2);
         assert_eq!(s.upstreams[0].connect_timeout, Duration::from_millis(250));
-        assert_eq!(s.routes[0].host.as_deref(), Some("api.example.com"));
-        assert_eq!(
-            s.route(Some(b"api.example.com:80"), b"/api/x")
-                .unwrap()
-                .path_prefix,
-            "/api/"
-        );
-        assert_eq!(s.route(Some(b"other"), b"/api/x").unwrap().path_prefix, "/");
+        assert_eq!(s.rules.routes().len(), 2);
+        let route = |host: &'static [u8], path: &'static [u8]| {
+            let view = crate::rules::RequestView {
+                method: b"GET",
+                host: Some(host),
+                path,
+                query: b"",
+                buf: b"",
+                headers: &[],
+                client: "127.0.0.1".parse().unwrap(),
+            };
+            let mut scratch = crate::rules::Scratch::default();
+            s.rules.route(&view, &mut scratch).map(|r| r.name.clone())
+        };
+        assert_eq!(route(b"API.example.com", b"/api/x").unwrap(), "route #1 (line 12)");
+        assert_eq!(route(b"other", b"/api/x").unwrap(), "route #2 (line 17)");
     }
 
     #[test]
@@ -595,7 +581,7 @@ upstream = "missing"
     #[test]
     fn quick_config() {
         let s = quick("127.0.0.1:0", "tcp://127.0.0.1:9").unwrap();
-        assert_eq!(s.routes.len(), 1);
+        assert_eq!(s.rules.routes().len(), 1);
         let err = quick("127.0.0.1:0", "ftp://x").unwrap_err();
         assert!(err.to_string().starts_with("<command line>:"), "{err}");
     }

@@ -1,14 +1,16 @@
 //! The validated, compiled configuration every worker runs on. Immutable
 //! once built; workers hold it behind an `Arc` and never see raw TOML.
 //!
-//! Owns: the shapes of listeners, upstream groups, backends and routes
-//! after validation, and route lookup. Does not own: parsing or checking.
+//! Owns: the shapes of listeners, upstream groups, backends and the rule
+//! set after validation. Does not own: parsing or checking (`config`), or
+//! rule evaluation (`rules`).
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::http::head::HeadLimits;
+use crate::rules::RuleSet;
 
 #[derive(Debug)]
 pub struct Snapshot {
@@ -17,7 +19,13 @@ pub struct Snapshot {
     pub drain_timeout: Duration,
     pub listeners: Vec<Listener>,
     pub upstreams: Vec<UpstreamGroup>,
-    pub routes: Vec<Route>,
+    pub rules: RuleSet,
+    /// Admin UNIX socket path (`server.admin_socket`).
+    pub admin_socket: Option<PathBuf>,
+    /// Access log destination (`server.access_log`): `None` is stdout.
+    pub access_log: Option<PathBuf>,
+    /// FNV-1a 64 of the config text, to tell which file is running.
+    pub hash: u64,
 }
 
 #[derive(Debug, Clone)]
@@ -66,39 +74,15 @@ pub struct Backend {
     pub authority: String,
 }
 
-#[derive(Debug)]
-pub struct Route {
-    /// Lowercase, without port; `None` matches any host.
-    pub host: Option<String>,
-    pub path_prefix: String,
-    /// Index into `Snapshot::upstreams`.
-    pub upstream: usize,
-}
-
 /// `host` without a trailing `:port`, for matching (IPv6 literals keep their
 /// brackets).
-fn strip_port(host: &[u8]) -> &[u8] {
+pub fn strip_port(host: &[u8]) -> &[u8] {
     if let Some(end) = host.iter().rposition(|&b| b == b']') {
         return &host[..=end];
     }
     match host.iter().rposition(|&b| b == b':') {
         Some(i) => &host[..i],
         None => host,
-    }
-}
-
-impl Snapshot {
-    /// First route, in file order, whose host and path prefix match.
-    pub fn route(&self, host: Option<&[u8]>, path: &[u8]) -> Option<&Route> {
-        let host = host.map(strip_port);
-        self.routes.iter().find(|r| {
-            let host_ok = match (&r.host, host) {
-                (None, _) => true,
-                (Some(want), Some(h)) => h.eq_ignore_ascii_case(want.as_bytes()),
-                (Some(_), None) => false,
-            };
-            host_ok && path.starts_with(r.path_prefix.as_bytes())
-        })
     }
 }
 

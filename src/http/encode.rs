@@ -6,6 +6,7 @@
 //! Does not own: deciding framing (see `head`) or any I/O.
 
 use super::head::{HeaderKind, HeaderSpan, RequestHead, ResponseHead, Version};
+use crate::rules::HeaderPlan;
 
 /// The token this proxy adds to Via (RFC 9110 7.6.3).
 pub const VIA_TOKEN: &[u8] = b"1.1 coregate";
@@ -70,22 +71,30 @@ pub struct Forwarded<'a> {
 /// Upgrade, Proxy-*) and Expect are removed: the proxy answers
 /// `100-continue` itself. Content-Length and Transfer-Encoding pass as
 /// validated; the body is forwarded in the framing it arrived in.
+///
+/// `target` replaces the request target (a rewritten or normalised path
+/// with its query); `edits` are the rules' header edits (never framing or
+/// forwarding fields: config validation refuses those).
 pub fn write_upstream_request(
     out: &mut Vec<u8>,
     buf: &[u8],
     head: &RequestHead,
     fwd: &Forwarded<'_>,
+    target: Option<&[u8]>,
+    edits: &HeaderPlan,
 ) {
     out.extend_from_slice(head.method_span.get(buf));
     out.push(b' ');
     // An absolute-form target may have no path ("http://a" or
     // "http://a?q"); origin-form always starts with '/' (RFC 9112 3.2.1).
-    let path = head.path.get(buf);
+    let path = target.unwrap_or_else(|| head.path.get(buf));
     if path.first() != Some(&b'/') && path != b"*" {
         out.push(b'/');
     }
     out.extend_from_slice(path);
     out.extend_from_slice(b" HTTP/1.1\r\n");
+    let edited = !edits.is_empty();
+    let host_replaced = edited && edits.drops(b"host");
 
     for h in &head.headers {
         match h.kind {
@@ -96,16 +105,21 @@ pub fn write_upstream_request(
             | HeaderKind::XForwardedFor
             | HeaderKind::XForwardedProto
             | HeaderKind::Via => continue,
-            HeaderKind::Host if head.authority.is_some() => continue,
+            HeaderKind::Host if head.authority.is_some() || host_replaced => continue,
             HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
+            _ if edited && edits.drops(h.name.get(buf)) => continue,
             _ => {}
         }
         header(out, h.name.get(buf), h.value.get(buf));
     }
     match (head.authority, head.host) {
+        _ if host_replaced => {}
         (Some(a), _) => header(out, b"Host", a.get(buf)),
         (None, None) => header(out, b"Host", fwd.default_host),
         (None, Some(_)) => {}
+    }
+    for (name, value) in edits.fields() {
+        header(out, name, value);
     }
     let headers = &head.headers;
     write_appended(
@@ -134,7 +148,8 @@ pub enum OutFraming {
     UntilClose,
 }
 
-/// Serialise the response head for the downstream client into `out`.
+/// Serialise the response head for the downstream client into `out`,
+/// with the rules' header `edits`.
 pub fn write_downstream_response(
     out: &mut Vec<u8>,
     buf: &[u8],
@@ -142,7 +157,9 @@ pub fn write_downstream_response(
     framing: OutFraming,
     client_version: Version,
     keep_alive: bool,
+    edits: &HeaderPlan,
 ) {
+    let edited = !edits.is_empty();
     out.extend_from_slice(b"HTTP/1.1 ");
     write_decimal(out, u64::from(head.status));
     out.push(b' ');
@@ -154,9 +171,13 @@ pub fn write_downstream_response(
             HeaderKind::TransferEncoding if framing != OutFraming::ChunkedVerbatim => continue,
             HeaderKind::Via => continue,
             HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
+            _ if edited && edits.drops(h.name.get(buf)) => continue,
             _ => {}
         }
         header(out, h.name.get(buf), h.value.get(buf));
+    }
+    for (name, value) in edits.fields() {
+        header(out, name, value);
     }
     if framing == OutFraming::Rechunk {
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
@@ -175,6 +196,19 @@ pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         100 => "Continue",
         200 => "OK",
+        201 => "Created",
+        202 => "Accepted",
+        204 => "No Content",
+        301 => "Moved Permanently",
+        302 => "Found",
+        303 => "See Other",
+        304 => "Not Modified",
+        307 => "Temporary Redirect",
+        308 => "Permanent Redirect",
+        401 => "Unauthorized",
+        405 => "Method Not Allowed",
+        410 => "Gone",
+        418 => "I'm a teapot",
         400 => "Bad Request",
         403 => "Forbidden",
         404 => "Not Found",
@@ -189,6 +223,49 @@ pub fn reason_phrase(status: u16) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Error",
+    }
+}
+
+/// A response a rule answers (`respond`, `redirect`): the rule's fields,
+/// then the header edits, then the body with its length. A HEAD request
+/// gets the head only (`with_body` false).
+#[allow(clippy::too_many_arguments)]
+pub fn write_fixed(
+    out: &mut Vec<u8>,
+    status: u16,
+    fields: &HeaderPlan,
+    edits: &HeaderPlan,
+    body: &[u8],
+    keep_alive: bool,
+    client_version: Version,
+    with_body: bool,
+) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    write_decimal(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason_phrase(status).as_bytes());
+    out.extend_from_slice(b"\r\n");
+    for (name, value) in fields.fields() {
+        if !edits.drops(name) {
+            header(out, name, value);
+        }
+    }
+    for (name, value) in edits.fields() {
+        header(out, name, value);
+    }
+    if !matches!(status, 204 | 304) {
+        out.extend_from_slice(b"Content-Length: ");
+        write_decimal(out, body.len() as u64);
+        out.extend_from_slice(b"\r\n");
+    }
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+    if with_body {
+        out.extend_from_slice(body);
     }
 }
 
@@ -238,7 +315,7 @@ mod tests {
             proto: b"http",
             default_host: b"backend:80",
         };
-        write_upstream_request(&mut out, raw.as_bytes(), &head, &fwd);
+        write_upstream_request(&mut out, raw.as_bytes(), &head, &fwd, None, &HeaderPlan::default());
         String::from_utf8(out).unwrap()
     }
 
@@ -279,6 +356,7 @@ mod tests {
             OutFraming::ChunkedVerbatim,
             Version::Http11,
             true,
+            &HeaderPlan::default(),
         );
         assert_eq!(
             String::from_utf8(out).unwrap(),

@@ -464,7 +464,7 @@ fn parse_content_length(v: &[u8]) -> Result<u64, HeadError> {
     Ok(n)
 }
 
-fn is_tchar(b: u8) -> bool {
+pub fn is_tchar(b: u8) -> bool {
     matches!(b, b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9'
         | b'!' | b'#' | b'$' | b'%' | b'&' | b'\'' | b'*' | b'+'
         | b'-' | b'.' | b'^' | b'_' | b'`' | b'|' | b'~')

@@ -188,6 +188,29 @@ impl UpstreamPool {
         }
     }
 
+    /// Re-key the pool for a new snapshot: idle connections to a backend
+    /// with the same group name and address stay pooled; the rest close.
+    pub fn remap(&self, old: &Snapshot, new: &Snapshot) {
+        let mut idle = self.idle.borrow_mut();
+        let mut fresh: Vec<Vec<Vec<Idle>>> = new
+            .upstreams
+            .iter()
+            .map(|g| g.backends.iter().map(|_| Vec::new()).collect())
+            .collect();
+        for (g, lists) in old.upstreams.iter().zip(idle.iter_mut()) {
+            let Some(ng) = new.upstreams.iter().position(|n| n.name == g.name) else {
+                continue;
+            };
+            for (b, list) in g.backends.iter().zip(lists.iter_mut()) {
+                let group = &new.upstreams[ng];
+                if let Some(nb) = group.backends.iter().position(|n| n.addr == b.addr) {
+                    fresh[ng][nb].append(list);
+                }
+            }
+        }
+        *idle = fresh;
+    }
+
     /// Close every idle connection (drain).
     pub fn clear(&self) {
         for list in self.idle.borrow_mut().iter_mut().flatten() {

@@ -7,27 +7,34 @@
 //! retrying a request that met a dead pooled connection. Does not own:
 //! parsing (`http`), sockets (`net`) or the body copy loop (`relay`).
 //!
+//! Each request takes the worker's current configuration (`WorkerCtx::
+//! current`, one epoch check) and keeps it to its end, so a reload never
+//! shows one request a mix of two configs. `Conn::handle` asks the rules
+//! for a decision and performs its action.
+//!
 //! Seams for later work: admission control goes between `read_head` and
-//! routing in `Conn::handle`; rules replace `Snapshot::route`; backend
-//! selection replaces `WorkerCtx::next_backend`; statistics hook into
-//! `Conn::reject` and the end of `Conn::proxy`.
+//! `handle`; backend selection replaces `WorkerCtx::next_backend`;
+//! statistics hook into `Conn::reject` and `Conn::finish`.
 
 pub mod relay;
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::rc::Rc;
-use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
-use crate::config::{Listener, Snapshot, UpstreamGroup};
+use crate::access_log;
+use crate::config::UpstreamGroup;
+use crate::config::snapshot::strip_port;
 use crate::http::encode::{self, Forwarded, OutFraming};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, ResponseHead, Status, Version};
 use crate::net::buffer::{Buf, flush};
 use crate::net::upstream::{self, ConnectError, UpStream};
-use crate::worker::WorkerCtx;
+use crate::rules::matcher::{needs_normalizing, normalize_path};
+use crate::rules::{Action, Decision, HeaderPlan, RequestView, Rewrite};
+use crate::worker::{Current, WorkerCtx};
 use relay::{BodyIn, BodyOut, RelayError, Timeouts, relay};
 
 /// Largest upstream response head accepted (nginx's proxy_buffer_size is
@@ -42,27 +49,37 @@ const LINGER_BYTES: usize = 256 * 1024;
 
 /// Serve one downstream connection until it closes.
 pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr, listener_idx: usize) {
-    let snapshot = ctx.snapshot.clone();
     let mut conn = Conn {
-        listener: &snapshot.listeners[listener_idx],
-        snapshot: &snapshot,
-        client_ip: peer.ip().to_canonical().to_string(),
+        cur: ctx.current(),
+        listener_idx,
+        client: peer.ip().to_canonical(),
         stream,
         buf: Buf::default(),
         out: Vec::new(),
         req: RequestHead::default(),
         res: ResponseHead::default(),
         ctx,
+        status: 0,
+        sent: 0,
     };
     conn.run().await;
     conn.release_buffers();
 }
 
-struct Conn<'s> {
+/// The connection's listener settings, from the configuration its current
+/// request runs on.
+macro_rules! listener {
+    ($conn:expr) => {
+        $conn.cur.snapshot.listeners[$conn.listener_idx]
+    };
+}
+
+struct Conn {
     ctx: Rc<WorkerCtx>,
-    snapshot: &'s Arc<Snapshot>,
-    listener: &'s Listener,
-    client_ip: String,
+    /// The configuration the current (or last) request runs on.
+    cur: Rc<Current>,
+    listener_idx: usize,
+    client: IpAddr,
     stream: TcpStream,
     /// Downstream read buffer; empty (no capacity) while idle.
     buf: Buf,
@@ -70,6 +87,9 @@ struct Conn<'s> {
     out: Vec<u8>,
     req: RequestHead,
     res: ResponseHead,
+    /// Status and bytes sent for the request in progress (access log).
+    status: u16,
+    sent: u64,
 }
 
 /// How a request ended for the downstream connection.
@@ -96,6 +116,33 @@ impl UpstreamFailure {
             UpstreamFailure::Timeout => 504,
         }
     }
+}
+
+/// What `handle` decided to do once the request's bytes are no longer
+/// borrowed.
+enum Plan {
+    /// Close without answering (a `drop = "close"` rule).
+    Close,
+    /// Answer with a canned response (404 without a route, 403 to drop).
+    Reject(u16),
+    /// A rule's own response: `fields` then the body.
+    Fixed {
+        status: u16,
+        fields: HeaderPlan,
+        body: bytes::Bytes,
+    },
+    /// Forward upstream; the request head for it is in `out`.
+    Proxy { group: usize, backend: usize },
+}
+
+/// Write `ip` as text into `buf` without allocating; the written part.
+fn write_ip(buf: &mut [u8; 48], ip: IpAddr) -> &[u8] {
+    use std::io::Write;
+    let mut cursor = std::io::Cursor::new(&mut buf[..]);
+    // An IPv6 address is at most 45 characters.
+    let _ = write!(cursor, "{ip}");
+    let n = cursor.position() as usize;
+    &buf[..n]
 }
 
 /// What `exchange` needs to know of the request once its head is consumed.
@@ -125,12 +172,12 @@ enum HeadResult {
     Failed(UpstreamFailure),
 }
 
-impl Conn<'_> {
+impl Conn {
     async fn run(&mut self) {
         // A new connection gets `header_timeout` to send its first byte
         // (nginx's client_header_timeout); between requests it may idle
         // for `keepalive_timeout`.
-        let mut idle_limit = self.listener.header_timeout;
+        let mut idle_limit = listener!(self).header_timeout;
         loop {
             if self.buf.is_empty() {
                 // Idle: hold no buffer while waiting for the next request.
@@ -139,7 +186,7 @@ impl Conn<'_> {
                     return;
                 }
             }
-            idle_limit = self.listener.keepalive_timeout;
+            idle_limit = listener!(self).keepalive_timeout;
             // The request's state machine is large (3.3 KB) and an idle
             // connection should not carry it: it lives in a box for the
             // length of one request.
@@ -156,6 +203,10 @@ impl Conn<'_> {
 
     /// Read one request and answer it.
     async fn request(&mut self) -> Next {
+        // The one epoch check per request.
+        self.cur = self.ctx.current();
+        self.status = 0;
+        self.sent = 0;
         if !self.buf.has_capacity() {
             self.buf = Buf::new(self.ctx.bufs.get());
         }
@@ -217,13 +268,14 @@ impl Conn<'_> {
     /// Read until a whole head is parsed into `self.req`. `Err(Some(s))`:
     /// answer `s` and close; `Err(None)`: close silently.
     async fn read_head(&mut self) -> Result<(), Option<u16>> {
-        let deadline = monoio::time::Instant::now() + self.listener.header_timeout;
+        let deadline = monoio::time::Instant::now() + listener!(self).header_timeout;
         loop {
-            match head::parse_request(self.buf.data(), &self.listener.limits, &mut self.req) {
+            let limits = &listener!(self).limits;
+            match head::parse_request(self.buf.data(), limits, &mut self.req) {
                 Ok(Status::Complete(_)) => return Ok(()),
                 Ok(Status::Partial) => {}
                 Err(e) => {
-                    crate::debug!("downstream {}: {e}", self.client_ip);
+                    crate::debug!("downstream {}: {e}", self.client);
                     return Err(Some(e.status()));
                 }
             }
@@ -253,7 +305,15 @@ impl Conn<'_> {
         let out = self.out_buf();
         out.clear();
         encode::write_canned(out, status, keep_alive, version, with_body);
-        let send = self.listener.send_timeout;
+        self.send_out(status, keep_alive).await
+    }
+
+    /// Send the response waiting in `out` (written by `reject` or a rule's
+    /// fixed response) and say how the connection goes on.
+    async fn send_out(&mut self, status: u16, keep_alive: bool) -> Next {
+        self.status = status;
+        self.sent = self.out.len() as u64;
+        let send = listener!(self).send_timeout;
         match monoio::time::timeout(send, flush(&mut self.stream, &mut self.out)).await {
             Ok(Ok(())) if keep_alive => Next::KeepAlive,
             Ok(Ok(())) => Next::LingerClose,
@@ -277,27 +337,193 @@ impl Conn<'_> {
         }
     }
 
-    /// Route the parsed request and proxy it.
+    /// Ask the rules what to do with the parsed request, and do it.
     async fn handle(&mut self) -> Next {
-        let data = self.buf.data();
-        let route = self
-            .snapshot
-            .route(self.req.routing_host(data), self.req.routing_path(data));
-        let Some(route) = route else {
-            // Without reading the body we cannot find the next request.
-            let keep = self.req.keep_alive && self.req.framing == BodyFraming::None;
-            let head_len = self.req.len;
-            self.buf.consume(head_len);
-            return self.reject(404, keep).await;
+        let started = Instant::now();
+        let cur = self.cur.clone();
+        let mut decision = Decision::default();
+        let mut logged = None;
+        // Everything that reads the request's bytes happens here, while
+        // the head is still in the buffer: evaluation, the upstream head
+        // or the rule's fixed response written into `out`, and what the
+        // access log will need.
+        let plan = {
+            if self.out.capacity() == 0 {
+                self.out = self.ctx.bufs.get();
+            }
+            self.out.clear();
+            let data = self.buf.data();
+            let routing_path = self.req.routing_path(data);
+            let (raw_path, query) = match routing_path.iter().position(|&b| b == b'?') {
+                Some(i) => (&routing_path[..i], &routing_path[i + 1..]),
+                None => (routing_path, &b""[..]),
+            };
+            let mut normalized = Vec::new();
+            let path = if needs_normalizing(raw_path) {
+                normalize_path(raw_path, &mut normalized);
+                &normalized[..]
+            } else {
+                raw_path
+            };
+            let view = RequestView {
+                method: self.req.method_span.get(data),
+                host: self.req.routing_host(data).map(strip_port),
+                path,
+                query,
+                buf: data,
+                headers: &self.req.headers,
+                client: self.client,
+            };
+            cur.rules
+                .evaluate(&view, &mut self.ctx.scratch.borrow_mut(), &mut decision);
+            if !decision.log.is_empty() {
+                logged = Some(access_log::Request::capture(&view, &decision.log));
+            }
+            let path_changed = path != raw_path;
+            match decision.route.and_then(|r| r.action.as_ref()) {
+                None => Plan::Reject(404),
+                Some(Action::Drop { close: true }) => Plan::Close,
+                Some(Action::Drop { close: false }) => Plan::Reject(403),
+                Some(Action::Respond {
+                    status,
+                    headers,
+                    body,
+                }) => {
+                    let mut fields = HeaderPlan::default();
+                    for (name, value) in headers {
+                        let start = fields.values.len();
+                        value.expand(&mut fields.values, &view, decision.caps.as_ref());
+                        fields.added.push((name.clone(), start..fields.values.len()));
+                    }
+                    Plan::Fixed {
+                        status: *status,
+                        fields,
+                        body: body.clone(),
+                    }
+                }
+                Some(Action::Redirect { status, location }) => {
+                    let mut fields = HeaderPlan::default();
+                    location.expand(&mut fields.values, &view, decision.caps.as_ref());
+                    fields
+                        .added
+                        .push((b"Location".to_vec().into(), 0..fields.values.len()));
+                    Plan::Fixed {
+                        status: *status,
+                        fields,
+                        body: bytes::Bytes::new(),
+                    }
+                }
+                Some(Action::Proxy { upstream, rewrite }) => {
+                    let group = *upstream;
+                    let backend = self.ctx.next_backend(&cur.snapshot, group);
+                    // The target sent upstream: the normalised path, with
+                    // the route's rewrite, and the query as it came.
+                    let mut target = Vec::new();
+                    let rewritten = match rewrite {
+                        Rewrite::None if !path_changed => false,
+                        Rewrite::None => {
+                            target.extend_from_slice(path);
+                            true
+                        }
+                        Rewrite::StripPrefix(prefix) => {
+                            let rest = path.strip_prefix(&prefix[..]).unwrap_or(path);
+                            if rest.first() != Some(&b'/') {
+                                target.push(b'/');
+                            }
+                            target.extend_from_slice(rest);
+                            true
+                        }
+                        Rewrite::Path(t) => {
+                            t.expand(&mut target, &view, decision.caps.as_ref());
+                            true
+                        }
+                    };
+                    if rewritten && !query.is_empty() {
+                        target.push(b'?');
+                        target.extend_from_slice(query);
+                    }
+                    let mut ip = [0u8; 48];
+                    let fwd = Forwarded {
+                        client_ip: write_ip(&mut ip, self.client),
+                        proto: b"http",
+                        default_host: cur.snapshot.upstreams[group].backends[backend]
+                            .authority
+                            .as_bytes(),
+                    };
+                    encode::write_upstream_request(
+                        &mut self.out,
+                        data,
+                        &self.req,
+                        &fwd,
+                        rewritten.then_some(&target[..]),
+                        &decision.request,
+                    );
+                    Plan::Proxy { group, backend }
+                }
+            }
         };
-        let group = route.upstream;
-        self.proxy(group).await
+        let head_len = self.req.len;
+        self.buf.consume(head_len);
+        // Without reading the body we cannot find the next request.
+        let keep_if_bodyless = self.req.keep_alive && self.req.framing == BodyFraming::None;
+        let mut upstream = None;
+        let next = match plan {
+            Plan::Close => {
+                self.status = 0;
+                Next::Close
+            }
+            Plan::Reject(status) => self.reject(status, keep_if_bodyless).await,
+            Plan::Fixed {
+                status,
+                fields,
+                body,
+            } => {
+                let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
+                let with_body = self.req.method != Method::Head;
+                encode::write_fixed(
+                    &mut self.out,
+                    status,
+                    &fields,
+                    &decision.response,
+                    &body,
+                    keep,
+                    self.req.version,
+                    with_body,
+                );
+                self.send_out(status, keep).await
+            }
+            Plan::Proxy { group, backend } => {
+                upstream = Some((group, backend));
+                self.proxy(&cur, group, backend, &decision.response).await
+            }
+        };
+        if let Some(request) = logged {
+            let label =
+                upstream.map(|(g, b)| cur.snapshot.upstreams[g].backends[b].label.as_str());
+            self.ctx.access_log.write(
+                &decision.log,
+                &access_log::Entry {
+                    req: &request,
+                    status: self.status,
+                    latency: started.elapsed(),
+                    upstream: label,
+                    bytes: self.sent,
+                    route: decision.route.map(|r| r.name.as_str()),
+                },
+            );
+        }
+        next
     }
 
-    async fn proxy(&mut self, group_idx: usize) -> Next {
-        let snapshot = self.snapshot;
+    async fn proxy(
+        &mut self,
+        cur: &Current,
+        group_idx: usize,
+        backend_idx: usize,
+        response_edits: &HeaderPlan,
+    ) -> Next {
+        let snapshot = &cur.snapshot;
         let group = &snapshot.upstreams[group_idx];
-        let backend_idx = self.ctx.next_backend(group_idx);
         let backend = &group.backends[backend_idx];
 
         let version = self.req.version;
@@ -309,17 +535,8 @@ impl Conn<'_> {
             expect_continue: self.req.expect_continue,
         };
 
-        // The upstream head, built once so a retry can resend it.
-        let out = self.out_buf();
-        out.clear();
-        let fwd = Forwarded {
-            client_ip: self.client_ip.as_bytes(),
-            proto: b"http",
-            default_host: backend.authority.as_bytes(),
-        };
-        encode::write_upstream_request(&mut self.out, self.buf.data(), &self.req, &fwd);
-        self.buf.consume(self.req.len);
-
+        // The upstream head is in `out` (written by `handle`); it stays
+        // there until the response head is in, so a retry can resend it.
         let mut ubuf = Buf::new(self.ctx.bufs.get());
         let result = self
             .exchange(group_idx, group, backend_idx, facts, &mut ubuf)
@@ -334,7 +551,7 @@ impl Conn<'_> {
                 crate::debug!(
                     "upstream {}: answered {status} to {}",
                     backend.label,
-                    self.client_ip
+                    self.client
                 );
                 return self.reject(status, keep && body_consumed).await;
             }
@@ -388,12 +605,15 @@ impl Conn<'_> {
             out_framing,
             version,
             keep,
+            response_edits,
         );
         ubuf.consume(self.res.len);
+        self.status = self.res.status;
+        self.sent = self.out.len() as u64;
 
         let timeouts = Timeouts {
             read: group.read_timeout,
-            write: self.listener.send_timeout,
+            write: listener!(self).send_timeout,
         };
         let relayed = relay(
             &mut up,
@@ -405,6 +625,9 @@ impl Conn<'_> {
             &timeouts,
         )
         .await;
+        if let Ok(body_bytes) = relayed {
+            self.sent += body_bytes;
+        }
         // A body on a method whose body has no defined meaning (RFC 9110
         // 9.3.1, 9.3.2, 9.3.5) is forwarded with its framing, but a backend
         // that ignores it would read it as a second request and answer it
@@ -424,7 +647,7 @@ impl Conn<'_> {
             crate::debug!(
                 "response body from {} to {}: {e}",
                 backend.label,
-                self.client_ip
+                self.client
             );
             return Next::Close;
         }
@@ -513,7 +736,7 @@ impl Conn<'_> {
             // RFC 9110 10.1.1: ignore the expectation from an HTTP/1.0 client.
             if expect_continue && version == Version::Http11 && self.buf.is_empty() {
                 let sent = monoio::time::timeout(
-                    self.listener.send_timeout,
+                    listener!(self).send_timeout,
                     self.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
                 )
                 .await;
@@ -526,7 +749,7 @@ impl Conn<'_> {
                 _ => BodyIn::Chunked,
             };
             let timeouts = Timeouts {
-                read: self.listener.body_timeout,
+                read: listener!(self).body_timeout,
                 write: group.response_timeout,
             };
             let sent = relay(
@@ -544,7 +767,7 @@ impl Conn<'_> {
                 Err(RelayError::SrcTimeout) => {
                     crate::debug!(
                         "request body from {}: idle past body_timeout",
-                        self.client_ip
+                        self.client
                     );
                     return Err(Fail::Respond {
                         status: 408,
@@ -552,7 +775,7 @@ impl Conn<'_> {
                     });
                 }
                 Err(RelayError::Framing(e)) => {
-                    crate::debug!("request body from {}: {e}", self.client_ip);
+                    crate::debug!("request body from {}: {e}", self.client);
                     return Err(Fail::Respond {
                         status: 400,
                         body_consumed: false,
@@ -560,7 +783,7 @@ impl Conn<'_> {
                 }
                 Err(e) if e.is_source() => {
                     // The client went away mid-body: nobody to answer.
-                    crate::debug!("request body from {}: {e}", self.client_ip);
+                    crate::debug!("request body from {}: {e}", self.client);
                     return Err(Fail::Close);
                 }
                 Err(e) => {

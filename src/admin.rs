@@ -1,0 +1,238 @@
+//! The admin UNIX socket and live reload.
+//!
+//! Protocol: the client sends one command line (`reload`, `status`), the
+//! server answers one JSON line and closes. The socket is created with
+//! mode 0600: only its owner (and root) may reload the proxy.
+//!
+//! Owns: the socket's life (stale-file cleanup, permissions, removal at
+//! exit), its thread, the reload sequence (load, validate, compile, check
+//! against what cannot change live, publish), and the client side used by
+//! `coregate reload`. Does not own: what a snapshot holds (`config`) or how
+//! workers pick it up (`config::epoch`, `worker`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+
+use crate::config::epoch::Published;
+use crate::config::{self, Snapshot};
+
+/// How long the admin thread waits for a client's command line.
+const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What is running: reported by `reload` and `status`.
+#[derive(Clone, Debug)]
+pub struct Loaded {
+    pub epoch: u64,
+    pub source: String,
+    pub hash: u64,
+    pub loaded_at: SystemTime,
+    /// Reading, validating and compiling the file.
+    pub load_time: Duration,
+}
+
+impl Loaded {
+    fn to_json(&self, ok: bool) -> serde_json::Value {
+        let mut at = Vec::new();
+        crate::access_log::rfc3339(&mut at, self.loaded_at);
+        serde_json::json!({
+            "ok": ok,
+            "epoch": self.epoch,
+            "config": self.source,
+            "hash": format!("fnv1a64:{:016x}", self.hash),
+            "loaded_at": String::from_utf8_lossy(&at),
+            "load_ms": (self.load_time.as_secs_f64() * 1e6).round() / 1e3,
+        })
+    }
+}
+
+/// Loads the config file again and publishes it. Reloads are serialised:
+/// SIGHUP and the admin socket may ask at the same time.
+pub struct Reloader {
+    /// `None` for a quick proxy started without a file.
+    path: Option<PathBuf>,
+    published: Arc<Published>,
+    last: Mutex<Loaded>,
+}
+
+impl Reloader {
+    pub fn new(path: Option<PathBuf>, published: Arc<Published>, load_time: Duration) -> Reloader {
+        let (epoch, snapshot) = published.load();
+        Reloader {
+            path,
+            last: Mutex::new(Loaded {
+                epoch,
+                source: snapshot.source.clone(),
+                hash: snapshot.hash,
+                loaded_at: SystemTime::now(),
+                load_time,
+            }),
+            published,
+        }
+    }
+
+    pub fn status(&self) -> Loaded {
+        self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Load, validate, compile and publish. On any error the running
+    /// configuration stays and the error says why, with file, line and key.
+    pub fn reload(&self) -> Result<Loaded, String> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        let Some(path) = &self.path else {
+            return Err("started without a config file (--listen/--upstream): nothing to reload".into());
+        };
+        let start = Instant::now();
+        let next = config::load(path).map_err(|e| e.to_string())?;
+        let (_, running) = self.published.load();
+        live_compatible(&running, &next)?;
+        if let Some(p) = &next.access_log {
+            crate::access_log::open(p)
+                .map_err(|e| format!("{}: server.access_log: {}: {e}", next.source, p.display()))?;
+        }
+        let load_time = start.elapsed();
+        let loaded = Loaded {
+            epoch: 0,
+            source: next.source.clone(),
+            hash: next.hash,
+            loaded_at: SystemTime::now(),
+            load_time,
+        };
+        let epoch = self.published.publish(Arc::new(next));
+        *last = Loaded { epoch, ..loaded };
+        Ok(last.clone())
+    }
+
+    /// Reload and log the outcome (SIGHUP has nobody to answer).
+    pub fn reload_and_log(&self, trigger: &str) -> Result<Loaded, String> {
+        let result = self.reload();
+        match &result {
+            Ok(l) => crate::info!(
+                "{trigger}: reloaded {} (epoch {}, fnv1a64:{:016x}, {:.1} ms)",
+                l.source,
+                l.epoch,
+                l.hash,
+                l.load_time.as_secs_f64() * 1e3
+            ),
+            Err(e) => crate::warn!("{trigger}: reload refused; configuration unchanged:\n{e}"),
+        }
+        result
+    }
+}
+
+/// Listening sockets are bound once, before workers start: their
+/// addresses cannot change without a restart.
+fn live_compatible(running: &Snapshot, next: &Snapshot) -> Result<(), String> {
+    let addrs = |s: &Snapshot| s.listeners.iter().map(|l| l.addr).collect::<Vec<_>>();
+    if addrs(running) != addrs(next) {
+        return Err(format!(
+            "{}: listener: the listen addresses changed ({:?} -> {:?}); that needs a restart",
+            next.source,
+            addrs(running),
+            addrs(next)
+        ));
+    }
+    if running.admin_socket != next.admin_socket {
+        crate::warn!(
+            "{}: server.admin_socket changed; the socket stays where it is until a restart",
+            next.source
+        );
+    }
+    Ok(())
+}
+
+/// The bound admin socket. Removes its file when dropped.
+pub struct AdminSocket {
+    path: PathBuf,
+}
+
+impl Drop for AdminSocket {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Bind the admin socket at `path` (mode 0600) and serve it on its own
+/// thread. A stale socket file (no one answers) is replaced; a live one
+/// means another coregate runs there, and is an error.
+pub fn serve(path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<AdminSocket> {
+    if path.exists() {
+        if UnixStream::connect(path).is_ok() {
+            bail!(
+                "admin socket {}: another process is listening there",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("remove stale admin socket {}", path.display()))?;
+    }
+    // SAFETY: umask only swaps the process file-creation mask. Called from
+    // the control thread before any worker exists, so no other thread can
+    // create a file under the narrowed mask.
+    let old = unsafe { libc::umask(0o177) };
+    let bound = UnixListener::bind(path);
+    // SAFETY: as above; restores the previous mask.
+    unsafe { libc::umask(old) };
+    let listener = bound.with_context(|| format!("bind admin socket {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    std::thread::Builder::new()
+        .name("coregate-admin".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => answer(stream, &reloader),
+                    Err(e) => {
+                        crate::warn!("admin socket: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .context("spawn the admin thread")?;
+    Ok(AdminSocket {
+        path: path.to_path_buf(),
+    })
+}
+
+fn answer(stream: UnixStream, reloader: &Reloader) {
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let mut line = String::new();
+    let mut reader = BufReader::new(&stream).take(1024);
+    if reader.read_line(&mut line).is_err() {
+        return;
+    }
+    let reply = match line.trim() {
+        "reload" => match reloader.reload_and_log("admin socket") {
+            Ok(l) => l.to_json(true),
+            Err(e) => serde_json::json!({ "ok": false, "error": e, "running": reloader.status().to_json(true) }),
+        },
+        "status" => reloader.status().to_json(true),
+        other => serde_json::json!({
+            "ok": false,
+            "error": format!("unknown command {other:?}; commands: reload, status"),
+        }),
+    };
+    let mut out = &stream;
+    let _ = writeln!(out, "{reply}");
+}
+
+/// Send `command` to the admin socket at `path`; the parsed JSON reply.
+pub fn request(path: &Path, command: &str) -> anyhow::Result<serde_json::Value> {
+    let mut stream = UnixStream::connect(path)
+        .with_context(|| format!("connect to admin socket {}", path.display()))?;
+    // A reload of a large rule set takes a while; never hang forever.
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    writeln!(stream, "{command}")?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .context("read the admin socket's answer")?;
+    serde_json::from_str(&line).with_context(|| format!("admin socket answered {line:?}"))
+}

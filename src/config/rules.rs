@@ -1,0 +1,664 @@
+//! Validating `[[route]]` and `[[rule]]` sections and compiling them into a
+//! [`RuleSet`]. Every regex is compiled here, once per load; a bad one is
+//! reported with its line and the regex crate's own message.
+//!
+//! Owns: the meaning of each rule key and its checks. Does not own:
+//! matching (`rules`).
+
+use std::collections::BTreeMap;
+
+use regex::bytes::{Regex, RegexBuilder};
+use toml::Spanned;
+
+use super::Validator;
+use super::file::{EditSection, FieldSection, MatchSection, OneOrMany, RuleSection};
+use crate::http::head::is_tchar;
+use crate::rules::action::{Action, HeaderEdits, LogField, Rewrite, Template};
+use crate::rules::matcher::{Cidr, Conditions, FieldTest, HostPattern, PathMatch, ValueTest};
+use crate::rules::{Rule, RuleSet, RuleSource};
+
+/// Compiled regexes above this size are refused: a pattern like
+/// `\w{1000}` compiles to megabytes per worker.
+const REGEX_SIZE_LIMIT: usize = 1 << 20;
+
+/// Fields coregate writes itself or that frame the message: editing them
+/// would break framing or forwarding guarantees.
+const MANAGED_FIELDS: [&str; 12] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "te",
+    "trailer",
+    "upgrade",
+    "proxy-connection",
+    "expect",
+    "via",
+    "x-forwarded-for",
+    "x-forwarded-proto",
+];
+
+/// Rule keys seen so far, shared by the routes and rules of one file.
+pub(super) struct RuleCompiler<'v, 't> {
+    v: &'v mut Validator<'t>,
+    regexes: Vec<Regex>,
+}
+
+/// A `[[route]]` or a `[[rule]]`.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(super) enum Kind {
+    Route,
+    Rule,
+}
+
+impl Kind {
+    fn key(self) -> &'static str {
+        match self {
+            Kind::Route => "route",
+            Kind::Rule => "rule",
+        }
+    }
+}
+
+/// The matcher keys of a rule or of its `not`.
+struct Matchers<'a> {
+    host: &'a Option<Spanned<OneOrMany>>,
+    path: &'a Option<Spanned<String>>,
+    path_prefix: &'a Option<Spanned<String>>,
+    path_regex: &'a Option<Spanned<String>>,
+    methods: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    header: &'a Option<Vec<Spanned<FieldSection>>>,
+    query: &'a Option<Vec<Spanned<FieldSection>>>,
+    client: &'a Option<Spanned<Vec<Spanned<String>>>>,
+}
+
+impl<'a> From<&'a RuleSection> for Matchers<'a> {
+    fn from(r: &'a RuleSection) -> Self {
+        Matchers {
+            host: &r.host,
+            path: &r.path,
+            path_prefix: &r.path_prefix,
+            path_regex: &r.path_regex,
+            methods: &r.methods,
+            header: &r.header,
+            query: &r.query,
+            client: &r.client,
+        }
+    }
+}
+
+impl<'a> From<&'a MatchSection> for Matchers<'a> {
+    fn from(r: &'a MatchSection) -> Self {
+        Matchers {
+            host: &r.host,
+            path: &r.path,
+            path_prefix: &r.path_prefix,
+            path_regex: &r.path_regex,
+            methods: &r.methods,
+            header: &r.header,
+            query: &r.query,
+            client: &r.client,
+        }
+    }
+}
+
+impl<'v, 't> RuleCompiler<'v, 't> {
+    pub(super) fn new(v: &'v mut Validator<'t>) -> Self {
+        RuleCompiler {
+            v,
+            regexes: Vec::new(),
+        }
+    }
+
+    /// Compile every route and rule; `None` if any had a problem (all are
+    /// reported).
+    pub(super) fn compile(
+        mut self,
+        routes: &[Spanned<RuleSection>],
+        rules: &[Spanned<RuleSection>],
+        upstreams: &BTreeMap<String, usize>,
+    ) -> Option<RuleSet> {
+        let before = self.v.problems.len();
+        let routes: Vec<RuleSource> = routes
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.rule(r, i, Kind::Route, upstreams))
+            .collect();
+        let stack: Vec<RuleSource> = rules
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| self.rule(r, i, Kind::Rule, upstreams))
+            .collect();
+        if self.v.problems.len() > before {
+            return None;
+        }
+        match RuleSet::build(routes, stack, self.regexes) {
+            Ok(set) => Some(set),
+            Err(e) => {
+                self.v.problem(0..0, "route", format!("cannot build the rule index: {e}"));
+                None
+            }
+        }
+    }
+
+    fn regex(&mut self, pattern: &str, span: std::ops::Range<usize>, key: &str) -> Option<usize> {
+        match RegexBuilder::new(pattern)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .build()
+        {
+            Ok(re) => {
+                self.regexes.push(re);
+                Some(self.regexes.len() - 1)
+            }
+            Err(e) => {
+                // The regex crate's message spans lines (a caret diagram);
+                // keep it whole but indented under our line.
+                let msg = e.to_string().replace('\n', "\n    ");
+                self.v.problem(span, key, format!("bad regex {pattern:?}: {msg}"));
+                None
+            }
+        }
+    }
+
+    fn rule(
+        &mut self,
+        section: &Spanned<RuleSection>,
+        position: usize,
+        kind: Kind,
+        upstreams: &BTreeMap<String, usize>,
+    ) -> Option<RuleSource> {
+        let r = section.get_ref();
+        let k = kind.key();
+        let before = self.v.problems.len();
+        let line = self.v.line_of(section.span().start);
+        let name = match &r.name {
+            Some(n) => n.get_ref().clone(),
+            None => format!("{k} #{} (line {line})", position + 1),
+        };
+        let when = self.conditions(Matchers::from(r), k);
+        let unless = r
+            .not
+            .as_ref()
+            .map(|n| self.conditions(Matchers::from(n.get_ref()), &format!("{k}.not")));
+        let path_regex = match &when.path {
+            Some(PathMatch::Regex(i)) => Some(*i),
+            _ => None,
+        };
+        let captures = |name: &str| -> Result<usize, String> {
+            let Some(i) = path_regex else {
+                return Err("captures need a path_regex on this rule".into());
+            };
+            let re = &self.regexes[i];
+            name.parse::<usize>()
+                .ok()
+                .or_else(|| re.capture_names().position(|c| c == Some(name)))
+                .filter(|&g| g < re.captures_len())
+                .ok_or_else(|| format!("path_regex {:?} has no group {name:?}", re.as_str()))
+        };
+        let mut templates_ok = true;
+        let mut template = |v: &mut Validator<'_>, s: &Spanned<String>, key: String| {
+            match Template::parse(s.get_ref(), &captures) {
+                Ok(t) => Some(t),
+                Err(e) => {
+                    templates_ok = false;
+                    v.problem(s.span(), key, e);
+                    None
+                }
+            }
+        };
+
+        // Terminal action.
+        let given: Vec<&str> = [
+            ("upstream", r.upstream.is_some()),
+            ("respond", r.respond.is_some()),
+            ("redirect", r.redirect.is_some()),
+            ("drop", r.drop.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(n, set)| set.then_some(n))
+        .collect();
+        let action = match kind {
+            Kind::Rule if !given.is_empty() => {
+                self.v.problem(
+                    section.span(),
+                    format!("rule.{}", given[0]),
+                    "a [[rule]] only edits headers and logs; put terminal actions in a [[route]]",
+                );
+                None
+            }
+            Kind::Rule => None,
+            Kind::Route if given.len() != 1 => {
+                self.v.problem(
+                    section.span(),
+                    "route",
+                    if given.is_empty() {
+                        "a route needs one action: upstream, respond, redirect or drop".to_string()
+                    } else {
+                        format!("a route has one action; this one has {}", given.join(" and "))
+                    },
+                );
+                None
+            }
+            Kind::Route => {
+                let v = &mut *self.v;
+                if let Some(u) = &r.upstream {
+                    let upstream = match upstreams.get(u.get_ref()) {
+                        Some(&i) => Some(i),
+                        None => {
+                            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+                            v.problem(
+                                u.span(),
+                                "route.upstream",
+                                format!(
+                                    "no upstream named {:?} (defined: {})",
+                                    u.get_ref(),
+                                    known.join(", ")
+                                ),
+                            );
+                            None
+                        }
+                    };
+                    let rewrite = match (&r.strip_prefix, &r.rewrite) {
+                        (Some(_), Some(w)) => {
+                            v.problem(
+                                w.span(),
+                                "route.rewrite",
+                                "use strip_prefix or rewrite, not both",
+                            );
+                            None
+                        }
+                        (Some(p), None) if p.get_ref().starts_with('/') => Some(
+                            Rewrite::StripPrefix(p.get_ref().as_bytes().to_vec().into()),
+                        ),
+                        (Some(p), None) => {
+                            v.problem(
+                                p.span(),
+                                "route.strip_prefix",
+                                format!("{:?} must start with '/'", p.get_ref()),
+                            );
+                            None
+                        }
+                        (None, Some(w)) if !w.get_ref().starts_with(['/', '$']) => {
+                            v.problem(
+                                w.span(),
+                                "route.rewrite",
+                                format!("{:?} must start with '/' or a variable", w.get_ref()),
+                            );
+                            None
+                        }
+                        (None, Some(w)) => {
+                            template(v, w, "route.rewrite".into()).map(Rewrite::Path)
+                        }
+                        (None, None) => Some(Rewrite::None),
+                    };
+                    Some(Action::Proxy {
+                        upstream: upstream?,
+                        rewrite: rewrite?,
+                    })
+                } else if let Some(resp) = &r.respond {
+                    let resp_ref = resp.get_ref();
+                    let status = *resp_ref.status.get_ref();
+                    let status_ok = (200..=599).contains(&status);
+                    if !status_ok {
+                        v.problem(
+                            resp_ref.status.span(),
+                            "route.respond.status",
+                            format!("{status} is not a final status (200..=599)"),
+                        );
+                    } else if matches!(status, 204 | 304) && !resp_ref.body.is_empty() {
+                        v.problem(
+                            resp_ref.status.span(),
+                            "route.respond.body",
+                            format!("a {status} response has no body"),
+                        );
+                    }
+                    let mut headers = Vec::new();
+                    for (n, val) in &resp_ref.headers {
+                        let key = format!("route.respond.headers.{n}");
+                        if check_field(v, resp.span(), &key, n, val, &[]) {
+                            let s = Spanned::new(resp.span(), val.clone());
+                            if let Some(t) = template(v, &s, key) {
+                                headers.push((n.as_bytes().to_vec().into_boxed_slice(), t));
+                            }
+                        }
+                    }
+                    status_ok.then(|| Action::Respond {
+                        status: status as u16,
+                        headers,
+                        body: bytes::Bytes::from(resp_ref.body.clone().into_bytes()),
+                    })
+                } else if let Some(red) = &r.redirect {
+                    let red_ref = red.get_ref();
+                    let status = red_ref.status.as_ref().map_or(302, |s| *s.get_ref());
+                    let status_ok = matches!(status, 301 | 302 | 303 | 307 | 308);
+                    if !status_ok {
+                        v.problem(
+                            red_ref.status.as_ref().map_or(red.span(), |s| s.span()),
+                            "route.redirect.status",
+                            format!("{status} is not a redirect status (301, 302, 303, 307, 308)"),
+                        );
+                    }
+                    let loc = &red_ref.location;
+                    let location = if check_value(loc.get_ref()) {
+                        template(v, loc, "route.redirect.location".into())
+                    } else {
+                        v.problem(
+                            loc.span(),
+                            "route.redirect.location",
+                            "control characters are not allowed in a header value",
+                        );
+                        None
+                    };
+                    match (status_ok, location) {
+                        (true, Some(location)) => Some(Action::Redirect {
+                            status: status as u16,
+                            location,
+                        }),
+                        _ => None,
+                    }
+                } else if let Some(d) = &r.drop {
+                    match d.get_ref().as_str() {
+                        "403" => Some(Action::Drop { close: false }),
+                        "close" => Some(Action::Drop { close: true }),
+                        other => {
+                            v.problem(
+                                d.span(),
+                                "route.drop",
+                                format!("{other:?}: write \"403\" (answer Forbidden) or \"close\" (close without answering)"),
+                            );
+                            None
+                        }
+                    }
+                } else {
+                    None
+                }
+            }
+        };
+        if kind == Kind::Rule || r.upstream.is_none() {
+            for (key, present) in [
+                ("strip_prefix", r.strip_prefix.as_ref()),
+                ("rewrite", r.rewrite.as_ref()),
+            ] {
+                if let Some(s) = present {
+                    self.v.problem(
+                        s.span(),
+                        format!("{k}.{key}"),
+                        "only applies to a route with `upstream`",
+                    );
+                }
+            }
+        }
+
+        let request_headers = edits(
+            &mut *self.v,
+            &r.request_headers,
+            k,
+            "request_headers",
+            &mut template,
+        );
+        let response_headers = edits(
+            &mut *self.v,
+            &r.response_headers,
+            k,
+            "response_headers",
+            &mut template,
+        );
+        let mut log = Vec::new();
+        if let Some(fields) = &r.log {
+            if fields.get_ref().is_empty() {
+                self.v.problem(fields.span(), format!("{k}.log"), "list at least one field");
+            }
+            for f in fields.get_ref() {
+                match LogField::parse(f.get_ref()) {
+                    Ok(field) if !log.contains(&field) => log.push(field),
+                    Ok(_) => {}
+                    Err(e) => self.v.problem(f.span(), format!("{k}.log"), e),
+                }
+            }
+        }
+        if kind == Kind::Rule && request_headers.is_empty() && response_headers.is_empty() && log.is_empty() && self.v.problems.len() == before {
+            self.v.problem(
+                section.span(),
+                "rule",
+                "a [[rule]] needs request_headers, response_headers or log",
+            );
+        }
+        if self.v.problems.len() > before || !templates_ok {
+            return None;
+        }
+        let uses_captures = match &action {
+            Some(Action::Proxy {
+                rewrite: Rewrite::Path(t),
+                ..
+            }) => t.uses_captures(),
+            Some(Action::Redirect { location, .. }) => location.uses_captures(),
+            Some(Action::Respond { headers, .. }) => headers.iter().any(|(_, t)| t.uses_captures()),
+            _ => false,
+        } || [&request_headers, &response_headers].iter().any(|e| {
+            e.set.iter().chain(&e.add).any(|(_, t)| t.uses_captures())
+        });
+        Some(RuleSource {
+            path_pattern: path_regex.map(|i| self.regexes[i].as_str().to_string()),
+            rule: Rule {
+                name,
+                when,
+                unless,
+                action,
+                request_headers,
+                response_headers,
+                log,
+                uses_captures,
+            },
+        })
+    }
+
+    fn conditions(&mut self, m: Matchers<'_>, k: &str) -> Conditions {
+        let v = &mut *self.v;
+        let mut c = Conditions::default();
+        if let Some(h) = m.host {
+            for host in h.get_ref().items() {
+                let lower = host.to_ascii_lowercase();
+                match lower.strip_prefix("*.") {
+                    Some(rest) if super::valid_route_host(rest) && !rest.starts_with('[') => c
+                        .hosts
+                        .push(HostPattern::Suffix(format!(".{rest}").into_bytes().into())),
+                    None if super::valid_route_host(&lower) => {
+                        c.hosts.push(HostPattern::Exact(lower.into_bytes().into()))
+                    }
+                    _ => v.problem(
+                        h.span(),
+                        format!("{k}.host"),
+                        format!(
+                            "{host:?} is not a host name, *.suffix or IP literal (no port, no path)"
+                        ),
+                    ),
+                }
+            }
+        }
+        let paths: Vec<(&str, &Spanned<String>)> = [
+            ("path", m.path),
+            ("path_prefix", m.path_prefix),
+            ("path_regex", m.path_regex),
+        ]
+        .into_iter()
+        .filter_map(|(n, p)| p.as_ref().map(|p| (n, p)))
+        .collect();
+        if paths.len() > 1 {
+            v.problem(
+                paths[1].1.span(),
+                format!("{k}.{}", paths[1].0),
+                format!("use one of path, path_prefix and path_regex (also has {})", paths[0].0),
+            );
+        } else if let Some(&(key, p)) = paths.first() {
+            let s = p.get_ref();
+            match key {
+                "path_regex" => {
+                    if let Some(i) = self.regex(s, p.span(), &format!("{k}.path_regex")) {
+                        c.path = Some(PathMatch::Regex(i));
+                    }
+                }
+                _ if !s.starts_with('/') => self.v.problem(
+                    p.span(),
+                    format!("{k}.{key}"),
+                    format!("{s:?} must start with '/'"),
+                ),
+                "path" => c.path = Some(PathMatch::Exact(s.as_bytes().to_vec().into())),
+                _ => c.path = Some(PathMatch::Prefix(s.as_bytes().to_vec().into())),
+            }
+        }
+        let v = &mut *self.v;
+        if let Some(ms) = m.methods {
+            if ms.get_ref().is_empty() {
+                v.problem(ms.span(), format!("{k}.methods"), "list at least one method");
+            }
+            for method in ms.get_ref() {
+                let s = method.get_ref();
+                if s.is_empty() || !s.bytes().all(is_tchar) {
+                    v.problem(method.span(), format!("{k}.methods"), format!("{s:?} is not a method"));
+                } else {
+                    // Methods are case-sensitive; GET is meant, not get.
+                    c.methods.push(s.to_ascii_uppercase().into_bytes().into());
+                }
+            }
+        }
+        if let Some(cs) = m.client {
+            if cs.get_ref().is_empty() {
+                v.problem(cs.span(), format!("{k}.client"), "list at least one network");
+            }
+            for net in cs.get_ref() {
+                match Cidr::parse(net.get_ref()) {
+                    Ok(n) => c.clients.push(n),
+                    Err(e) => v.problem(net.span(), format!("{k}.client"), e),
+                }
+            }
+        }
+        for (which, list) in [("header", m.header), ("query", m.query)] {
+            for f in list.iter().flatten() {
+                if let Some(t) = self.field_test(f, &format!("{k}.{which}"), which == "header") {
+                    if which == "header" {
+                        c.headers.push(t);
+                    } else {
+                        c.query.push(t);
+                    }
+                }
+            }
+        }
+        c
+    }
+
+    fn field_test(&mut self, f: &Spanned<FieldSection>, key: &str, header: bool) -> Option<FieldTest> {
+        let s = f.get_ref();
+        let given = [s.present.is_some(), s.equals.is_some(), s.regex.is_some()]
+            .iter()
+            .filter(|b| **b)
+            .count();
+        if given != 1 {
+            self.v.problem(
+                f.span(),
+                key,
+                format!("{:?}: give exactly one of present = true, equals, regex", s.name),
+            );
+            return None;
+        }
+        if s.name.is_empty() || (header && !s.name.bytes().all(is_tchar)) {
+            self.v.problem(f.span(), key, format!("{:?} is not a field name", s.name));
+            return None;
+        }
+        let test = if let Some(p) = s.present {
+            if !p {
+                self.v.problem(
+                    f.span(),
+                    key,
+                    "present = false: to match an absent field, put it under `not`",
+                );
+                return None;
+            }
+            ValueTest::Present
+        } else if let Some(e) = &s.equals {
+            ValueTest::Equals(e.as_bytes().to_vec().into())
+        } else {
+            let pattern = s.regex.as_deref().expect("one of the three is set");
+            ValueTest::Regex(self.regex(pattern, f.span(), key)?)
+        };
+        let name = if header {
+            s.name.to_ascii_lowercase()
+        } else {
+            s.name.clone()
+        };
+        Some(FieldTest {
+            name: name.into_bytes().into(),
+            test,
+        })
+    }
+}
+
+fn edits(
+v: &mut Validator<'_>,
+    section: &Option<Spanned<EditSection>>,
+    k: &str,
+    side: &str,
+    template: &mut dyn FnMut(&mut Validator<'_>, &Spanned<String>, String) -> Option<Template>,
+) -> HeaderEdits {
+    let mut edits = HeaderEdits::default();
+    let Some(s) = section else { return edits };
+    let span = s.span();
+    let e = s.get_ref();
+    // Host can be replaced on the way up, never removed (HTTP/1.1
+    // requires it) or added twice.
+    let request = side == "request_headers";
+    for name in &e.remove {
+        let key = format!("{k}.{side}.remove");
+        let extra: &[&str] = if request { &["host"] } else { &[] };
+        if check_field(v, span.clone(), &key, name, "", extra) {
+            edits.remove.push(name.to_ascii_lowercase().into_bytes().into());
+        }
+    }
+    for (op, map) in [("set", &e.set), ("add", &e.add)] {
+        for (name, value) in map {
+            let key = format!("{k}.{side}.{op}.{name}");
+            let extra: &[&str] = if request && op == "add" { &["host"] } else { &[] };
+            if !check_field(v, span.clone(), &key, name, value, extra) {
+                continue;
+            }
+            let spanned = Spanned::new(span.clone(), value.clone());
+            if let Some(t) = template(v, &spanned, key) {
+                let entry = (name.as_bytes().to_vec().into_boxed_slice(), t);
+                if op == "set" {
+                    edits.set.push(entry);
+                } else {
+                    edits.add.push(entry);
+                }
+            }
+        }
+    }
+    edits
+}
+
+/// Header values may hold visible text, spaces and tabs only.
+fn check_value(value: &str) -> bool {
+    value.bytes().all(|b| b == b'\t' || b >= 0x20 && b != 0x7f)
+}
+
+/// A header name to edit: a token, not managed by coregate (nor one of
+/// `extra`), with a value free of control characters.
+fn check_field(
+    v: &mut Validator<'_>,
+    span: std::ops::Range<usize>,
+    key: &str,
+    name: &str,
+    value: &str,
+    extra: &[&str],
+) -> bool {
+    let lower = name.to_ascii_lowercase();
+    let problem = if name.is_empty() || !name.bytes().all(is_tchar) {
+        format!("{name:?} is not a header name")
+    } else if MANAGED_FIELDS.contains(&lower.as_str()) || extra.contains(&lower.as_str()) {
+        format!("{name} is managed by coregate (framing and forwarding) and cannot be edited here")
+    } else if !check_value(value) {
+        format!("the value of {name} has control characters")
+    } else {
+        return true;
+    };
+    v.problem(span, key, problem);
+    false
+}
