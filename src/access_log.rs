@@ -237,10 +237,7 @@ pub fn json_string(out: &mut Vec<u8>, s: &[u8]) {
             Ok(v) => (v, &b""[..]),
             Err(e) => {
                 let (v, b) = rest.split_at(e.valid_up_to());
-                (
-                    std::str::from_utf8(v).expect("checked up to here"),
-                    b,
-                )
+                (std::str::from_utf8(v).expect("checked up to here"), b)
             }
         };
         for c in valid.chars() {
@@ -301,7 +298,10 @@ mod tests {
     #[test]
     fn timestamps() {
         let mut out = Vec::new();
-        rfc3339(&mut out, UNIX_EPOCH + Duration::from_millis(1_795_356_245_123));
+        rfc3339(
+            &mut out,
+            UNIX_EPOCH + Duration::from_millis(1_795_356_245_123),
+        );
         assert_eq!(String::from_utf8(out).unwrap(), "2026-11-22T14:04:05.123Z");
         let mut out = Vec::new();
         rfc3339(&mut out, UNIX_EPOCH + Duration::from_secs(951_782_400));

@@ -85,7 +85,9 @@ impl Reloader {
     pub fn reload(&self) -> Result<Loaded, String> {
         let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
         let Some(path) = &self.path else {
-            return Err("started without a config file (--listen/--upstream): nothing to reload".into());
+            return Err(
+                "started without a config file (--listen/--upstream): nothing to reload".into(),
+            );
         };
         let start = Instant::now();
         let next = config::load(path).map_err(|e| e.to_string())?;
@@ -211,7 +213,9 @@ fn answer(stream: UnixStream, reloader: &Reloader) {
     let reply = match line.trim() {
         "reload" => match reloader.reload_and_log("admin socket") {
             Ok(l) => l.to_json(true),
-            Err(e) => serde_json::json!({ "ok": false, "error": e, "running": reloader.status().to_json(true) }),
+            Err(e) => {
+                serde_json::json!({ "ok": false, "error": e, "running": reloader.status().to_json(true) })
+            }
         },
         "status" => reloader.status().to_json(true),
         other => serde_json::json!({

@@ -6,8 +6,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Parser;
 
-use coregate::cli::{Cli, Command, RunArgs, WorkerArgs};
 use coregate::admin::{self, Reloader};
+use coregate::cli::{Cli, Command, RunArgs, WorkerArgs};
 use coregate::config::epoch::Published;
 use coregate::config::{self, Snapshot};
 use coregate::control::{self, RunOptions, Server, parse_core_list};

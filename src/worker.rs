@@ -411,7 +411,11 @@ mod tests {
     async fn a_panicking_connection_ends_alone() {
         let snapshot =
             Arc::new(crate::config::quick("127.0.0.1:0", "tcp://127.0.0.1:9").expect("valid"));
-        let ctx = Rc::new(WorkerCtx::new(0, Published::new(snapshot), DriverKind::Epoll));
+        let ctx = Rc::new(WorkerCtx::new(
+            0,
+            Published::new(snapshot),
+            DriverKind::Epoll,
+        ));
         ctx.open_connections.set(2);
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("address");
         let panicking = monoio::spawn(Isolated {

@@ -9,4 +9,6 @@ mod failures;
 mod forwarding;
 mod lifecycle;
 mod nginx;
+mod reload;
+mod rules;
 mod smuggling;

@@ -492,6 +492,7 @@ upstream = "app"
             let view = crate::rules::RequestView {
                 method: b"GET",
                 host: Some(host),
+                authority: Some(host),
                 path,
                 query: b"",
                 buf: b"",
@@ -501,7 +502,10 @@ upstream = "app"
             let mut scratch = crate::rules::Scratch::default();
             s.rules.route(&view, &mut scratch).map(|r| r.name.clone())
         };
-        assert_eq!(route(b"API.example.com", b"/api/x").unwrap(), "route #1 (line 12)");
+        assert_eq!(
+            route(b"API.example.com", b"/api/x").unwrap(),
+            "route #1 (line 12)"
+        );
         assert_eq!(route(b"other", b"/api/x").unwrap(), "route #2 (line 17)");
     }
 

@@ -38,6 +38,10 @@ const MANAGED_FIELDS: [&str; 12] = [
     "x-forwarded-proto",
 ];
 
+/// Compiles a template at a config location, reporting problems there.
+type TemplateFn<'c> =
+    dyn FnMut(&mut Validator<'_>, &Spanned<String>, String) -> Option<Template> + 'c;
+
 /// Rule keys seen so far, shared by the routes and rules of one file.
 pub(super) struct RuleCompiler<'v, 't> {
     v: &'v mut Validator<'t>,
@@ -135,7 +139,8 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         match RuleSet::build(routes, stack, self.regexes) {
             Ok(set) => Some(set),
             Err(e) => {
-                self.v.problem(0..0, "route", format!("cannot build the rule index: {e}"));
+                self.v
+                    .problem(0..0, "route", format!("cannot build the rule index: {e}"));
                 None
             }
         }
@@ -154,7 +159,8 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 // The regex crate's message spans lines (a caret diagram);
                 // keep it whole but indented under our line.
                 let msg = e.to_string().replace('\n', "\n    ");
-                self.v.problem(span, key, format!("bad regex {pattern:?}: {msg}"));
+                self.v
+                    .problem(span, key, format!("bad regex {pattern:?}: {msg}"));
                 None
             }
         }
@@ -196,16 +202,18 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 .ok_or_else(|| format!("path_regex {:?} has no group {name:?}", re.as_str()))
         };
         let mut templates_ok = true;
-        let mut template = |v: &mut Validator<'_>, s: &Spanned<String>, key: String| {
-            match Template::parse(s.get_ref(), &captures) {
+        let mut template =
+            |v: &mut Validator<'_>, s: &Spanned<String>, key: String| match Template::parse(
+                s.get_ref(),
+                &captures,
+            ) {
                 Ok(t) => Some(t),
                 Err(e) => {
                     templates_ok = false;
                     v.problem(s.span(), key, e);
                     None
                 }
-            }
-        };
+            };
 
         // Terminal action.
         let given: Vec<&str> = [
@@ -234,7 +242,10 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                     if given.is_empty() {
                         "a route needs one action: upstream, respond, redirect or drop".to_string()
                     } else {
-                        format!("a route has one action; this one has {}", given.join(" and "))
+                        format!(
+                            "a route has one action; this one has {}",
+                            given.join(" and ")
+                        )
                     },
                 );
                 None
@@ -267,9 +278,9 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                             );
                             None
                         }
-                        (Some(p), None) if p.get_ref().starts_with('/') => Some(
-                            Rewrite::StripPrefix(p.get_ref().as_bytes().to_vec().into()),
-                        ),
+                        (Some(p), None) if p.get_ref().starts_with('/') => {
+                            Some(Rewrite::StripPrefix(p.get_ref().as_bytes().to_vec().into()))
+                        }
                         (Some(p), None) => {
                             v.problem(
                                 p.span(),
@@ -322,11 +333,16 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                             }
                         }
                     }
-                    status_ok.then(|| Action::Respond {
-                        status: status as u16,
-                        headers,
-                        body: bytes::Bytes::from(resp_ref.body.clone().into_bytes()),
-                    })
+                    let body = Spanned::new(resp.span(), resp_ref.body.clone());
+                    let body = template(v, &body, "route.respond.body".into());
+                    match (status_ok, body) {
+                        (true, Some(body)) => Some(Action::Respond {
+                            status: status as u16,
+                            headers,
+                            body,
+                        }),
+                        _ => None,
+                    }
                 } else if let Some(red) = &r.redirect {
                     let red_ref = red.get_ref();
                     let status = red_ref.status.as_ref().map_or(302, |s| *s.get_ref());
@@ -406,7 +422,8 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         let mut log = Vec::new();
         if let Some(fields) = &r.log {
             if fields.get_ref().is_empty() {
-                self.v.problem(fields.span(), format!("{k}.log"), "list at least one field");
+                self.v
+                    .problem(fields.span(), format!("{k}.log"), "list at least one field");
             }
             for f in fields.get_ref() {
                 match LogField::parse(f.get_ref()) {
@@ -416,7 +433,12 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 }
             }
         }
-        if kind == Kind::Rule && request_headers.is_empty() && response_headers.is_empty() && log.is_empty() && self.v.problems.len() == before {
+        if kind == Kind::Rule
+            && request_headers.is_empty()
+            && response_headers.is_empty()
+            && log.is_empty()
+            && self.v.problems.len() == before
+        {
             self.v.problem(
                 section.span(),
                 "rule",
@@ -432,11 +454,13 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 ..
             }) => t.uses_captures(),
             Some(Action::Redirect { location, .. }) => location.uses_captures(),
-            Some(Action::Respond { headers, .. }) => headers.iter().any(|(_, t)| t.uses_captures()),
+            Some(Action::Respond { headers, body, .. }) => {
+                body.uses_captures() || headers.iter().any(|(_, t)| t.uses_captures())
+            }
             _ => false,
-        } || [&request_headers, &response_headers].iter().any(|e| {
-            e.set.iter().chain(&e.add).any(|(_, t)| t.uses_captures())
-        });
+        } || [&request_headers, &response_headers]
+            .iter()
+            .any(|e| e.set.iter().chain(&e.add).any(|(_, t)| t.uses_captures()));
         Some(RuleSource {
             path_pattern: path_regex.map(|i| self.regexes[i].as_str().to_string()),
             rule: Rule {
@@ -487,7 +511,10 @@ impl<'v, 't> RuleCompiler<'v, 't> {
             v.problem(
                 paths[1].1.span(),
                 format!("{k}.{}", paths[1].0),
-                format!("use one of path, path_prefix and path_regex (also has {})", paths[0].0),
+                format!(
+                    "use one of path, path_prefix and path_regex (also has {})",
+                    paths[0].0
+                ),
             );
         } else if let Some(&(key, p)) = paths.first() {
             let s = p.get_ref();
@@ -509,12 +536,20 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         let v = &mut *self.v;
         if let Some(ms) = m.methods {
             if ms.get_ref().is_empty() {
-                v.problem(ms.span(), format!("{k}.methods"), "list at least one method");
+                v.problem(
+                    ms.span(),
+                    format!("{k}.methods"),
+                    "list at least one method",
+                );
             }
             for method in ms.get_ref() {
                 let s = method.get_ref();
                 if s.is_empty() || !s.bytes().all(is_tchar) {
-                    v.problem(method.span(), format!("{k}.methods"), format!("{s:?} is not a method"));
+                    v.problem(
+                        method.span(),
+                        format!("{k}.methods"),
+                        format!("{s:?} is not a method"),
+                    );
                 } else {
                     // Methods are case-sensitive; GET is meant, not get.
                     c.methods.push(s.to_ascii_uppercase().into_bytes().into());
@@ -523,7 +558,11 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         }
         if let Some(cs) = m.client {
             if cs.get_ref().is_empty() {
-                v.problem(cs.span(), format!("{k}.client"), "list at least one network");
+                v.problem(
+                    cs.span(),
+                    format!("{k}.client"),
+                    "list at least one network",
+                );
             }
             for net in cs.get_ref() {
                 match Cidr::parse(net.get_ref()) {
@@ -546,7 +585,12 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         c
     }
 
-    fn field_test(&mut self, f: &Spanned<FieldSection>, key: &str, header: bool) -> Option<FieldTest> {
+    fn field_test(
+        &mut self,
+        f: &Spanned<FieldSection>,
+        key: &str,
+        header: bool,
+    ) -> Option<FieldTest> {
         let s = f.get_ref();
         let given = [s.present.is_some(), s.equals.is_some(), s.regex.is_some()]
             .iter()
@@ -556,12 +600,16 @@ impl<'v, 't> RuleCompiler<'v, 't> {
             self.v.problem(
                 f.span(),
                 key,
-                format!("{:?}: give exactly one of present = true, equals, regex", s.name),
+                format!(
+                    "{:?}: give exactly one of present = true, equals, regex",
+                    s.name
+                ),
             );
             return None;
         }
         if s.name.is_empty() || (header && !s.name.bytes().all(is_tchar)) {
-            self.v.problem(f.span(), key, format!("{:?} is not a field name", s.name));
+            self.v
+                .problem(f.span(), key, format!("{:?} is not a field name", s.name));
             return None;
         }
         let test = if let Some(p) = s.present {
@@ -593,11 +641,11 @@ impl<'v, 't> RuleCompiler<'v, 't> {
 }
 
 fn edits(
-v: &mut Validator<'_>,
+    v: &mut Validator<'_>,
     section: &Option<Spanned<EditSection>>,
     k: &str,
     side: &str,
-    template: &mut dyn FnMut(&mut Validator<'_>, &Spanned<String>, String) -> Option<Template>,
+    template: &mut TemplateFn<'_>,
 ) -> HeaderEdits {
     let mut edits = HeaderEdits::default();
     let Some(s) = section else { return edits };
@@ -610,13 +658,19 @@ v: &mut Validator<'_>,
         let key = format!("{k}.{side}.remove");
         let extra: &[&str] = if request { &["host"] } else { &[] };
         if check_field(v, span.clone(), &key, name, "", extra) {
-            edits.remove.push(name.to_ascii_lowercase().into_bytes().into());
+            edits
+                .remove
+                .push(name.to_ascii_lowercase().into_bytes().into());
         }
     }
     for (op, map) in [("set", &e.set), ("add", &e.add)] {
         for (name, value) in map {
             let key = format!("{k}.{side}.{op}.{name}");
-            let extra: &[&str] = if request && op == "add" { &["host"] } else { &[] };
+            let extra: &[&str] = if request && op == "add" {
+                &["host"]
+            } else {
+                &[]
+            };
             if !check_field(v, span.clone(), &key, name, value, extra) {
                 continue;
             }

@@ -315,7 +315,14 @@ mod tests {
             proto: b"http",
             default_host: b"backend:80",
         };
-        write_upstream_request(&mut out, raw.as_bytes(), &head, &fwd, None, &HeaderPlan::default());
+        write_upstream_request(
+            &mut out,
+            raw.as_bytes(),
+            &head,
+            &fwd,
+            None,
+            &HeaderPlan::default(),
+        );
         String::from_utf8(out).unwrap()
     }
 

@@ -129,7 +129,7 @@ enum Plan {
     Fixed {
         status: u16,
         fields: HeaderPlan,
-        body: bytes::Bytes,
+        body: Vec<u8>,
     },
     /// Forward upstream; the request head for it is in `out`.
     Proxy { group: usize, backend: usize },
@@ -368,6 +368,7 @@ impl Conn {
             let view = RequestView {
                 method: self.req.method_span.get(data),
                 host: self.req.routing_host(data).map(strip_port),
+                authority: self.req.routing_host(data),
                 path,
                 query,
                 buf: data,
@@ -393,12 +394,16 @@ impl Conn {
                     for (name, value) in headers {
                         let start = fields.values.len();
                         value.expand(&mut fields.values, &view, decision.caps.as_ref());
-                        fields.added.push((name.clone(), start..fields.values.len()));
+                        fields
+                            .added
+                            .push((name.clone(), start..fields.values.len()));
                     }
+                    let mut text = Vec::new();
+                    body.expand(&mut text, &view, decision.caps.as_ref());
                     Plan::Fixed {
                         status: *status,
                         fields,
-                        body: body.clone(),
+                        body: text,
                     }
                 }
                 Some(Action::Redirect { status, location }) => {
@@ -410,7 +415,7 @@ impl Conn {
                     Plan::Fixed {
                         status: *status,
                         fields,
-                        body: bytes::Bytes::new(),
+                        body: Vec::new(),
                     }
                 }
                 Some(Action::Proxy { upstream, rewrite }) => {
@@ -498,8 +503,7 @@ impl Conn {
             }
         };
         if let Some(request) = logged {
-            let label =
-                upstream.map(|(g, b)| cur.snapshot.upstreams[g].backends[b].label.as_str());
+            let label = upstream.map(|(g, b)| cur.snapshot.upstreams[g].backends[b].label.as_str());
             self.ctx.access_log.write(
                 &decision.log,
                 &access_log::Entry {
@@ -765,10 +769,7 @@ impl Conn {
             let body_sent = match sent {
                 Ok(_) => true,
                 Err(RelayError::SrcTimeout) => {
-                    crate::debug!(
-                        "request body from {}: idle past body_timeout",
-                        self.client
-                    );
+                    crate::debug!("request body from {}: idle past body_timeout", self.client);
                     return Err(Fail::Respond {
                         status: 408,
                         body_consumed: false,

@@ -6,7 +6,6 @@
 //! Owns: the compiled action types and template expansion. Does not own:
 //! I/O (the proxy performs actions) or parsing the config (`config::rules`).
 
-use bytes::Bytes;
 use regex::bytes::CaptureLocations;
 
 use super::matcher::RequestView;
@@ -24,11 +23,16 @@ pub enum Action {
         status: u16,
         /// Name and value, in order; Content-Length is added.
         headers: Vec<(Box<[u8]>, Template)>,
-        body: Bytes,
+        body: Template,
     },
-    Redirect { status: u16, location: Template },
+    Redirect {
+        status: u16,
+        location: Template,
+    },
     /// 403 with a short body, or (`close`) close without answering.
-    Drop { close: bool },
+    Drop {
+        close: bool,
+    },
 }
 
 /// How the path is changed before it is forwarded. The query is kept.
@@ -60,6 +64,8 @@ enum Part {
 pub enum Var {
     /// Host as sent, without port.
     Host,
+    /// Host as sent, with port.
+    HttpHost,
     /// Path (normalised), without query.
     Path,
     /// Query without `?`.
@@ -75,8 +81,9 @@ pub enum Var {
 }
 
 impl Var {
-    pub const ALL: [(&'static str, Var); 8] = [
+    pub const ALL: [(&'static str, Var); 9] = [
         ("host", Var::Host),
+        ("http_host", Var::HttpHost),
         ("path", Var::Path),
         ("query", Var::Query),
         ("is_args", Var::IsArgs),
@@ -181,6 +188,7 @@ impl Template {
 fn write_var(out: &mut Vec<u8>, v: Var, req: &RequestView<'_>) {
     match v {
         Var::Host => out.extend_from_slice(req.host.unwrap_or_default()),
+        Var::HttpHost => out.extend_from_slice(req.authority.unwrap_or_default()),
         Var::Path => out.extend_from_slice(req.path),
         Var::Query => out.extend_from_slice(req.query),
         Var::IsArgs if !req.query.is_empty() => out.push(b'?'),
@@ -351,6 +359,7 @@ mod tests {
         RequestView {
             method: b"GET",
             host: Some(b"a.example"),
+            authority: Some(b"a.example:8080"),
             path,
             query,
             buf: b"",

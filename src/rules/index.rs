@@ -133,7 +133,10 @@ impl Index {
                     (Some(PathMatch::Regex(_)), None) => {
                         bucket.floating.push(id);
                         let pattern = e.regex_pattern.expect("a path regex has a pattern");
-                        floating.entry((kind, name.into())).or_default().push(pattern);
+                        floating
+                            .entry((kind, name.into()))
+                            .or_default()
+                            .push(pattern);
                     }
                 }
             }

@@ -166,7 +166,6 @@ impl RuleSet {
     pub fn route(&self, req: &RequestView<'_>, scratch: &mut Scratch) -> Option<&Rule> {
         let mut host_buf = [0u8; 256];
         let host = req.host.and_then(|h| matcher::lower_host(h, &mut host_buf));
-        let host = host.map(|h| &*h);
         self.table
             .route_index
             .candidates(host, req.path, &self.sets, &mut scratch.ids);
@@ -178,11 +177,15 @@ impl RuleSet {
     }
 
     /// Evaluate every rule against `req` into `d`.
-    pub fn evaluate<'r>(&'r self, req: &RequestView<'_>, scratch: &mut Scratch, d: &mut Decision<'r>) {
+    pub fn evaluate<'r>(
+        &'r self,
+        req: &RequestView<'_>,
+        scratch: &mut Scratch,
+        d: &mut Decision<'r>,
+    ) {
         d.clear();
         let mut host_buf = [0u8; 256];
         let host = req.host.and_then(|h| matcher::lower_host(h, &mut host_buf));
-        let host = host.map(|h| &*h);
         let ids = &mut scratch.ids;
         if !self.table.stack.is_empty() {
             self.table
