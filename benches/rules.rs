@@ -63,10 +63,18 @@ fn rules(c: &mut Criterion) {
         for (name, path) in &cases {
             // Each case must hit (or miss) as intended, or the figure lies.
             rules.evaluate(&view(path.as_bytes()), &mut scratch, &mut decision);
-            assert_eq!(decision.route.is_some(), *name != "no_match", "{name} {path}");
+            assert_eq!(
+                decision.route.is_some(),
+                *name != "no_match",
+                "{name} {path}"
+            );
             group.bench_with_input(BenchmarkId::new(*name, n), path, |b, path| {
                 b.iter(|| {
-                    rules.evaluate(&view(black_box(path.as_bytes())), &mut scratch, &mut decision);
+                    rules.evaluate(
+                        &view(black_box(path.as_bytes())),
+                        &mut scratch,
+                        &mut decision,
+                    );
                     black_box(decision.route.is_some())
                 })
             });

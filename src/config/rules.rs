@@ -467,6 +467,14 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         } || [&request_headers, &response_headers]
             .iter()
             .any(|e| e.set.iter().chain(&e.add).any(|(_, t)| t.uses_captures()));
+        if kind == Kind::Rule && uses_captures {
+            self.v.problem(
+                section.span(),
+                "rule",
+                "regex captures ($1, ${name}) are only available in a [[route]]",
+            );
+            return None;
+        }
         Some(RuleSource {
             path_pattern: path_regex.map(|i| self.regexes[i].as_str().to_string()),
             rule: Rule {
