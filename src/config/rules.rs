@@ -42,7 +42,8 @@ const MANAGED_FIELDS: [&str; 12] = [
 type TemplateFn<'c> =
     dyn FnMut(&mut Validator<'_>, &Spanned<String>, String) -> Option<Template> + 'c;
 
-/// Rule keys seen so far, shared by the routes and rules of one file.
+/// Compiles the routes and rules of one file, collecting their regexes
+/// into one table.
 pub(super) struct RuleCompiler<'v, 't> {
     v: &'v mut Validator<'t>,
     regexes: Vec<Regex>,

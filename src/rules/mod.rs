@@ -16,7 +16,6 @@ pub mod action;
 pub mod index;
 pub mod matcher;
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
 use regex::bytes::{CaptureLocations, Regex, RegexSet};
@@ -248,7 +247,3 @@ impl RuleSet {
 pub struct Scratch {
     ids: Vec<RuleId>,
 }
-
-/// A worker's scratch, borrowed for the length of one evaluation (never
-/// across an await).
-pub type SharedScratch = RefCell<Scratch>;
