@@ -267,21 +267,19 @@ pub fn needs_normalizing(path: &[u8]) -> bool {
 /// as `/admin`. The normalised path is also what is forwarded.
 pub fn normalize_path(path: &[u8], out: &mut Vec<u8>) {
     out.clear();
-    // Decode unreserved escapes first, so `%2E%2E` is seen as `..`.
-    let mut decoded = Vec::with_capacity(path.len());
-    let mut i = 0;
-    while i < path.len() {
-        if path[i] == b'%'
-            && i + 2 < path.len()
-            && let (Some(h), Some(l)) = (hex(path[i + 1]), hex(path[i + 2]))
-            && is_unreserved(h << 4 | l)
-        {
-            decoded.push(h << 4 | l);
-            i += 3;
-            continue;
+    // Decode unreserved escapes first, so `%2E%2E` is seen as `..`. A
+    // decoded byte can complete an escape with a literal `%` before it:
+    // `/%%361dmin` is `/%61dmin` after one pass and `/admin` after two
+    // (found by fuzz/fuzz_targets/path_normalize.rs). Decode until nothing
+    // changes, so rules see what any number of decodes makes of the path;
+    // each pass that changes something shortens it, so this ends.
+    let mut decoded = decode_unreserved(path);
+    loop {
+        let again = decode_unreserved(&decoded);
+        if again.len() == decoded.len() {
+            break;
         }
-        decoded.push(path[i]);
-        i += 1;
+        decoded = again;
     }
     for segment in decoded.split(|&b| b == b'/') {
         match segment {
@@ -304,6 +302,26 @@ pub fn normalize_path(path: &[u8], out: &mut Vec<u8>) {
     if out.is_empty() || ends_in_dir {
         out.push(b'/');
     }
+}
+
+/// One pass of decoding `%XX` escapes of unreserved characters.
+fn decode_unreserved(path: &[u8]) -> Vec<u8> {
+    let mut decoded = Vec::with_capacity(path.len());
+    let mut i = 0;
+    while i < path.len() {
+        if path[i] == b'%'
+            && i + 2 < path.len()
+            && let (Some(h), Some(l)) = (hex(path[i + 1]), hex(path[i + 2]))
+            && is_unreserved(h << 4 | l)
+        {
+            decoded.push(h << 4 | l);
+            i += 3;
+            continue;
+        }
+        decoded.push(path[i]);
+        i += 1;
+    }
+    decoded
 }
 
 /// Lowercase `host` into `scratch` for matching; `None` if it is too long
@@ -342,6 +360,8 @@ mod tests {
             ("/a%", "/a%"),
             ("/a%4", "/a%4"),
             ("/dir/", "/dir/"),
+            // Regression (fuzz): a decode must not leave a new escape.
+            ("/%%361dmin", "/admin"),
         ] {
             assert_eq!(norm(raw), want, "{raw}");
             assert_eq!(
