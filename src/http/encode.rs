@@ -33,6 +33,27 @@ fn header(out: &mut Vec<u8>, name: &[u8], value: &[u8]) {
     out.extend_from_slice(b"\r\n");
 }
 
+/// `HTTP/1.1 STATUS REASON\r\n`: downstream responses always say 1.1.
+fn status_line(out: &mut Vec<u8>, status: u16, reason: &[u8]) {
+    out.extend_from_slice(b"HTTP/1.1 ");
+    write_decimal(out, u64::from(status));
+    out.push(b' ');
+    out.extend_from_slice(reason);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// The connection field a downstream response needs, then the blank line:
+/// `close` when the connection ends, `keep-alive` for an HTTP/1.0 client
+/// that keeps it (1.0 closes by default), nothing otherwise.
+fn end_response_head(out: &mut Vec<u8>, keep_alive: bool, client_version: Version) {
+    if !keep_alive {
+        out.extend_from_slice(b"Connection: close\r\n");
+    } else if client_version == Version::Http10 {
+        out.extend_from_slice(b"Connection: keep-alive\r\n");
+    }
+    out.extend_from_slice(b"\r\n");
+}
+
 /// Write `Name: v1, v2, own`: the values of every field of `kind` in the
 /// message, then this proxy's own element (X-Forwarded-For, Via).
 fn write_appended(
@@ -160,11 +181,7 @@ pub fn write_downstream_response(
     edits: &HeaderPlan,
 ) {
     let edited = !edits.is_empty();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    write_decimal(out, u64::from(head.status));
-    out.push(b' ');
-    out.extend_from_slice(head.reason.get(buf));
-    out.extend_from_slice(b"\r\n");
+    status_line(out, head.status, head.reason.get(buf));
     for h in &head.headers {
         match h.kind {
             HeaderKind::Connection | HeaderKind::HopByHop | HeaderKind::Shadowing => continue,
@@ -183,12 +200,7 @@ pub fn write_downstream_response(
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     write_appended(out, b"Via", buf, &head.headers, HeaderKind::Via, VIA_TOKEN);
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if client_version == Version::Http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_response_head(out, keep_alive, client_version);
 }
 
 /// Reason phrase for the statuses the proxy itself produces.
@@ -240,11 +252,7 @@ pub fn write_fixed(
     client_version: Version,
     with_body: bool,
 ) {
-    out.extend_from_slice(b"HTTP/1.1 ");
-    write_decimal(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason_phrase(status).as_bytes());
-    out.extend_from_slice(b"\r\n");
+    status_line(out, status, reason_phrase(status).as_bytes());
     for (name, value) in fields.fields() {
         if !edits.drops(name) {
             header(out, name, value);
@@ -258,12 +266,7 @@ pub fn write_fixed(
         write_decimal(out, body.len() as u64);
         out.extend_from_slice(b"\r\n");
     }
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if client_version == Version::Http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_response_head(out, keep_alive, client_version);
     if with_body {
         out.extend_from_slice(body);
     }
@@ -280,19 +283,11 @@ pub fn write_canned(
     with_body: bool,
 ) {
     let reason = reason_phrase(status).as_bytes();
-    out.extend_from_slice(b"HTTP/1.1 ");
-    write_decimal(out, u64::from(status));
-    out.push(b' ');
-    out.extend_from_slice(reason);
-    out.extend_from_slice(b"\r\nContent-Type: text/plain\r\nContent-Length: ");
+    status_line(out, status, reason);
+    out.extend_from_slice(b"Content-Type: text/plain\r\nContent-Length: ");
     write_decimal(out, reason.len() as u64 + 1);
     out.extend_from_slice(b"\r\n");
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
-    } else if client_version == Version::Http10 {
-        out.extend_from_slice(b"Connection: keep-alive\r\n");
-    }
-    out.extend_from_slice(b"\r\n");
+    end_response_head(out, keep_alive, client_version);
     if with_body {
         out.extend_from_slice(reason);
         out.push(b'\n');
