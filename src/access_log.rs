@@ -155,12 +155,12 @@ impl AccessLog {
 fn format_line(out: &mut Vec<u8>, fields: &[&LogField], e: &Entry<'_>, now: SystemTime) {
     out.push(b'{');
     let mut header_open = false;
-    for (i, f) in fields.iter().enumerate() {
+    for f in fields {
         // Header fields are grouped under one "headers" object at the end.
         if matches!(f, LogField::Header(_)) {
             continue;
         }
-        if i > 0 && out.last() != Some(&b'{') {
+        if out.last() != Some(&b'{') {
             out.push(b',');
         }
         json_string(out, f.key().as_bytes());

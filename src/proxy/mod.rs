@@ -339,7 +339,6 @@ impl Conn {
 
     /// Ask the rules what to do with the parsed request, and do it.
     async fn handle(&mut self) -> Next {
-        let started = Instant::now();
         let cur = self.cur.clone();
         let mut decision = Decision::default();
         let mut logged = None;
@@ -365,10 +364,11 @@ impl Conn {
             } else {
                 raw_path
             };
+            let authority = self.req.routing_host(data);
             let view = RequestView {
                 method: self.req.method_span.get(data),
-                host: self.req.routing_host(data).map(strip_port),
-                authority: self.req.routing_host(data),
+                host: authority.map(strip_port),
+                authority,
                 path,
                 query,
                 buf: data,
@@ -377,8 +377,12 @@ impl Conn {
             };
             cur.rules
                 .evaluate(&view, &mut self.ctx.scratch.borrow_mut(), &mut decision);
+            // Only a logged request reads the clock (latency is its field).
             if !decision.log.is_empty() {
-                logged = Some(access_log::Request::capture(&view, &decision.log));
+                logged = Some((
+                    Instant::now(),
+                    access_log::Request::capture(&view, &decision.log),
+                ));
             }
             let path_changed = path != raw_path;
             match decision.route.and_then(|r| r.action.as_ref()) {
@@ -392,11 +396,7 @@ impl Conn {
                 }) => {
                     let mut fields = HeaderPlan::default();
                     for (name, value) in headers {
-                        let start = fields.values.len();
-                        value.expand(&mut fields.values, &view, decision.caps.as_ref());
-                        fields
-                            .added
-                            .push((name.clone(), start..fields.values.len()));
+                        fields.push(name, value, &view, decision.caps.as_ref());
                     }
                     let mut text = Vec::new();
                     body.expand(&mut text, &view, decision.caps.as_ref());
@@ -408,10 +408,7 @@ impl Conn {
                 }
                 Some(Action::Redirect { status, location }) => {
                     let mut fields = HeaderPlan::default();
-                    location.expand(&mut fields.values, &view, decision.caps.as_ref());
-                    fields
-                        .added
-                        .push((b"Location".to_vec().into(), 0..fields.values.len()));
+                    fields.push(b"Location", location, &view, decision.caps.as_ref());
                     Plan::Fixed {
                         status: *status,
                         fields,
@@ -502,7 +499,7 @@ impl Conn {
                 self.proxy(&cur, group, backend, &decision.response).await
             }
         };
-        if let Some(request) = logged {
+        if let Some((started, request)) = logged {
             let label = upstream.map(|(g, b)| cur.snapshot.upstreams[g].backends[b].label.as_str());
             self.ctx.access_log.write(
                 &decision.log,

@@ -265,10 +265,21 @@ impl HeaderPlan {
             }
         }
         for (name, value) in edits.set.iter().chain(&edits.add) {
-            let start = self.values.len();
-            value.expand(&mut self.values, req, caps);
-            self.added.push((name.clone(), start..self.values.len()));
+            self.push(name, value, req, caps);
         }
+    }
+
+    /// Append a field whose value is `value` expanded for `req`.
+    pub fn push(
+        &mut self,
+        name: &[u8],
+        value: &Template,
+        req: &RequestView<'_>,
+        caps: Option<&CaptureLocations>,
+    ) {
+        let start = self.values.len();
+        value.expand(&mut self.values, req, caps);
+        self.added.push((name.into(), start..self.values.len()));
     }
 
     /// Whether a field of the original message is dropped.
@@ -292,7 +303,8 @@ pub enum LogField {
     Query,
     Host,
     Status,
-    /// Milliseconds from the request head to the end of the response.
+    /// Milliseconds from the rules' decision on the request head to the
+    /// end of the response.
     Latency,
     Upstream,
     /// Response bytes sent to the client, head included.

@@ -121,11 +121,7 @@ impl Index {
                     .collect()
             };
             for (kind, name) in buckets {
-                let bucket = match kind {
-                    0 => &mut index.any,
-                    1 => index.exact.entry(name.into()).or_default(),
-                    _ => index.suffix.entry(name.into()).or_default(),
-                };
+                let bucket = index.bucket(kind, name);
                 match (&e.when.path, &e.regex_prefix) {
                     (None, _) => bucket.insert(b"", id),
                     (Some(PathMatch::Exact(p) | PathMatch::Prefix(p)), _) => bucket.insert(p, id),
@@ -143,15 +139,21 @@ impl Index {
         }
         for ((kind, name), patterns) in floating {
             let set = RegexSet::new(&patterns).map_err(|e| e.to_string())?;
-            let bucket = match kind {
-                0 => &mut index.any,
-                1 => index.exact.get_mut(&name).expect("bucket was created"),
-                _ => index.suffix.get_mut(&name).expect("bucket was created"),
-            };
+            let bucket = index.bucket(kind, &name);
             bucket.set = Some(sets.len());
             sets.push(set);
         }
         Ok(index)
+    }
+
+    /// The path index of a host bucket: 0 any host, 1 an exact name, 2 a
+    /// `.suffix`.
+    fn bucket(&mut self, kind: u8, name: &[u8]) -> &mut PathIndex {
+        match kind {
+            0 => &mut self.any,
+            1 => self.exact.entry(name.into()).or_default(),
+            _ => self.suffix.entry(name.into()).or_default(),
+        }
     }
 
     /// Every rule that could match, in rule order, into `out`. `host` is

@@ -47,7 +47,6 @@ struct Table {
     stack: Vec<Rule>,
     route_index: Index,
     stack_index: Index,
-    patterns: Vec<String>,
 }
 
 /// The compiled rules. Cheap to clone: the table is shared; the regexes
@@ -121,14 +120,12 @@ impl RuleSet {
         }
         let route_index = Index::build(&entries(&routes), &mut sets)?;
         let stack_index = Index::build(&entries(&stack), &mut sets)?;
-        let patterns = regexes.iter().map(|r| r.as_str().to_string()).collect();
         Ok(RuleSet {
             table: Arc::new(Table {
                 routes: routes.into_iter().map(|s| s.rule).collect(),
                 stack: stack.into_iter().map(|s| s.rule).collect(),
                 route_index,
                 stack_index,
-                patterns,
             }),
             regexes,
             sets,
@@ -149,7 +146,7 @@ impl RuleSet {
     }
 
     pub fn regex_count(&self) -> usize {
-        self.table.patterns.len()
+        self.regexes.len()
     }
 
     fn rule_matches(&self, rule: &Rule, req: &RequestView<'_>, host: Option<&[u8]>) -> bool {
@@ -165,12 +162,20 @@ impl RuleSet {
     pub fn route(&self, req: &RequestView<'_>, scratch: &mut Scratch) -> Option<&Rule> {
         let mut host_buf = [0u8; 256];
         let host = req.host.and_then(|h| matcher::lower_host(h, &mut host_buf));
+        self.first_route(req, host, &mut scratch.ids)
+    }
+
+    /// The first route matching `req`; `host` is its host, lowercased.
+    fn first_route(
+        &self,
+        req: &RequestView<'_>,
+        host: Option<&[u8]>,
+        ids: &mut Vec<RuleId>,
+    ) -> Option<&Rule> {
         self.table
             .route_index
-            .candidates(host, req.path, &self.sets, &mut scratch.ids);
-        scratch
-            .ids
-            .iter()
+            .candidates(host, req.path, &self.sets, ids);
+        ids.iter()
             .map(|&id| &self.table.routes[id as usize])
             .find(|r| self.rule_matches(r, req, host))
     }
@@ -197,14 +202,7 @@ impl RuleSet {
                 }
             }
         }
-        self.table
-            .route_index
-            .candidates(host, req.path, &self.sets, ids);
-        let route = ids
-            .iter()
-            .map(|&id| &self.table.routes[id as usize])
-            .find(|r| self.rule_matches(r, req, host));
-        if let Some(route) = route {
+        if let Some(route) = self.first_route(req, host, ids) {
             if route.uses_captures
                 && let Some(matcher::PathMatch::Regex(i)) = route.when.path
             {
