@@ -98,15 +98,14 @@ impl Reloader {
                 .map_err(|e| format!("{}: server.access_log: {}: {e}", next.source, p.display()))?;
         }
         let load_time = start.elapsed();
-        let loaded = Loaded {
-            epoch: 0,
-            source: next.source.clone(),
-            hash: next.hash,
+        let (source, hash) = (next.source.clone(), next.hash);
+        *last = Loaded {
+            epoch: self.published.publish(Arc::new(next)),
+            source,
+            hash,
             loaded_at: SystemTime::now(),
             load_time,
         };
-        let epoch = self.published.publish(Arc::new(next));
-        *last = Loaded { epoch, ..loaded };
         Ok(last.clone())
     }
 
