@@ -139,6 +139,7 @@ impl Server {
             let (ours, theirs) = UnixStream::pair().context("control socketpair")?;
             let spec = WorkerSpec {
                 id,
+                workers: n,
                 core,
                 driver: opts.driver,
                 published: published.clone(),

@@ -21,12 +21,15 @@
 //! - [`origin`]: the built-in origin server used by the demo and benches.
 //! - [`rules`]: compiled routes and stacking rules: matchers, the host and
 //!   path-prefix index, actions, header edits, templates.
+//! - [`admission`]: body caps, per-principal token buckets, inflight caps
+//!   with per-tenant fair queuing, readiness, and rejection counters.
 //! - [`admin`]: the admin UNIX socket, live reload, and its client.
 //! - [`access_log`]: JSON-lines access log, buffered per worker.
 //! - [`log`]: leveled stderr logging.
 
 pub mod access_log;
 pub mod admin;
+pub mod admission;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -18,7 +18,7 @@ use monoio::net::TcpStream;
 use crate::http::encode::{write_canned, write_decimal};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, Status, Version};
 use crate::net::buffer::{Buf, flush};
-use crate::proxy::relay::{BodyIn, BodyOut, Timeouts, relay};
+use crate::proxy::relay::{BodyIn, BodyOut, Bounds, relay};
 use crate::worker::WorkerCtx;
 
 /// The response an origin sends, prepared once.
@@ -76,17 +76,14 @@ pub async fn serve(
     let mut buf = Buf::new(ctx.bufs.get());
     let mut out = ctx.bufs.get();
     let mut req = RequestHead::default();
-    let timeouts = Timeouts {
-        read: IDLE,
-        write: IDLE,
-    };
+    let timeouts = Bounds::new(IDLE, IDLE);
     'conn: loop {
         let head_len = loop {
             match head::parse_request(buf.data(), &limits, &mut req) {
                 Ok(Status::Complete(n)) => break n,
                 Ok(Status::Partial) => {}
                 Err(e) => {
-                    write_canned(&mut out, e.status(), false, Version::Http11, true);
+                    write_canned(&mut out, e.status(), false, Version::Http11, true, None);
                     let _ = flush(&mut stream, &mut out).await;
                     break 'conn;
                 }

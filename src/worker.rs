@@ -19,6 +19,7 @@ use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream, UnixStream};
 
 use crate::access_log::AccessLog;
+use crate::admission::{Admission, Reason, Rejections};
 use crate::config::Snapshot;
 use crate::config::epoch::Published;
 use crate::http::head::HeaderSpan;
@@ -74,12 +75,28 @@ pub struct Current {
     pub epoch: u64,
     pub snapshot: Arc<Snapshot>,
     pub rules: RuleSet,
+    /// This worker's buckets, inflight counts and queues for the
+    /// snapshot's admission policies.
+    pub admission: Admission,
+}
+
+impl Current {
+    fn new(epoch: u64, snapshot: Arc<Snapshot>, workers: usize) -> Self {
+        Current {
+            epoch,
+            rules: snapshot.rules.clone(),
+            admission: Admission::new(&snapshot.policies, workers),
+            snapshot,
+        }
+    }
 }
 
 /// Everything one worker owns. Shared by its tasks through `Rc`: no
 /// locks, and one atomic load per request (the config epoch).
 pub struct WorkerCtx {
     pub id: usize,
+    /// How many workers share the configured rates.
+    pub workers: usize,
     published: Arc<Published>,
     current: RefCell<Rc<Current>>,
     /// Rule evaluation scratch, borrowed for one evaluation at a time.
@@ -93,23 +110,28 @@ pub struct WorkerCtx {
     /// Deadlines of idle connections and the drain signal (see `idle`).
     pub idle: IdleSet,
     pub open_connections: Cell<usize>,
+    /// Open connections per listener (index into the snapshot's).
+    pub listener_connections: Vec<Cell<usize>>,
+    /// `rejected_total{reason}` of this worker.
+    pub rejections: Rejections,
     pub access_log: AccessLog,
     pub driver: DriverKind,
 }
 
 impl WorkerCtx {
-    pub fn new(id: usize, published: Arc<Published>, driver: DriverKind) -> Self {
+    pub fn new(id: usize, workers: usize, published: Arc<Published>, driver: DriverKind) -> Self {
         let (epoch, snapshot) = published.load();
         WorkerCtx {
             id,
+            workers,
             upstreams: UpstreamPool::new(&snapshot),
             rr: RefCell::new(vec![id; snapshot.upstreams.len()]),
             access_log: AccessLog::new(snapshot.access_log.as_deref()),
-            current: RefCell::new(Rc::new(Current {
-                epoch,
-                rules: snapshot.rules.clone(),
-                snapshot,
-            })),
+            // Listen addresses cannot change on reload (`admin`), so
+            // neither does their number.
+            listener_connections: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
+            rejections: Rejections::default(),
+            current: RefCell::new(Rc::new(Current::new(epoch, snapshot, workers))),
             published,
             scratch: RefCell::new(Scratch::default()),
             bufs: BufPool::new(),
@@ -145,11 +167,7 @@ impl WorkerCtx {
         rr.resize(snapshot.upstreams.len(), self.id);
         drop(rr);
         self.access_log.retarget(snapshot.access_log.as_deref());
-        let next = Rc::new(Current {
-            epoch,
-            rules: snapshot.rules.clone(),
-            snapshot,
-        });
+        let next = Rc::new(Current::new(epoch, snapshot, self.workers));
         *self.current.borrow_mut() = next.clone();
         crate::debug!("worker {} now on config epoch {epoch}", self.id);
         next
@@ -172,6 +190,8 @@ const HEADER_VEC_CAPACITY: usize = 32;
 /// What the control thread hands a worker thread.
 pub struct WorkerSpec {
     pub id: usize,
+    /// Workers started in all.
+    pub workers: usize,
     pub core: Option<core_affinity::CoreId>,
     pub driver: DriverKind,
     pub published: Arc<Published>,
@@ -255,7 +275,12 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         core,
         driver.name()
     );
-    let ctx = Rc::new(WorkerCtx::new(spec.id, spec.published, driver));
+    let ctx = Rc::new(WorkerCtx::new(
+        spec.id,
+        spec.workers,
+        spec.published,
+        driver,
+    ));
     let origin = match spec.role {
         Role::Proxy => None,
         Role::Origin(size) => Some(Rc::new(OriginBody::new(size))),
@@ -296,6 +321,10 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         crate::warn!("drain timeout: closing {left} connections still open");
     }
     ctx.access_log.flush();
+    let rejected = ctx.rejections.summary();
+    if !rejected.is_empty() {
+        crate::info!("worker {} rejected: {rejected}", ctx.id);
+    }
 }
 
 /// How often the worker writes out access log lines and checks idle
@@ -328,13 +357,23 @@ async fn accept_loop(
         match accepted {
             None => break,
             Some(Ok((stream, peer))) => {
+                let open = &ctx.listener_connections[listener_idx];
+                if open.get() >= ctx.current().snapshot.listeners[listener_idx].max_connections {
+                    // At the cap: close at once rather than leave it in
+                    // the backlog, where it would hold a slot the kernel
+                    // could give a client we can serve later.
+                    ctx.rejections.count(Reason::ConnectionLimit);
+                    drop(stream);
+                    continue;
+                }
+                open.set(open.get() + 1);
                 let _ = stream.set_nodelay(true);
                 ctx.open_connections.set(ctx.open_connections.get() + 1);
                 let fut = connection(ctx.clone(), stream, peer, listener_idx, origin.clone());
                 monoio::spawn(Isolated {
                     fut,
                     peer,
-                    _guard: ConnGuard(ctx.clone()),
+                    _guard: ConnGuard(ctx.clone(), 0),
                 });
             }
             Some(Err(e)) => {
@@ -361,12 +400,17 @@ async fn connection(
     }
 }
 
-struct ConnGuard(Rc<WorkerCtx>);
+/// Counts a connection out of the worker's and its listener's totals.
+struct ConnGuard(Rc<WorkerCtx>, usize);
 
 impl Drop for ConnGuard {
     fn drop(&mut self) {
-        let open = &self.0.open_connections;
-        open.set(open.get() - 1);
+        for open in [
+            &self.0.open_connections,
+            &self.0.listener_connections[self.1],
+        ] {
+            open.set(open.get() - 1);
+        }
     }
 }
 
@@ -413,20 +457,22 @@ mod tests {
             Arc::new(crate::config::quick("127.0.0.1:0", "tcp://127.0.0.1:9").expect("valid"));
         let ctx = Rc::new(WorkerCtx::new(
             0,
+            1,
             Published::new(snapshot),
             DriverKind::Epoll,
         ));
         ctx.open_connections.set(2);
+        ctx.listener_connections[0].set(2);
         let peer: SocketAddr = "127.0.0.1:1".parse().expect("address");
         let panicking = monoio::spawn(Isolated {
             fut: async { panic!("a bug in one connection") },
             peer,
-            _guard: ConnGuard(ctx.clone()),
+            _guard: ConnGuard(ctx.clone(), 0),
         });
         let healthy = monoio::spawn(Isolated {
             fut: monoio::time::sleep(Duration::from_millis(10)),
             peer,
-            _guard: ConnGuard(ctx.clone()),
+            _guard: ConnGuard(ctx.clone(), 0),
         });
         panicking.await;
         assert_eq!(

@@ -51,6 +51,41 @@ pub struct ListenerSection {
     pub keepalive_timeout: Option<Spanned<String>>,
     pub body_timeout: Option<Spanned<String>>,
     pub send_timeout: Option<Spanned<String>>,
+    /// From the first byte of a request to the last byte of its body.
+    pub request_timeout: Option<Spanned<String>>,
+    /// Open connections per worker on this listener.
+    pub max_connections: Option<Spanned<i64>>,
+    /// Liveness and readiness paths answered by the worker; "" turns one off.
+    pub health_path: Option<Spanned<String>>,
+    pub ready_path: Option<Spanned<String>>,
+    pub limits: Option<Spanned<LimitsSection>>,
+}
+
+/// `[listener.limits]` and `[route.limits]`: admission control.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsSection {
+    /// Largest request body: bytes, or `"512KiB"`, `"1MiB"`.
+    pub max_body: Option<Spanned<toml::Value>>,
+    /// Requests per principal for the whole process: `"100/s"`, `"600/m"`.
+    pub rate: Option<Spanned<String>>,
+    pub burst: Option<Spanned<i64>>,
+    /// `client_ip`, `header:NAME`, `tenant` or `all`.
+    pub principal: Option<Spanned<String>>,
+    /// Requests in flight per worker.
+    pub max_inflight: Option<Spanned<i64>>,
+    /// Share of `max_inflight` beyond which writes are shed.
+    pub shed_writes_at: Option<Spanned<f64>>,
+    /// Fair queuing when `max_inflight` is reached.
+    pub queue_depth: Option<Spanned<i64>>,
+    pub queue_timeout: Option<Spanned<String>>,
+    /// `client_ip`, `header:NAME` or `all`.
+    pub tenant: Option<Spanned<String>>,
+    pub tenant_weights: Option<Spanned<std::collections::BTreeMap<String, i64>>>,
+    /// Routes only.
+    pub decode_guard: Option<Spanned<bool>>,
+    pub decode_ratio: Option<Spanned<i64>>,
+    pub decode_max: Option<Spanned<toml::Value>>,
 }
 
 /// `[upstream.NAME]`: a group of interchangeable backends.
@@ -94,6 +129,8 @@ pub struct RuleSection {
     pub request_headers: Option<Spanned<EditSection>>,
     pub response_headers: Option<Spanned<EditSection>>,
     pub log: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Admission control for the route (routes only).
+    pub limits: Option<Spanned<LimitsSection>>,
 }
 
 /// The matchers of `not = { ... }`: the same keys as a rule's.

@@ -8,6 +8,7 @@
 
 pub mod epoch;
 pub mod file;
+mod limits;
 mod rules;
 pub mod snapshot;
 
@@ -16,14 +17,17 @@ use std::fmt;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use toml::Spanned;
 
+use crate::admission::Policy;
 use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
 use crate::net::buffer::BUF_SIZE;
 use crate::rules::RuleSet;
 use file::{FileConfig, ListenerSection, UpstreamSection};
+pub use limits::{parse_rate, parse_size};
 pub use snapshot::{Backend, BackendAddr, Listener, Snapshot, UpstreamGroup};
 
 /// One thing wrong with a config, located.
@@ -75,6 +79,7 @@ pub fn parse(text: &str, source: &str) -> Result<Snapshot, ConfigError> {
     let mut v = Validator {
         text,
         problems: Vec::new(),
+        policies: Vec::new(),
     };
     let file: FileConfig = match toml::from_str(text) {
         Ok(f) => f,
@@ -148,6 +153,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 struct Validator<'t> {
     text: &'t str,
     problems: Vec<Problem>,
+    /// Admission policies in the order compiled; a policy's id is its
+    /// index here.
+    policies: Vec<Arc<Policy>>,
 }
 
 impl Validator<'_> {
@@ -268,6 +276,7 @@ impl Validator<'_> {
             rules: rules.unwrap_or_else(RuleSet::empty),
             admin_socket,
             access_log,
+            policies: std::mem::take(&mut self.policies),
             hash: fnv1a64(self.text.as_bytes()),
         }
     }
@@ -326,6 +335,20 @@ impl Validator<'_> {
             "listener.send_timeout",
             Duration::from_secs(30),
         );
+        let request_timeout = self.duration(
+            &l.request_timeout,
+            "listener.request_timeout",
+            Duration::from_secs(5),
+        );
+        let max_connections = self.int(
+            &l.max_connections,
+            "listener.max_connections",
+            1..=1_000_000,
+            10_000,
+        ) as usize;
+        let health_path = self.probe_path(&l.health_path, "listener.health_path", "/healthz");
+        let ready_path = self.probe_path(&l.ready_path, "listener.ready_path", "/readyz");
+        let policy = self.policy(l.limits.as_ref(), limits::Owner::Listener)?;
         Some(Listener {
             addr: addr?,
             backlog,
@@ -338,6 +361,11 @@ impl Validator<'_> {
             keepalive_timeout,
             body_timeout,
             send_timeout,
+            request_timeout,
+            max_connections,
+            health_path,
+            ready_path,
+            policy,
         })
     }
 
@@ -383,6 +411,30 @@ impl Validator<'_> {
             ),
             max_idle: self.int(&u.max_idle, &key("max_idle"), 0..=65536, 64) as usize,
         }
+    }
+
+    /// A liveness or readiness path: absolute, or "" for none.
+    fn probe_path(
+        &mut self,
+        value: &Option<Spanned<String>>,
+        key: &str,
+        default: &str,
+    ) -> Option<Vec<u8>> {
+        let Some(v) = value else {
+            return Some(default.as_bytes().to_vec());
+        };
+        let path = v.get_ref();
+        if path.is_empty() {
+            return None;
+        }
+        if !path.starts_with('/') || path.bytes().any(|b| b <= b' ' || b == b'?' || b >= 0x7f) {
+            self.problem(
+                v.span(),
+                key,
+                format!("{path:?} is not a path; write e.g. \"{default}\", or \"\" to turn it off"),
+            );
+        }
+        Some(path.as_bytes().to_vec())
     }
 
     fn absolute_path(&mut self, value: &Option<Spanned<String>>, key: &str) -> Option<PathBuf> {

@@ -452,6 +452,17 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 "a [[rule]] needs request_headers, response_headers or log",
             );
         }
+        let policy = match (&r.limits, kind) {
+            (Some(l), Kind::Rule) => {
+                self.v.problem(
+                    l.span(),
+                    "rule.limits",
+                    "admission limits belong to a [[route]] (or a listener), not a [[rule]]",
+                );
+                None
+            }
+            (limits, _) => self.v.policy(limits.as_ref(), super::limits::Owner::Route),
+        };
         if self.v.problems.len() > before || !templates_ok {
             return None;
         }
@@ -487,6 +498,7 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 response_headers,
                 log,
                 uses_captures,
+                policy,
             },
         })
     }

@@ -9,6 +9,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use std::sync::Arc;
+
+use crate::admission::Policy;
 use crate::http::head::HeadLimits;
 use crate::rules::RuleSet;
 
@@ -24,6 +27,8 @@ pub struct Snapshot {
     pub admin_socket: Option<PathBuf>,
     /// Access log destination (`server.access_log`): `None` is stdout.
     pub access_log: Option<PathBuf>,
+    /// Every admission policy (listeners' and routes'), indexed by id.
+    pub policies: Vec<Arc<Policy>>,
     /// FNV-1a 64 of the config text, to tell which file is running.
     pub hash: u64,
 }
@@ -41,6 +46,15 @@ pub struct Listener {
     pub body_timeout: Duration,
     /// Longest stall while writing to the client.
     pub send_timeout: Duration,
+    /// From the first byte of a request to the last byte of its body: 408.
+    pub request_timeout: Duration,
+    /// Open connections per worker; beyond, new ones are closed at once.
+    pub max_connections: usize,
+    /// Answered by the worker itself: liveness, and readiness.
+    pub health_path: Option<Vec<u8>>,
+    pub ready_path: Option<Vec<u8>>,
+    /// Admission limits every request on this listener passes.
+    pub policy: Arc<Policy>,
 }
 
 #[derive(Debug)]

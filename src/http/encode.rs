@@ -227,6 +227,7 @@ pub fn reason_phrase(status: u16) -> &'static str {
         408 => "Request Timeout",
         413 => "Content Too Large",
         414 => "URI Too Long",
+        415 => "Unsupported Media Type",
         417 => "Expectation Failed",
         429 => "Too Many Requests",
         431 => "Request Header Fields Too Large",
@@ -281,9 +282,15 @@ pub fn write_canned(
     keep_alive: bool,
     client_version: Version,
     with_body: bool,
+    retry_after: Option<u32>,
 ) {
     let reason = reason_phrase(status).as_bytes();
     status_line(out, status, reason);
+    if let Some(seconds) = retry_after {
+        out.extend_from_slice(b"Retry-After: ");
+        write_decimal(out, seconds as u64);
+        out.extend_from_slice(b"\r\n");
+    }
     out.extend_from_slice(b"Content-Type: text/plain\r\nContent-Length: ");
     write_decimal(out, reason.len() as u64 + 1);
     out.extend_from_slice(b"\r\n");
@@ -369,7 +376,7 @@ mod tests {
     #[test]
     fn canned_has_exact_length() {
         let mut out = Vec::new();
-        write_canned(&mut out, 502, false, Version::Http11, true);
+        write_canned(&mut out, 502, false, Version::Http11, true, None);
         let s = String::from_utf8(out).unwrap();
         assert_eq!(
             s,

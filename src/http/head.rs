@@ -144,6 +144,14 @@ pub enum Method {
 }
 
 impl Method {
+    /// Writes: shed before reads under load (docs/design.md).
+    pub fn is_write(self) -> bool {
+        matches!(
+            self,
+            Method::Post | Method::Put | Method::Patch | Method::Delete
+        )
+    }
+
     /// RFC 9110 9.2.2: repeating the request has the effect of one.
     pub fn is_idempotent(self) -> bool {
         matches!(

@@ -120,6 +120,17 @@ impl Buf {
         }
     }
 
+    /// Make room for at least `additional` more bytes (a body held whole;
+    /// the pool frees such a grown buffer instead of keeping it).
+    pub fn reserve(&mut self, additional: usize) {
+        self.v.reserve(additional);
+    }
+
+    /// Bytes that can be read in before the buffer is full.
+    pub fn spare(&self) -> usize {
+        self.v.capacity() - self.v.len() + self.pos
+    }
+
     /// No room is left to read into, even after moving unread bytes down.
     pub fn is_full(&self) -> bool {
         self.pos == 0 && self.v.len() == self.v.capacity()

@@ -26,16 +26,19 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::access_log;
+use crate::admission::decode::{self, Coding, DecodeError, DecodeLimits};
+use crate::admission::{Admit, Ask, DecodeGuard, PolicyState, Readiness, Reason, Refusal, Slot};
 use crate::config::UpstreamGroup;
 use crate::config::snapshot::strip_port;
+use crate::http::chunked::ChunkedDecoder;
 use crate::http::encode::{self, Forwarded, OutFraming};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, ResponseHead, Status, Version};
-use crate::net::buffer::{Buf, flush};
+use crate::net::buffer::{BUF_SIZE, Buf, flush};
 use crate::net::upstream::{self, ConnectError, UpStream};
 use crate::rules::matcher::{needs_normalizing, normalize_path};
 use crate::rules::{Action, Decision, HeaderPlan, RequestView, Rewrite};
 use crate::worker::{Current, WorkerCtx};
-use relay::{BodyIn, BodyOut, RelayError, Timeouts, relay};
+use relay::{BodyIn, BodyOut, Bounds, RelayError, relay};
 
 /// Largest upstream response head accepted (nginx's proxy_buffer_size is
 /// 4-8 KiB; backends with large cookies need more).
@@ -133,6 +136,71 @@ enum Plan {
     },
     /// Forward upstream; the request head for it is in `out`.
     Proxy { group: usize, backend: usize },
+    /// The worker's own liveness or readiness answer.
+    Probe { status: u16, body: &'static str },
+}
+
+/// `/healthz` (liveness: the worker answers) and `/readyz` (readiness of
+/// this worker under its listener's limits), when `path` is one of them.
+fn probe(
+    cur: &Current,
+    listener: &crate::config::Listener,
+    path: &[u8],
+    draining: bool,
+) -> Option<Plan> {
+    if listener.health_path.as_deref() == Some(path) {
+        return Some(Plan::Probe {
+            status: 200,
+            body: "ok\n",
+        });
+    }
+    if listener.ready_path.as_deref() == Some(path) {
+        let ready = Readiness::of(&cur.admission.states[listener.policy.id], draining);
+        return Some(Plan::Probe {
+            status: ready.status(),
+            body: ready.body(),
+        });
+    }
+    None
+}
+
+/// Admission under each policy in turn; the slots taken, or why not. A
+/// slot taken under the listener is given back if the route refuses.
+async fn admit(asks: [Option<(Rc<PolicyState>, Ask)>; 2]) -> Result<[Option<Slot>; 2], Refusal> {
+    let mut slots = [None, None];
+    for (i, ask) in asks.into_iter().enumerate() {
+        let Some((state, ask)) = ask else { continue };
+        slots[i] = match state.admit(&ask) {
+            Admit::Go(slot) => slot,
+            Admit::Wait(ticket) => Some(state.wait(ticket).await?),
+            Admit::Refuse(r) => return Err(r),
+        };
+    }
+    Ok(slots)
+}
+
+/// The request's content codings, when the decode guard will check them:
+/// empty when there are none (or only `identity`); `Err` for a coding the
+/// guard cannot decode.
+fn content_codings(view: &RequestView<'_>) -> Result<Vec<Coding>, ()> {
+    let mut value = Vec::new();
+    for h in view.headers {
+        if h.name
+            .get(view.buf)
+            .eq_ignore_ascii_case(b"content-encoding")
+        {
+            if !value.is_empty() {
+                value.extend_from_slice(b", ");
+            }
+            value.extend_from_slice(h.value.get(view.buf));
+        }
+    }
+    let mut codings = Vec::new();
+    if !value.is_empty() {
+        decode::parse_codings(&value, &mut codings)?;
+        codings.retain(|c| *c != Coding::Identity);
+    }
+    Ok(codings)
 }
 
 /// Write `ip` as text into `buf` without allocating; the written part.
@@ -152,6 +220,16 @@ struct RequestFacts {
     version: Version,
     framing: BodyFraming,
     expect_continue: bool,
+}
+
+/// The limits a request's body is read under, from its listener and route.
+struct BodyBounds {
+    /// The request's total deadline (`request_timeout`), from its first byte.
+    deadline: monoio::time::Instant,
+    /// The body cap: the route's, or its listener's.
+    max_len: u64,
+    /// The route's decode guard, with the request's content codings.
+    decode: Option<(DecodeGuard, Vec<Coding>)>,
 }
 
 /// Why a request ended without a response from the upstream.
@@ -215,9 +293,18 @@ impl Conn {
                 *heads = self.ctx.header_vecs.get();
             }
         }
-        match self.read_head().await {
-            Ok(()) => self.handle().await,
-            Err(Some(status)) => self.reject(status, false).await,
+        let deadline = monoio::time::Instant::now() + listener!(self).request_timeout;
+        match self.read_head(deadline).await {
+            Ok(()) => self.handle(deadline).await,
+            Err(Some(status)) => {
+                self.ctx.rejections.count(match status {
+                    408 => Reason::HeaderTimeout,
+                    414 => Reason::UriTooLong,
+                    431 => Reason::HeadTooLarge,
+                    _ => Reason::BadRequest,
+                });
+                self.reject(status, false).await
+            }
             Err(None) => Next::Close,
         }
     }
@@ -265,10 +352,11 @@ impl Conn {
         }
     }
 
-    /// Read until a whole head is parsed into `self.req`. `Err(Some(s))`:
+    /// Read until a whole head is parsed into `self.req`, within
+    /// `header_timeout` and the request's total `deadline`. `Err(Some(s))`:
     /// answer `s` and close; `Err(None)`: close silently.
-    async fn read_head(&mut self) -> Result<(), Option<u16>> {
-        let deadline = monoio::time::Instant::now() + listener!(self).header_timeout;
+    async fn read_head(&mut self, deadline: monoio::time::Instant) -> Result<(), Option<u16>> {
+        let deadline = deadline.min(monoio::time::Instant::now() + listener!(self).header_timeout);
         loop {
             let limits = &listener!(self).limits;
             match head::parse_request(self.buf.data(), limits, &mut self.req) {
@@ -297,6 +385,16 @@ impl Conn {
     /// Answer with a canned response. A closing answer lingers, so the
     /// client reads it even if it is still sending.
     async fn reject(&mut self, status: u16, keep_alive: bool) -> Next {
+        self.canned(status, keep_alive, None).await
+    }
+
+    /// Refuse a request admission turned away, and count why.
+    async fn refuse(&mut self, r: Refusal, keep_alive: bool) -> Next {
+        self.ctx.rejections.count(r.reason);
+        self.canned(r.status, keep_alive, r.retry_after).await
+    }
+
+    async fn canned(&mut self, status: u16, keep_alive: bool, retry_after: Option<u32>) -> Next {
         let keep_alive = keep_alive && !self.ctx.idle.is_draining();
         let version = self.req.version;
         // A HEAD answer carries no content (RFC 9110 9.3.2), or a kept-alive
@@ -304,7 +402,7 @@ impl Conn {
         let with_body = self.req.method != Method::Head;
         let out = self.out_buf();
         out.clear();
-        encode::write_canned(out, status, keep_alive, version, with_body);
+        encode::write_canned(out, status, keep_alive, version, with_body, retry_after);
         self.send_out(status, keep_alive).await
     }
 
@@ -338,15 +436,23 @@ impl Conn {
     }
 
     /// Ask the rules what to do with the parsed request, and do it.
-    async fn handle(&mut self) -> Next {
+    async fn handle(&mut self, deadline: monoio::time::Instant) -> Next {
         let cur = self.cur.clone();
         let mut decision = Decision::default();
         let mut logged = None;
+        // Admission under the listener's policy, then the route's.
+        let mut asks: [Option<(Rc<PolicyState>, Ask)>; 2] = [None, None];
+        let mut refused = None;
+        let mut bounds = BodyBounds {
+            deadline,
+            max_len: u64::MAX,
+            decode: None,
+        };
         // Everything that reads the request's bytes happens here, while
         // the head is still in the buffer: evaluation, the upstream head
         // or the rule's fixed response written into `out`, and what the
         // access log will need.
-        let plan = {
+        let plan = 'plan: {
             if self.out.capacity() == 0 {
                 self.out = self.ctx.bufs.get();
             }
@@ -375,8 +481,44 @@ impl Conn {
                 headers: &self.req.headers,
                 client: self.client,
             };
+            let listener = &cur.snapshot.listeners[self.listener_idx];
+            if let Some(probe) = probe(&cur, listener, path, self.ctx.idle.is_draining()) {
+                break 'plan probe;
+            }
             cur.rules
                 .evaluate(&view, &mut self.ctx.scratch.borrow_mut(), &mut decision);
+            let route_policy = decision.route.and_then(|r| r.policy.as_deref());
+            let content_length = match self.req.framing {
+                BodyFraming::Length(n) => Some(n),
+                _ => None,
+            };
+            let write = self.req.method.is_write();
+            // A route's body cap replaces its listener's.
+            let route_cap = route_policy.and_then(|p| p.max_body);
+            let listener_state = &cur.admission.states[listener.policy.id];
+            let listener_length = if route_cap.is_some() {
+                None
+            } else {
+                content_length
+            };
+            asks[0] = Some((
+                listener_state.clone(),
+                listener_state.ask(&view, write, listener_length),
+            ));
+            if let Some(p) = route_policy {
+                let state = &cur.admission.states[p.id];
+                asks[1] = Some((state.clone(), state.ask(&view, write, content_length)));
+            }
+            bounds.max_len = route_cap.or(listener.policy.max_body).unwrap_or(u64::MAX);
+            if let Some(guard) = route_policy.and_then(|p| p.decode)
+                && self.req.framing != BodyFraming::None
+            {
+                match content_codings(&view) {
+                    Ok(codings) if codings.is_empty() => {}
+                    Ok(codings) => bounds.decode = Some((guard, codings)),
+                    Err(()) => refused = Some(Refusal::new(415, Reason::BadEncoding)),
+                }
+            }
             // Only a logged request reads the clock (latency is its field).
             if !decision.log.is_empty() {
                 logged = Some((
@@ -469,12 +611,49 @@ impl Conn {
         // Without reading the body we cannot find the next request.
         let keep_if_bodyless = self.req.keep_alive && self.req.framing == BodyFraming::None;
         let mut upstream = None;
+        // Work a route does passes admission; probes, 404s and drops cost
+        // less than the checks would. The slots are held to the end of
+        // the response.
+        let mut _slots = [None, None];
+        if refused.is_none() && matches!(plan, Plan::Fixed { .. } | Plan::Proxy { .. }) {
+            match admit(asks).await {
+                Ok(slots) => _slots = slots,
+                Err(r) => refused = Some(r),
+            }
+        }
         let next = match plan {
+            _ if refused.is_some() => {
+                let r = refused.expect("checked");
+                self.refuse(r, keep_if_bodyless).await
+            }
             Plan::Close => {
+                self.ctx.rejections.count(Reason::Dropped);
                 self.status = 0;
                 Next::Close
             }
-            Plan::Reject(status) => self.reject(status, keep_if_bodyless).await,
+            Plan::Reject(status) => {
+                self.ctx.rejections.count(if status == 404 {
+                    Reason::NoRoute
+                } else {
+                    Reason::Dropped
+                });
+                self.reject(status, keep_if_bodyless).await
+            }
+            Plan::Probe { status, body } => {
+                let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
+                let with_body = self.req.method != Method::Head;
+                encode::write_fixed(
+                    &mut self.out,
+                    status,
+                    &HeaderPlan::default(),
+                    &HeaderPlan::default(),
+                    body.as_bytes(),
+                    keep,
+                    self.req.version,
+                    with_body,
+                );
+                self.send_out(status, keep).await
+            }
             Plan::Fixed {
                 status,
                 fields,
@@ -496,7 +675,8 @@ impl Conn {
             }
             Plan::Proxy { group, backend } => {
                 upstream = Some((group, backend));
-                self.proxy(&cur, group, backend, &decision.response).await
+                self.proxy(&cur, group, backend, &decision.response, &bounds)
+                    .await
             }
         };
         if let Some((started, request)) = logged {
@@ -522,6 +702,7 @@ impl Conn {
         group_idx: usize,
         backend_idx: usize,
         response_edits: &HeaderPlan,
+        bounds: &BodyBounds,
     ) -> Next {
         let snapshot = &cur.snapshot;
         let group = &snapshot.upstreams[group_idx];
@@ -536,11 +717,17 @@ impl Conn {
             expect_continue: self.req.expect_continue,
         };
 
+        if let Some((guard, codings)) = &bounds.decode
+            && let Err(fail) = self.decode_guard(facts, bounds, *guard, codings).await
+        {
+            return self.fail(fail).await;
+        }
+
         // The upstream head is in `out` (written by `handle`); it stays
         // there until the response head is in, so a retry can resend it.
         let mut ubuf = Buf::new(self.ctx.bufs.get());
         let result = self
-            .exchange(group_idx, group, backend_idx, facts, &mut ubuf)
+            .exchange(group_idx, group, backend_idx, facts, bounds, &mut ubuf)
             .await;
         let (mut up, body_sent) = match result {
             Ok(x) => x,
@@ -612,10 +799,7 @@ impl Conn {
         self.status = self.res.status;
         self.sent = self.out.len() as u64;
 
-        let timeouts = Timeouts {
-            read: group.read_timeout,
-            write: listener!(self).send_timeout,
-        };
+        let timeouts = Bounds::new(group.read_timeout, listener!(self).send_timeout);
         let relayed = relay(
             &mut up,
             &mut ubuf,
@@ -676,13 +860,11 @@ impl Conn {
         group: &UpstreamGroup,
         backend_idx: usize,
         facts: RequestFacts,
+        bounds: &BodyBounds,
         ubuf: &mut Buf,
     ) -> Result<(UpStream, bool), Fail> {
         let RequestFacts {
-            method,
-            version,
-            framing,
-            expect_continue,
+            method, framing, ..
         } = facts;
         let has_body = framing != BodyFraming::None;
         let upstream_fail = |f: UpstreamFailure| Fail::Respond {
@@ -734,24 +916,16 @@ impl Conn {
             }
 
             // With a body: tell a waiting client to send it, then stream it.
-            // RFC 9110 10.1.1: ignore the expectation from an HTTP/1.0 client.
-            if expect_continue && version == Version::Http11 && self.buf.is_empty() {
-                let sent = monoio::time::timeout(
-                    listener!(self).send_timeout,
-                    self.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
-                )
-                .await;
-                if !matches!(sent, Ok((Ok(_), _))) {
-                    return Err(Fail::Close);
-                }
-            }
+            self.send_continue(facts).await?;
             let body_in = match framing {
                 BodyFraming::Length(n) => BodyIn::Length(n),
                 _ => BodyIn::Chunked,
             };
-            let timeouts = Timeouts {
+            let body_bounds = Bounds {
                 read: listener!(self).body_timeout,
                 write: group.response_timeout,
+                deadline: Some(bounds.deadline),
+                max_len: bounds.max_len,
             };
             let sent = relay(
                 &mut self.stream,
@@ -760,30 +934,12 @@ impl Conn {
                 &mut self.out,
                 body_in,
                 BodyOut::Verbatim,
-                &timeouts,
+                &body_bounds,
             )
             .await;
             let body_sent = match sent {
                 Ok(_) => true,
-                Err(RelayError::SrcTimeout) => {
-                    crate::debug!("request body from {}: idle past body_timeout", self.client);
-                    return Err(Fail::Respond {
-                        status: 408,
-                        body_consumed: false,
-                    });
-                }
-                Err(RelayError::Framing(e)) => {
-                    crate::debug!("request body from {}: {e}", self.client);
-                    return Err(Fail::Respond {
-                        status: 400,
-                        body_consumed: false,
-                    });
-                }
-                Err(e) if e.is_source() => {
-                    // The client went away mid-body: nobody to answer.
-                    crate::debug!("request body from {}: {e}", self.client);
-                    return Err(Fail::Close);
-                }
+                Err(e) if e.is_source() => return Err(self.body_failure(e)),
                 Err(e) => {
                     // The upstream stopped reading; it may have answered
                     // early (413, 401...). Forward that if it did.
@@ -806,6 +962,145 @@ impl Conn {
                     body_consumed: body_sent,
                 }),
             };
+        }
+    }
+
+    /// Tell a client waiting on `Expect: 100-continue` to send its body,
+    /// unless it already started. RFC 9110 10.1.1: an HTTP/1.0 client's
+    /// expectation is ignored.
+    async fn send_continue(&mut self, facts: RequestFacts) -> Result<(), Fail> {
+        if !(facts.expect_continue && facts.version == Version::Http11 && self.buf.is_empty()) {
+            return Ok(());
+        }
+        let sent = monoio::time::timeout(
+            listener!(self).send_timeout,
+            self.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
+        )
+        .await;
+        match sent {
+            Ok((Ok(_), _)) => Ok(()),
+            _ => Err(Fail::Close),
+        }
+    }
+
+    /// How a request body that failed on the client's side ends: counted,
+    /// and answered when there is someone to answer.
+    fn body_failure(&self, e: RelayError) -> Fail {
+        crate::debug!("request body from {}: {e}", self.client);
+        let (status, reason) = match e {
+            RelayError::SrcTimeout => (408, Reason::BodyTimeout),
+            RelayError::SrcDeadline => (408, Reason::RequestTimeout),
+            RelayError::TooLarge(_) => (413, Reason::BodyTooLarge),
+            RelayError::Framing(_) => (400, Reason::BadRequest),
+            // The client went away mid-body: nobody to answer.
+            _ => return Fail::Close,
+        };
+        self.ctx.rejections.count(reason);
+        Fail::Respond {
+            status,
+            body_consumed: false,
+        }
+    }
+
+    /// Answer a request that failed before reaching an upstream.
+    async fn fail(&mut self, fail: Fail) -> Next {
+        match fail {
+            Fail::Respond {
+                status,
+                body_consumed,
+            } => {
+                self.reject(status, self.req.keep_alive && body_consumed)
+                    .await
+            }
+            Fail::Close => Next::Close,
+        }
+    }
+
+    /// The decode guard: read the whole body (it is at most the body cap),
+    /// decode it into a scratch buffer that is thrown away, and refuse it
+    /// with 413 if it inflates past the route's ratio or absolute cap.
+    /// When it passes, the original bytes wait in `self.buf` and are
+    /// forwarded as they came.
+    async fn decode_guard(
+        &mut self,
+        facts: RequestFacts,
+        bounds: &BodyBounds,
+        guard: DecodeGuard,
+        codings: &[Coding],
+    ) -> Result<(), Fail> {
+        self.send_continue(facts).await?;
+        let read = Bounds {
+            read: listener!(self).body_timeout,
+            write: listener!(self).send_timeout,
+            deadline: Some(bounds.deadline),
+            max_len: bounds.max_len,
+        };
+        // A chunked body is decoded out of its framing into `plain`; a
+        // length body is checked where it lies.
+        let mut decoder = ChunkedDecoder::new();
+        let mut scanned = 0;
+        let mut plain = Vec::new();
+        // Framing around tiny chunks can outweigh their data many times.
+        let max_raw = bounds
+            .max_len
+            .saturating_mul(2)
+            .saturating_add(BUF_SIZE as u64);
+        loop {
+            let data = self.buf.data();
+            let (done, want) = match facts.framing {
+                BodyFraming::Length(n) => {
+                    let have = data.len() as u64;
+                    (have >= n, n.saturating_sub(have).min(max_raw) as usize)
+                }
+                _ => {
+                    let window = &data[scanned..];
+                    let n = decoder
+                        .decode(window, |r| plain.extend_from_slice(&window[r]))
+                        .map_err(|e| self.body_failure(RelayError::Framing(e)))?;
+                    scanned += n;
+                    if decoder.data_len > bounds.max_len {
+                        return Err(self.body_failure(RelayError::TooLarge(bounds.max_len)));
+                    }
+                    (decoder.is_done(), BUF_SIZE)
+                }
+            };
+            if done {
+                break;
+            }
+            if self.buf.spare() == 0 {
+                if self.buf.data().len() as u64 >= max_raw {
+                    return Err(self.body_failure(RelayError::TooLarge(bounds.max_len)));
+                }
+                self.buf.reserve(want.max(BUF_SIZE));
+            }
+            match read.read(&mut self.stream, &mut self.buf).await {
+                Ok(0) => return Err(Fail::Close),
+                Ok(_) => {}
+                Err(e) => return Err(self.body_failure(e)),
+            }
+        }
+        let body = match facts.framing {
+            BodyFraming::Length(n) => &self.buf.data()[..n as usize],
+            _ => &plain[..],
+        };
+        let limits = DecodeLimits {
+            ratio: guard.ratio,
+            max: guard.max,
+        };
+        match decode::check(body, codings, limits) {
+            Ok(_) => Ok(()),
+            Err(e) => {
+                crate::debug!("request body from {}: {e}", self.client);
+                let (status, reason) = match e {
+                    DecodeError::TooLarge { .. } => (413, Reason::DecodedTooLarge),
+                    DecodeError::Corrupt(_) => (400, Reason::BadEncoding),
+                };
+                self.ctx.rejections.count(reason);
+                Err(Fail::Respond {
+                    status,
+                    body_consumed: false,
+                })
+            }
         }
     }
 

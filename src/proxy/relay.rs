@@ -10,6 +10,7 @@ use std::io;
 use std::time::Duration;
 
 use monoio::io::{AsyncReadRent, AsyncWriteRent};
+use monoio::time::Instant;
 
 use crate::http::chunked::{ChunkError, ChunkedDecoder, LAST_CHUNK, write_chunk_header};
 use crate::net::buffer::{BUF_SIZE, Buf, flush};
@@ -56,6 +57,10 @@ pub enum RelayError {
     SrcIo(io::Error),
     #[error("source idle past its timeout")]
     SrcTimeout,
+    #[error("source still sending at its deadline")]
+    SrcDeadline,
+    #[error("body passes its cap of {0} bytes")]
+    TooLarge(u64),
     #[error("invalid chunked framing: {0}")]
     Framing(ChunkError),
     #[error("destination write failed: {0}")]
@@ -71,15 +76,52 @@ impl RelayError {
     }
 }
 
-pub struct Timeouts {
+/// Time and size bounds of one relay.
+pub struct Bounds {
+    /// Longest silence from the source.
     pub read: Duration,
+    /// Longest stall writing to the destination.
     pub write: Duration,
+    /// When the source must have sent the whole body (a request's total
+    /// deadline); `None` for no deadline.
+    pub deadline: Option<Instant>,
+    /// Largest body: a chunked body crossing it stops the relay at once
+    /// (a length body is checked against it before the relay starts).
+    pub max_len: u64,
+}
+
+impl Bounds {
+    pub fn new(read: Duration, write: Duration) -> Self {
+        Bounds {
+            read,
+            write,
+            deadline: None,
+            max_len: u64::MAX,
+        }
+    }
+
+    /// Read from `src` into `buf`, within the idle timeout and the
+    /// deadline.
+    pub async fn read<R: AsyncReadRent>(
+        &self,
+        src: &mut R,
+        buf: &mut Buf,
+    ) -> Result<usize, RelayError> {
+        let idle = Instant::now() + self.read;
+        let until = self.deadline.map_or(idle, |d| d.min(idle));
+        match monoio::time::timeout_at(until, buf.read_from(src)).await {
+            Ok(Ok(n)) => Ok(n),
+            Ok(Err(e)) => Err(RelayError::SrcIo(e)),
+            Err(_) if until < idle => Err(RelayError::SrcDeadline),
+            Err(_) => Err(RelayError::SrcTimeout),
+        }
+    }
 }
 
 async fn write_out<W: AsyncWriteRent>(
     dst: &mut W,
     out: &mut Vec<u8>,
-    t: &Timeouts,
+    t: &Bounds,
 ) -> Result<(), RelayError> {
     match monoio::time::timeout(t.write, flush(dst, out)).await {
         Ok(Ok(())) => Ok(()),
@@ -101,7 +143,7 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
     out: &mut Vec<u8>,
     body_in: BodyIn,
     body_out: BodyOut,
-    t: &Timeouts,
+    t: &Bounds,
 ) -> Result<u64, RelayError> {
     debug_assert!(!(body_in != BodyIn::Chunked && body_out == BodyOut::Dechunk));
     let mut remaining = match body_in {
@@ -133,6 +175,9 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
             (BodyIn::UntilClose, BodyOut::Rechunk) => (data.len().min(room), false),
             (BodyIn::UntilClose, _) => (data.len(), false),
         };
+        if decoder.data_len > t.max_len {
+            return Err(RelayError::TooLarge(t.max_len));
+        }
         total += take as u64;
         match body_out {
             BodyOut::Verbatim if out.len() + take <= COALESCE_BYTES => {
@@ -171,18 +216,17 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
         }
         // Send what we have before waiting: the peer may need it to go on.
         write_out(dst, out, t).await?;
-        match monoio::time::timeout(t.read, buf.read_from(src)).await {
-            Ok(Ok(0)) if body_in == BodyIn::UntilClose => {
+        match t.read(src, buf).await {
+            Ok(0) if body_in == BodyIn::UntilClose => {
                 if body_out == BodyOut::Rechunk {
                     out.extend_from_slice(LAST_CHUNK);
                 }
                 write_out(dst, out, t).await?;
                 return Ok(total);
             }
-            Ok(Ok(0)) => return Err(RelayError::SrcClosed),
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(RelayError::SrcIo(e)),
-            Err(_) => return Err(RelayError::SrcTimeout),
+            Ok(0) => return Err(RelayError::SrcClosed),
+            Ok(_) => {}
+            Err(e) => return Err(e),
         }
     }
 }
@@ -224,10 +268,7 @@ mod tests {
         let mut buf = Buf::new(Vec::with_capacity(BUF_SIZE));
         let mut sink = Sink(Vec::new());
         let mut out = Vec::with_capacity(BUF_SIZE);
-        let t = Timeouts {
-            read: Duration::from_secs(1),
-            write: Duration::from_secs(1),
-        };
+        let t = Bounds::new(Duration::from_secs(1), Duration::from_secs(1));
         let r = relay(
             &mut src, &mut buf, &mut sink, &mut out, body_in, body_out, &t,
         )

@@ -30,6 +30,16 @@ pub struct RequestView<'a> {
     pub client: IpAddr,
 }
 
+impl RequestView<'_> {
+    /// The first value of the field `name` (lowercase), if any.
+    pub fn header(&self, name: &[u8]) -> Option<&[u8]> {
+        self.headers
+            .iter()
+            .find(|h| h.name.get(self.buf).eq_ignore_ascii_case(name))
+            .map(|h| h.value.get(self.buf))
+    }
+}
+
 /// A rule's conditions; all must hold. Empty lists hold for any request.
 #[derive(Debug, Default)]
 pub struct Conditions {

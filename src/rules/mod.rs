@@ -40,6 +40,8 @@ pub struct Rule {
     pub log: Vec<LogField>,
     /// Whether the rule's templates use captures of its path regex.
     pub uses_captures: bool,
+    /// The route's own admission limits (`[route.limits]`).
+    pub policy: Option<Arc<crate::admission::Policy>>,
 }
 
 struct Table {

@@ -1,0 +1,375 @@
+//! An inflight cap with per-tenant queues served by deficit round robin,
+//! owned by one worker.
+//!
+//! Owns: counting requests in flight under one policy, queueing the ones
+//! beyond the cap per tenant, and handing each freed slot to the next
+//! waiter in DRR order (Shreedhar and Varghese, 1995): every active tenant
+//! is visited in turn and may start `weight` requests per visit, so a
+//! tenant sending ten times more than another gets no more slots than its
+//! weight says, and a quiet tenant waits at most one round. Does not own:
+//! deadlines (the caller races the wait against its queue timeout) or
+//! which tenant a request belongs to.
+//!
+//! A freed slot goes straight to a waiter without the count dropping, so a
+//! request arriving while others queue cannot jump ahead of them.
+
+use std::cell::{Cell, RefCell};
+use std::collections::{HashMap, VecDeque};
+use std::future::poll_fn;
+use std::rc::Rc;
+use std::task::{Poll, Waker};
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum WaitState {
+    Waiting,
+    /// A slot was handed over; the waiter owns it from now on.
+    Granted,
+    /// Gave up (deadline, or its connection went away).
+    Cancelled,
+}
+
+struct Waiter {
+    state: Cell<WaitState>,
+    waker: Cell<Option<Waker>>,
+}
+
+impl std::fmt::Debug for Waiter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Waiter({:?})", self.state.get())
+    }
+}
+
+#[derive(Debug, Default)]
+struct TenantQueue {
+    waiters: VecDeque<Rc<Waiter>>,
+    /// Waiters not cancelled: what the depth bound counts.
+    waiting: usize,
+    weight: u32,
+    deficit: u32,
+}
+
+#[derive(Debug, Default)]
+struct Queues {
+    tenants: HashMap<u64, TenantQueue>,
+    /// Tenants with waiters, in round-robin order; the front one is being
+    /// served.
+    active: VecDeque<u64>,
+}
+
+impl Queues {
+    /// The next waiter in DRR order, with cancelled ones dropped.
+    fn pick(&mut self) -> Option<Rc<Waiter>> {
+        while let Some(&t) = self.active.front() {
+            let Some(q) = self.tenants.get_mut(&t) else {
+                self.active.pop_front();
+                continue;
+            };
+            while q
+                .waiters
+                .front()
+                .is_some_and(|w| w.state.get() == WaitState::Cancelled)
+            {
+                q.waiters.pop_front();
+            }
+            let Some(w) = q.waiters.pop_front() else {
+                // Empty: it leaves the round and its deficit is forgotten.
+                self.tenants.remove(&t);
+                self.active.pop_front();
+                continue;
+            };
+            if q.deficit == 0 {
+                q.deficit = q.weight;
+            }
+            q.deficit -= 1;
+            q.waiting -= 1;
+            if q.deficit == 0 {
+                // Its turn is over: to the back of the round.
+                self.active.rotate_left(1);
+            }
+            return Some(w);
+        }
+        None
+    }
+}
+
+/// One policy's inflight count and queues on one worker.
+#[derive(Debug)]
+pub struct Gate {
+    max: usize,
+    inflight: Cell<usize>,
+    queues: RefCell<Queues>,
+    /// Waiters across all tenants (not cancelled).
+    queued: Cell<usize>,
+}
+
+/// Why a request could not take or wait for a slot.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Full {
+    /// No slot, and no queue (or writes are shed at this load).
+    Inflight,
+    /// The tenant's queue is at its depth.
+    QueueFull,
+}
+
+impl Gate {
+    pub fn new(max: usize) -> Self {
+        Gate {
+            max,
+            inflight: Cell::new(0),
+            queues: RefCell::new(Queues::default()),
+            queued: Cell::new(0),
+        }
+    }
+
+    pub fn inflight(&self) -> usize {
+        self.inflight.get()
+    }
+
+    pub fn queued(&self) -> usize {
+        self.queued.get()
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Take a slot now if one is free and nobody is queued for it.
+    pub fn try_take(&self) -> bool {
+        if self.inflight.get() < self.max && self.queued.get() == 0 {
+            self.inflight.set(self.inflight.get() + 1);
+            true
+        } else {
+            false
+        }
+    }
+
+    /// Queue for a slot as `tenant`, unless its queue holds `depth`
+    /// waiters already.
+    pub fn enqueue(
+        self: &Rc<Self>,
+        tenant: u64,
+        weight: u32,
+        depth: usize,
+    ) -> Result<Ticket, Full> {
+        let mut qs = self.queues.borrow_mut();
+        let qs = &mut *qs;
+        let q = qs.tenants.entry(tenant).or_insert_with(|| TenantQueue {
+            weight: weight.max(1),
+            ..TenantQueue::default()
+        });
+        if q.waiting >= depth {
+            if q.waiters.is_empty() {
+                qs.tenants.remove(&tenant);
+            }
+            return Err(Full::QueueFull);
+        }
+        // Queue deadlines are equal and queues are FIFO, so cancelled
+        // waiters gather at the front: dropping them here keeps a queue's
+        // memory bounded by its depth even while no slot frees up.
+        while q
+            .waiters
+            .front()
+            .is_some_and(|w| w.state.get() == WaitState::Cancelled)
+        {
+            q.waiters.pop_front();
+        }
+        if q.waiters.is_empty() && !qs.active.contains(&tenant) {
+            qs.active.push_back(tenant);
+        }
+        let waiter = Rc::new(Waiter {
+            state: Cell::new(WaitState::Waiting),
+            waker: Cell::new(None),
+        });
+        q.waiters.push_back(waiter.clone());
+        q.waiting += 1;
+        self.queued.set(self.queued.get() + 1);
+        Ok(Ticket {
+            gate: self.clone(),
+            tenant,
+            waiter,
+            taken: false,
+        })
+    }
+
+    /// A slot was freed: hand it to the next waiter, or count it free.
+    pub fn release(&self) {
+        let next = self.queues.borrow_mut().pick();
+        match next {
+            Some(w) => {
+                self.queued.set(self.queued.get() - 1);
+                w.state.set(WaitState::Granted);
+                if let Some(waker) = w.waker.take() {
+                    waker.wake();
+                }
+            }
+            None => self.inflight.set(self.inflight.get() - 1),
+        }
+    }
+
+    fn cancel(&self, tenant: u64, waiter: &Waiter) {
+        waiter.state.set(WaitState::Cancelled);
+        self.queued.set(self.queued.get() - 1);
+        if let Some(q) = self.queues.borrow_mut().tenants.get_mut(&tenant) {
+            q.waiting -= 1;
+        }
+    }
+}
+
+/// A place in a tenant's queue. Dropping it gives the place up, or the
+/// slot back if one was granted and not taken, so a cancelled request
+/// never leaks a slot.
+#[derive(Debug)]
+pub struct Ticket {
+    gate: Rc<Gate>,
+    tenant: u64,
+    waiter: Rc<Waiter>,
+    taken: bool,
+}
+
+impl Ticket {
+    /// Wait until a slot is granted. Race it against the queue deadline;
+    /// on timeout, drop the ticket.
+    pub async fn granted(&mut self) {
+        poll_fn(|cx| match self.waiter.state.get() {
+            WaitState::Granted => Poll::Ready(()),
+            _ => {
+                self.waiter.waker.set(Some(cx.waker().clone()));
+                Poll::Pending
+            }
+        })
+        .await;
+        self.taken = true;
+    }
+
+    /// Whether the slot was granted (checked after a timeout: a grant and
+    /// the deadline can fire in the same turn).
+    pub fn is_granted(&self) -> bool {
+        self.waiter.state.get() == WaitState::Granted
+    }
+
+    /// Own the granted slot: the caller releases it.
+    pub fn take(mut self) {
+        debug_assert!(self.is_granted());
+        self.taken = true;
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        match self.waiter.state.get() {
+            WaitState::Waiting => self.gate.cancel(self.tenant, &self.waiter),
+            WaitState::Granted if !self.taken => self.gate.release(),
+            _ => {}
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max: usize) -> Rc<Gate> {
+        Rc::new(Gate::new(max))
+    }
+
+    #[test]
+    fn slots_up_to_the_cap() {
+        let g = gate(2);
+        assert!(g.try_take());
+        assert!(g.try_take());
+        assert!(!g.try_take());
+        g.release();
+        assert_eq!(g.inflight(), 1);
+        assert!(g.try_take());
+    }
+
+    #[test]
+    fn a_freed_slot_goes_to_a_waiter_not_to_a_newcomer() {
+        let g = gate(1);
+        assert!(g.try_take());
+        let t = g.enqueue(1, 1, 4).expect("room");
+        g.release();
+        assert!(t.is_granted());
+        assert_eq!(g.inflight(), 1, "handed over, not freed");
+        assert!(!g.try_take(), "the newcomer does not jump the queue");
+        t.take();
+        g.release();
+        assert_eq!(g.inflight(), 0);
+    }
+
+    #[test]
+    fn queue_depth_is_per_tenant() {
+        let g = gate(1);
+        assert!(g.try_take());
+        let _a1 = g.enqueue(1, 1, 2).expect("room");
+        let _a2 = g.enqueue(1, 1, 2).expect("room");
+        assert_eq!(g.enqueue(1, 1, 2).unwrap_err(), Full::QueueFull);
+        let _b = g.enqueue(2, 1, 2).expect("tenant 2 has its own queue");
+    }
+
+    /// Serve order under DRR: tenant A with 10 waiters and weight 1 does
+    /// not starve B; with weight 2, C gets two turns per round.
+    #[test]
+    fn deficit_round_robin_order() {
+        let g = gate(1);
+        assert!(g.try_take());
+        let mut tickets = Vec::new();
+        for _ in 0..6 {
+            tickets.push((b'A', g.enqueue(1, 1, 100).expect("room")));
+        }
+        for _ in 0..2 {
+            tickets.push((b'B', g.enqueue(2, 1, 100).expect("room")));
+        }
+        for _ in 0..4 {
+            tickets.push((b'C', g.enqueue(3, 2, 100).expect("room")));
+        }
+        let mut order = Vec::new();
+        for _ in 0..tickets.len() {
+            g.release();
+            let i = tickets
+                .iter()
+                .position(|(_, t)| t.is_granted())
+                .expect("a slot was handed over");
+            let (who, t) = tickets.remove(i);
+            t.take();
+            order.push(who);
+        }
+        assert_eq!(order, b"ABCCABCCAAAA");
+    }
+
+    #[test]
+    fn cancelled_waiters_are_skipped_and_dropped_grants_come_back() {
+        let g = gate(1);
+        assert!(g.try_take());
+        let gone = g.enqueue(1, 1, 1).expect("room");
+        let kept = g.enqueue(2, 1, 1).expect("room");
+        drop(gone);
+        assert_eq!(g.queued(), 1);
+        // Tenant 1's place is free again, and its turn in the round kept.
+        let again = g.enqueue(1, 1, 1).expect("cancelled waiters do not count");
+        g.release();
+        assert!(again.is_granted() && !kept.is_granted());
+        // Granted but dropped before use (its connection went away): the
+        // slot goes on to the next waiter.
+        drop(again);
+        assert!(kept.is_granted());
+        kept.take();
+        g.release();
+        assert_eq!((g.inflight(), g.queued()), (0, 0));
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn a_waiter_wakes_when_granted() {
+        let g = gate(1);
+        assert!(g.try_take());
+        let mut t = g.enqueue(9, 1, 1).expect("room");
+        let g2 = g.clone();
+        monoio::spawn(async move {
+            monoio::time::sleep(std::time::Duration::from_millis(5)).await;
+            g2.release();
+        });
+        t.granted().await;
+        t.take();
+        assert_eq!(g.inflight(), 1);
+    }
+}

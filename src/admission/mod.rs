@@ -1,0 +1,552 @@
+//! Admission control: deciding, before any upstream work, whether a request
+//! may go on, and shedding it cheaply with the right status when it may not.
+//!
+//! A listener has a policy (`[listener.limits]`) that every request on it
+//! passes; a route may add its own (`[route.limits]`), checked after. In
+//! each policy, in order: the body cap (413), the principal's token bucket
+//! (429 with Retry-After), then the inflight cap: writes are shed first
+//! (503), reads take a slot, or queue per tenant when the policy has queues
+//! (503 when the tenant's queue is full or the wait passes its deadline).
+//!
+//! Shared-nothing: each worker keeps its own buckets, counts and queues
+//! ([`Admission`]), and enforces `1/workers` of each configured rate.
+//! Summed over workers that is the configured rate when connections spread
+//! evenly over workers (SO_REUSEPORT hashes them); a principal whose every
+//! connection lands on one worker gets only that worker's share. The
+//! alternative, one shared counter, puts an atomic on every request's path
+//! and makes cores contend for one cache line: the trade-off nginx's
+//! shared-memory limit_req pays and this design does not.
+//!
+//! Owns: the compiled limits ([`Policy`]), per-worker admission state,
+//! rejection reasons and their counters, readiness. Does not own: where
+//! requests come from or how refusals are written (`proxy`).
+
+pub mod bucket;
+pub mod decode;
+pub mod fair;
+
+use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::rc::Rc;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bucket::Buckets;
+use fair::{Full, Gate, Ticket};
+
+use crate::rules::RequestView;
+
+/// Where a request's principal (rate limits) or tenant (fair queuing)
+/// comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Key {
+    ClientIp,
+    /// A request header's value, e.g. an API key; a request without it
+    /// falls back to its client address.
+    Header(Vec<u8>),
+    /// The tenant key of the same policy (principal only).
+    Tenant,
+    /// Everyone together: one bucket or one queue.
+    All,
+}
+
+/// A rate limit as configured: the whole process's rate per principal.
+#[derive(Debug, Clone)]
+pub struct Rate {
+    pub per_second: f64,
+    pub burst: f64,
+    pub principal: Key,
+}
+
+/// Queueing when the inflight cap is reached.
+#[derive(Debug, Clone)]
+pub struct Queue {
+    pub tenant: Key,
+    /// Waiters per tenant, per worker.
+    pub depth: usize,
+    pub timeout: Duration,
+    /// DRR weight by tenant key value; others weigh 1.
+    pub weights: HashMap<Vec<u8>, u32>,
+}
+
+/// Limits on decoded request bodies (`decode_guard`).
+#[derive(Debug, Clone, Copy)]
+pub struct DecodeGuard {
+    pub ratio: u64,
+    pub max: u64,
+}
+
+/// The compiled `limits` table of a listener or a route.
+#[derive(Debug)]
+pub struct Policy {
+    /// Index into the worker's state table; unique within a snapshot.
+    pub id: usize,
+    /// Largest request body; a route's replaces its listener's.
+    pub max_body: Option<u64>,
+    pub rate: Option<Rate>,
+    /// Requests in flight per worker.
+    pub max_inflight: Option<usize>,
+    /// Writes are shed once this many requests are in flight (per worker).
+    pub write_limit: usize,
+    pub queue: Option<Queue>,
+    /// Routes only; off by default.
+    pub decode: Option<DecodeGuard>,
+}
+
+/// Default body cap of a listener (nginx's client_max_body_size).
+pub const DEFAULT_MAX_BODY: u64 = 1024 * 1024;
+/// Share of `max_inflight` beyond which writes are shed.
+pub const DEFAULT_SHED_WRITES_AT: f64 = 0.8;
+
+impl Policy {
+    /// A policy that limits nothing but the body (a listener without a
+    /// `limits` table still caps bodies at 1 MiB).
+    pub fn body_only(id: usize, max_body: Option<u64>) -> Policy {
+        Policy {
+            id,
+            max_body,
+            rate: None,
+            max_inflight: None,
+            write_limit: usize::MAX,
+            queue: None,
+            decode: None,
+        }
+    }
+
+    pub fn limits_requests(&self) -> bool {
+        self.rate.is_some() || self.max_inflight.is_some()
+    }
+}
+
+macro_rules! reasons {
+    ($($variant:ident => $name:literal,)*) => {
+        /// Why a request or connection was refused: the `reason` label of
+        /// `rejected_total`.
+        #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+        pub enum Reason { $($variant,)* }
+
+        impl Reason {
+            pub const ALL: &[Reason] = &[$(Reason::$variant,)*];
+
+            pub fn name(self) -> &'static str {
+                match self { $(Reason::$variant => $name,)* }
+            }
+        }
+    };
+}
+
+reasons! {
+    BadRequest => "bad_request",
+    HeadTooLarge => "head_too_large",
+    UriTooLong => "uri_too_long",
+    HeaderTimeout => "header_timeout",
+    BodyTimeout => "body_timeout",
+    RequestTimeout => "request_timeout",
+    BodyTooLarge => "body_too_large",
+    DecodedTooLarge => "decoded_too_large",
+    BadEncoding => "bad_encoding",
+    RateLimited => "rate_limited",
+    Inflight => "inflight",
+    WritesShed => "writes_shed",
+    QueueFull => "queue_full",
+    QueueTimeout => "queue_timeout",
+    NoRoute => "no_route",
+    Dropped => "dropped",
+    ConnectionLimit => "connection_limit",
+}
+
+/// Per-worker `rejected_total{reason}`.
+#[derive(Debug, Default)]
+pub struct Rejections([Cell<u64>; Reason::ALL.len()]);
+
+impl Rejections {
+    pub fn count(&self, reason: Reason) {
+        let c = &self.0[reason as usize];
+        c.set(c.get() + 1);
+    }
+
+    pub fn get(&self, reason: Reason) -> u64 {
+        self.0[reason as usize].get()
+    }
+
+    /// `reason=count` for each non-zero reason, for the drain log line.
+    pub fn summary(&self) -> String {
+        let parts: Vec<String> = Reason::ALL
+            .iter()
+            .filter(|r| self.get(**r) > 0)
+            .map(|r| format!("{}={}", r.name(), self.get(*r)))
+            .collect();
+        parts.join(" ")
+    }
+}
+
+/// A refusal: the status to answer, Retry-After when known, and why.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub retry_after: Option<u32>,
+    pub reason: Reason,
+}
+
+impl Refusal {
+    pub fn new(status: u16, reason: Reason) -> Self {
+        Refusal {
+            status,
+            retry_after: None,
+            reason,
+        }
+    }
+
+    fn retry(status: u16, seconds: u32, reason: Reason) -> Self {
+        Refusal {
+            status,
+            retry_after: Some(seconds),
+            reason,
+        }
+    }
+}
+
+/// What admission needs to know of one request, read while its head is
+/// still in the buffer.
+#[derive(Debug, Clone, Copy)]
+pub struct Ask {
+    pub principal: u64,
+    pub tenant: u64,
+    pub weight: u32,
+    pub write: bool,
+    pub content_length: Option<u64>,
+}
+
+/// `hash(value)`, for principal and tenant keys.
+pub fn key_hash(value: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    value.hash(&mut h);
+    h.finish()
+}
+
+pub fn ip_hash(ip: IpAddr) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    ip.hash(&mut h);
+    h.finish()
+}
+
+/// One policy's state on one worker.
+#[derive(Debug)]
+pub struct PolicyState {
+    pub policy: Arc<Policy>,
+    buckets: Option<RefCell<Buckets>>,
+    pub gate: Option<Rc<Gate>>,
+}
+
+/// A slot held under a policy's inflight cap, released on drop.
+#[derive(Debug)]
+pub struct Slot(Rc<Gate>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.release();
+    }
+}
+
+/// The outcome of the immediate checks.
+pub enum Admit {
+    Go(Option<Slot>),
+    /// Queued: wait with [`PolicyState::wait`].
+    Wait(Ticket),
+    Refuse(Refusal),
+}
+
+impl PolicyState {
+    pub fn new(policy: Arc<Policy>, workers: usize) -> Self {
+        let workers = workers.max(1) as f64;
+        let buckets = policy.rate.as_ref().map(|r| {
+            RefCell::new(Buckets::new(
+                r.per_second / workers,
+                (r.burst / workers).max(1.0),
+            ))
+        });
+        let gate = policy.max_inflight.map(|m| Rc::new(Gate::new(m)));
+        PolicyState {
+            policy,
+            buckets,
+            gate,
+        }
+    }
+
+    /// What this policy needs to know of a request: its principal and
+    /// tenant by the policy's key sources, and whether it is a write.
+    /// `content_length` is left out when a route's body cap replaces this
+    /// (listener) policy's.
+    pub fn ask(&self, view: &RequestView<'_>, write: bool, content_length: Option<u64>) -> Ask {
+        let key = |k: &Key| -> u64 {
+            match k {
+                Key::ClientIp | Key::Tenant => ip_hash(view.client),
+                Key::Header(name) => view
+                    .header(name)
+                    .map_or_else(|| ip_hash(view.client), key_hash),
+                Key::All => 0,
+            }
+        };
+        let (tenant, weight) = match &self.policy.queue {
+            Some(q) => {
+                let weight = match &q.tenant {
+                    Key::Header(name) if !q.weights.is_empty() => view
+                        .header(name)
+                        .and_then(|v| q.weights.get(v).copied())
+                        .unwrap_or(1),
+                    _ => 1,
+                };
+                (key(&q.tenant), weight)
+            }
+            None => (0, 1),
+        };
+        let principal = match &self.policy.rate {
+            Some(Rate {
+                principal: Key::Tenant,
+                ..
+            }) => tenant,
+            Some(r) => key(&r.principal),
+            None => 0,
+        };
+        Ask {
+            principal,
+            tenant,
+            weight,
+            write,
+            content_length,
+        }
+    }
+
+    /// Body cap, token bucket and inflight cap, without waiting.
+    pub fn admit(&self, ask: &Ask) -> Admit {
+        if let (Some(max), Some(len)) = (self.policy.max_body, ask.content_length)
+            && len > max
+        {
+            return Admit::Refuse(Refusal::new(413, Reason::BodyTooLarge));
+        }
+        if let Some(buckets) = &self.buckets
+            && let Err(seconds) = buckets.borrow_mut().take(ask.principal, Instant::now())
+        {
+            return Admit::Refuse(Refusal::retry(429, seconds, Reason::RateLimited));
+        }
+        let Some(gate) = &self.gate else {
+            return Admit::Go(None);
+        };
+        if ask.write && gate.inflight() >= self.policy.write_limit {
+            return Admit::Refuse(Refusal::retry(503, 1, Reason::WritesShed));
+        }
+        if gate.try_take() {
+            return Admit::Go(Some(Slot(gate.clone())));
+        }
+        let Some(q) = &self.policy.queue else {
+            return Admit::Refuse(Refusal::retry(503, 1, Reason::Inflight));
+        };
+        match gate.enqueue(ask.tenant, ask.weight, q.depth) {
+            Ok(ticket) => Admit::Wait(ticket),
+            Err(Full::QueueFull) => Admit::Refuse(Refusal::retry(503, 1, Reason::QueueFull)),
+            Err(Full::Inflight) => Admit::Refuse(Refusal::retry(503, 1, Reason::Inflight)),
+        }
+    }
+
+    /// Wait in the queue for a slot, up to the queue timeout.
+    pub async fn wait(&self, mut ticket: Ticket) -> Result<Slot, Refusal> {
+        let (Some(gate), Some(q)) = (&self.gate, &self.policy.queue) else {
+            unreachable!("only a policy with a queue hands out tickets");
+        };
+        let timed_out = monoio::time::timeout(q.timeout, ticket.granted())
+            .await
+            .is_err();
+        // A grant and the deadline can land in the same turn: a granted
+        // slot is used rather than wasted.
+        if timed_out && !ticket.is_granted() {
+            return Err(Refusal::retry(503, 1, Reason::QueueTimeout));
+        }
+        ticket.take();
+        Ok(Slot(gate.clone()))
+    }
+}
+
+/// A worker's admission state: one entry per policy of the snapshot it
+/// runs, rebuilt when it switches to a new snapshot (a reload starts
+/// buckets full and counts anew; requests in flight release into the
+/// state they took their slot from).
+#[derive(Debug, Default)]
+pub struct Admission {
+    pub states: Vec<Rc<PolicyState>>,
+}
+
+impl Admission {
+    pub fn new(policies: &[Arc<Policy>], workers: usize) -> Self {
+        Admission {
+            states: policies
+                .iter()
+                .map(|p| Rc::new(PolicyState::new(p.clone(), workers)))
+                .collect(),
+        }
+    }
+}
+
+/// What `/readyz` answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Readiness {
+    Ready,
+    /// Past the write threshold: writes are shed, reads still admitted.
+    NotReadyForWrites,
+    Overloaded,
+    Draining,
+}
+
+impl Readiness {
+    pub fn of(listener: &PolicyState, draining: bool) -> Readiness {
+        if draining {
+            return Readiness::Draining;
+        }
+        match &listener.gate {
+            Some(g) if g.inflight() >= g.max() => Readiness::Overloaded,
+            Some(g) if g.inflight() >= listener.policy.write_limit => Readiness::NotReadyForWrites,
+            _ => Readiness::Ready,
+        }
+    }
+
+    pub fn status(self) -> u16 {
+        match self {
+            Readiness::Ready => 200,
+            _ => 503,
+        }
+    }
+
+    pub fn body(self) -> &'static str {
+        match self {
+            Readiness::Ready => "ready\n",
+            Readiness::NotReadyForWrites => {
+                "not ready for writes: shedding writes, reads admitted\n"
+            }
+            Readiness::Overloaded => "not ready: overloaded\n",
+            Readiness::Draining => "not ready: draining\n",
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(max_inflight: usize, write_limit: usize, queue: Option<Queue>) -> Arc<Policy> {
+        Arc::new(Policy {
+            max_inflight: Some(max_inflight),
+            write_limit,
+            queue,
+            ..Policy::body_only(0, Some(100))
+        })
+    }
+
+    fn ask(write: bool) -> Ask {
+        Ask {
+            principal: 1,
+            tenant: 1,
+            weight: 1,
+            write,
+            content_length: None,
+        }
+    }
+
+    #[test]
+    fn body_cap_goes_first() {
+        let s = PolicyState::new(policy(1, 1, None), 1);
+        let big = Ask {
+            content_length: Some(101),
+            ..ask(true)
+        };
+        assert!(matches!(
+            s.admit(&big),
+            Admit::Refuse(Refusal {
+                status: 413,
+                reason: Reason::BodyTooLarge,
+                ..
+            })
+        ));
+        let fits = Ask {
+            content_length: Some(100),
+            ..ask(false)
+        };
+        assert!(matches!(s.admit(&fits), Admit::Go(Some(_))));
+    }
+
+    #[test]
+    fn writes_are_shed_before_reads() {
+        let s = PolicyState::new(policy(4, 2, None), 1);
+        let a = s.admit(&ask(true));
+        let b = s.admit(&ask(false));
+        assert!(matches!((&a, &b), (Admit::Go(Some(_)), Admit::Go(Some(_)))));
+        assert_eq!(Readiness::of(&s, false), Readiness::NotReadyForWrites);
+        match s.admit(&ask(true)) {
+            Admit::Refuse(r) => assert_eq!((r.status, r.reason), (503, Reason::WritesShed)),
+            _ => panic!("a write at the write limit is shed"),
+        }
+        let c = s.admit(&ask(false));
+        let d = s.admit(&ask(false));
+        assert!(matches!((&c, &d), (Admit::Go(Some(_)), Admit::Go(Some(_)))));
+        assert_eq!(Readiness::of(&s, false), Readiness::Overloaded);
+        match s.admit(&ask(false)) {
+            Admit::Refuse(r) => assert_eq!((r.status, r.reason), (503, Reason::Inflight)),
+            _ => panic!("a read beyond the cap is refused"),
+        }
+        drop((a, b, c, d));
+        assert_eq!(Readiness::of(&s, false), Readiness::Ready);
+        assert_eq!(Readiness::of(&s, true), Readiness::Draining);
+    }
+
+    #[test]
+    fn each_worker_enforces_its_share_of_the_rate() {
+        let p = Arc::new(Policy {
+            rate: Some(Rate {
+                per_second: 10.0,
+                burst: 10.0,
+                principal: Key::ClientIp,
+            }),
+            ..Policy::body_only(0, None)
+        });
+        let admitted = |workers| {
+            let s = PolicyState::new(p.clone(), workers);
+            (0..20)
+                .filter(|_| matches!(s.admit(&ask(false)), Admit::Go(_)))
+                .count()
+        };
+        assert_eq!(admitted(1), 10);
+        assert_eq!(admitted(2), 5);
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn queue_deadline_refuses_with_503() {
+        let q = Queue {
+            tenant: Key::All,
+            depth: 1,
+            timeout: Duration::from_millis(20),
+            weights: HashMap::new(),
+        };
+        let s = PolicyState::new(policy(1, 1, Some(q)), 1);
+        let held = s.admit(&ask(false));
+        let Admit::Wait(ticket) = s.admit(&ask(false)) else {
+            panic!("queued behind the held slot");
+        };
+        assert!(matches!(
+            s.admit(&ask(false)),
+            Admit::Refuse(Refusal {
+                reason: Reason::QueueFull,
+                ..
+            })
+        ));
+        let refused = s.wait(ticket).await.expect_err("nobody released");
+        assert_eq!(
+            (refused.status, refused.reason),
+            (503, Reason::QueueTimeout)
+        );
+        drop(held);
+        assert_eq!(
+            s.gate.as_ref().map(|g| (g.inflight(), g.queued())),
+            Some((0, 0))
+        );
+    }
+}
