@@ -6,18 +6,6 @@ use std::time::Duration;
 
 use crate::support::*;
 
-fn sha256_hex(path: &std::path::Path) -> String {
-    let out = std::process::Command::new("sha256sum")
-        .arg(path)
-        .output()
-        .expect("sha256sum");
-    String::from_utf8_lossy(&out.stdout)
-        .split_whitespace()
-        .next()
-        .unwrap_or_default()
-        .to_string()
-}
-
 fn make_file(dir: &std::path::Path, name: &str, size: usize) -> std::path::PathBuf {
     let path = dir.join(name);
     let data: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
@@ -95,7 +83,12 @@ fn expect_100_continue_is_answered_before_the_body() {
 #[test]
 fn ten_mib_bodies_both_ways_with_bounded_memory() {
     let origin = python_origin();
-    let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+    // Past the default 1 MiB body cap: raised for this listener.
+    let config = config_for(&format!("tcp://{}", origin.addr), "").replace(
+        "[upstream.app]",
+        "[listener.limits]\nmax_body = \"16MiB\"\n\n[upstream.app]",
+    );
+    let proxy = coregate(&config, &["--workers", "1"]);
     let before = proxy.rss_kib();
     let file = make_file(&proxy.dir, "ten.bin", 10 << 20);
     let out = curl(&[

@@ -4,6 +4,7 @@
 
 mod support;
 
+mod admission;
 mod bodies;
 mod failures;
 mod forwarding;

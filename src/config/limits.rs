@@ -331,6 +331,64 @@ mod tests {
         assert_eq!(parse_size("1PiB"), None);
     }
 
+    const BASE: &str = "[[listener]]\nlisten = \"127.0.0.1:1\"\n[upstream.a]\nbackends = [\"tcp://127.0.0.1:2\"]\n";
+
+    fn problems(extra: &str) -> String {
+        match super::super::parse(&format!("{BASE}{extra}"), "l.toml") {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn limits_compile_with_defaults() {
+        let s = super::super::parse(
+            &format!(
+                "{BASE}[[route]]\nupstream = \"a\"\n[route.limits]\nrate = \"600/m\"\nmax_inflight = 10\n\
+                 tenant = \"header:X-Tenant\"\ntenant_weights = {{ gold = 4 }}\ndecode_guard = true\n"
+            ),
+            "l.toml",
+        )
+        .expect("valid");
+        let listener = &s.listeners[0].policy;
+        assert_eq!(listener.max_body, Some(DEFAULT_MAX_BODY));
+        assert!(!listener.limits_requests());
+        let route = &s.policies[1];
+        assert_eq!(route.max_body, None, "a route without a cap keeps its listener's");
+        let rate = route.rate.as_ref().expect("rate");
+        assert_eq!((rate.per_second, rate.burst), (10.0, 10.0));
+        assert_eq!(rate.principal, Key::ClientIp);
+        assert_eq!(route.write_limit, 8);
+        let q = route.queue.as_ref().expect("queue");
+        assert_eq!((q.depth, q.timeout), (64, Duration::from_secs(1)));
+        assert_eq!(q.tenant, Key::Header(b"x-tenant".to_vec()));
+        assert_eq!(q.weights.get(&b"gold"[..]), Some(&4));
+        let d = route.decode.expect("guard");
+        assert_eq!((d.ratio, d.max), (10, 8 << 20));
+    }
+
+    #[test]
+    fn limit_problems_name_line_and_key() {
+        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nrate = \"fast\"\n");
+        assert!(e.contains("l.toml:8: route.limits.rate: \"fast\" is not a rate"), "{e}");
+        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nmax_body = \"1.5MiB\"\n");
+        assert!(e.contains("l.toml:8: route.limits.max_body:"), "{e}");
+        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nqueue_depth = 4\n");
+        assert!(e.contains("fair queuing needs `max_inflight`"), "{e}");
+        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nburst = 4\n");
+        assert!(e.contains("route.limits.burst: needs `rate`"), "{e}");
+        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nrate = \"1/s\"\nprincipal = \"cookie\"\n");
+        assert!(e.contains("route.limits.principal: \"cookie\" is not a key source"), "{e}");
+        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nmax_inflight = 2\nshed_writes_at = 1.5\n");
+        assert!(e.contains("route.limits.shed_writes_at"), "{e}");
+        let e = problems("[listener.limits]\ndecode_guard = true\n");
+        assert!(e.contains("listener.limits.decode_guard: the decode guard is set per route"), "{e}");
+        let e = problems("[[rule]]\nlog = [\"status\"]\n[rule.limits]\nmax_inflight = 1\n");
+        assert!(e.contains("rule.limits: admission limits belong to a [[route]]"), "{e}");
+        let e = problems("[listener.limits]\nmax_inflight = 0\n");
+        assert!(e.contains("listener.limits.max_inflight: 0 is out of range"), "{e}");
+    }
+
     #[test]
     fn rates() {
         assert_eq!(parse_rate("100/s"), Some(100.0));

@@ -274,3 +274,16 @@ pub fn header<'a>(echo: &'a serde_json::Value, name: &str) -> Option<&'a str> {
         .find(|h| h[0].as_str().is_some_and(|n| n.eq_ignore_ascii_case(name)))
         .and_then(|h| h[1].as_str())
 }
+
+/// sha256 of a file's bytes, in hex (sha256sum).
+pub fn sha256_hex(path: &std::path::Path) -> String {
+    let out = Command::new("sha256sum")
+        .arg(path)
+        .output()
+        .expect("sha256sum");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
