@@ -6,7 +6,8 @@
 //! each policy, in order: the body cap (413), the principal's token bucket
 //! (429 with Retry-After), then the inflight cap: writes are shed first
 //! (503), reads take a slot, or queue per tenant when the policy has queues
-//! (503 when the tenant's queue is full or the wait passes its deadline).
+//! (503 when the tenant's queue is full or the wait passes its deadline;
+//! `fair` serves the queues and keeps a reserve for quiet tenants).
 //!
 //! Shared-nothing: each worker keeps its own buckets, counts and queues
 //! ([`Admission`]), and enforces `1/workers` of each configured rate.
@@ -90,6 +91,9 @@ pub struct Policy {
     pub max_inflight: Option<usize>,
     /// Writes are shed once this many requests are in flight (per worker).
     pub write_limit: usize,
+    /// Slots of `max_inflight` that tenants with a backlog cannot take
+    /// (`fair::Gate`); 0 without queues.
+    pub quiet_reserve: usize,
     pub queue: Option<Queue>,
     /// Routes only; off by default.
     pub decode: Option<DecodeGuard>,
@@ -110,6 +114,7 @@ impl Policy {
             rate: None,
             max_inflight: None,
             write_limit: usize::MAX,
+            quiet_reserve: 0,
             queue: None,
             decode: None,
         }
@@ -267,7 +272,9 @@ impl PolicyState {
                 (r.burst / workers).max(1.0),
             ))
         });
-        let gate = policy.max_inflight.map(|m| Rc::new(Gate::new(m)));
+        let gate = policy
+            .max_inflight
+            .map(|m| Rc::new(Gate::new(m, policy.quiet_reserve)));
         PolicyState {
             policy,
             buckets,
@@ -337,7 +344,7 @@ impl PolicyState {
         if ask.write && gate.inflight() >= self.policy.write_limit {
             return Admit::Refuse(Refusal::retry(503, 1, Reason::WritesShed));
         }
-        if gate.try_take() {
+        if gate.try_take(ask.tenant) {
             return Admit::Go(Some(Slot(gate.clone())));
         }
         let Some(q) = &self.policy.queue else {

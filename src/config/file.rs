@@ -82,6 +82,8 @@ pub struct LimitsSection {
     /// `client_ip`, `header:NAME` or `all`.
     pub tenant: Option<Spanned<String>>,
     pub tenant_weights: Option<Spanned<std::collections::BTreeMap<String, i64>>>,
+    /// Slots of `max_inflight` kept for tenants without a backlog.
+    pub quiet_reserve: Option<Spanned<i64>>,
     /// Routes only.
     pub decode_guard: Option<Spanned<bool>>,
     pub decode_ratio: Option<Spanned<i64>>,

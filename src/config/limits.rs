@@ -215,7 +215,8 @@ impl Validator<'_> {
         let queued = l.queue_depth.is_some()
             || l.queue_timeout.is_some()
             || l.tenant.is_some()
-            || l.tenant_weights.is_some();
+            || l.tenant_weights.is_some()
+            || l.quiet_reserve.is_some();
         let queue = if queued {
             if max_inflight.is_none() {
                 self.problem(
@@ -255,6 +256,19 @@ impl Validator<'_> {
             })
         } else {
             None
+        };
+        let quiet_reserve = match (max_inflight, &queue) {
+            (Some(max), Some(_)) => {
+                // One slot in 16 by default, at least one when there are two.
+                let default = if max >= 2 { (max / 16).max(1) } else { 0 };
+                self.int(
+                    &l.quiet_reserve,
+                    &key("quiet_reserve"),
+                    0..=(max as i64 - 1),
+                    default as i64,
+                ) as usize
+            }
+            _ => 0,
         };
         if let Some(Rate {
             principal: Key::Tenant,
@@ -307,6 +321,7 @@ impl Validator<'_> {
             rate,
             max_inflight,
             write_limit,
+            quiet_reserve,
             queue,
             decode,
         });
@@ -354,11 +369,15 @@ mod tests {
         assert_eq!(listener.max_body, Some(DEFAULT_MAX_BODY));
         assert!(!listener.limits_requests());
         let route = &s.policies[1];
-        assert_eq!(route.max_body, None, "a route without a cap keeps its listener's");
+        assert_eq!(
+            route.max_body, None,
+            "a route without a cap keeps its listener's"
+        );
         let rate = route.rate.as_ref().expect("rate");
         assert_eq!((rate.per_second, rate.burst), (10.0, 10.0));
         assert_eq!(rate.principal, Key::ClientIp);
         assert_eq!(route.write_limit, 8);
+        assert_eq!(route.quiet_reserve, 1);
         let q = route.queue.as_ref().expect("queue");
         assert_eq!((q.depth, q.timeout), (64, Duration::from_secs(1)));
         assert_eq!(q.tenant, Key::Header(b"x-tenant".to_vec()));
@@ -370,23 +389,42 @@ mod tests {
     #[test]
     fn limit_problems_name_line_and_key() {
         let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nrate = \"fast\"\n");
-        assert!(e.contains("l.toml:8: route.limits.rate: \"fast\" is not a rate"), "{e}");
+        assert!(
+            e.contains("l.toml:8: route.limits.rate: \"fast\" is not a rate"),
+            "{e}"
+        );
         let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nmax_body = \"1.5MiB\"\n");
         assert!(e.contains("l.toml:8: route.limits.max_body:"), "{e}");
         let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nqueue_depth = 4\n");
         assert!(e.contains("fair queuing needs `max_inflight`"), "{e}");
         let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nburst = 4\n");
         assert!(e.contains("route.limits.burst: needs `rate`"), "{e}");
-        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nrate = \"1/s\"\nprincipal = \"cookie\"\n");
-        assert!(e.contains("route.limits.principal: \"cookie\" is not a key source"), "{e}");
-        let e = problems("[[route]]\nupstream = \"a\"\n[route.limits]\nmax_inflight = 2\nshed_writes_at = 1.5\n");
+        let e = problems(
+            "[[route]]\nupstream = \"a\"\n[route.limits]\nrate = \"1/s\"\nprincipal = \"cookie\"\n",
+        );
+        assert!(
+            e.contains("route.limits.principal: \"cookie\" is not a key source"),
+            "{e}"
+        );
+        let e = problems(
+            "[[route]]\nupstream = \"a\"\n[route.limits]\nmax_inflight = 2\nshed_writes_at = 1.5\n",
+        );
         assert!(e.contains("route.limits.shed_writes_at"), "{e}");
         let e = problems("[listener.limits]\ndecode_guard = true\n");
-        assert!(e.contains("listener.limits.decode_guard: the decode guard is set per route"), "{e}");
+        assert!(
+            e.contains("listener.limits.decode_guard: the decode guard is set per route"),
+            "{e}"
+        );
         let e = problems("[[rule]]\nlog = [\"status\"]\n[rule.limits]\nmax_inflight = 1\n");
-        assert!(e.contains("rule.limits: admission limits belong to a [[route]]"), "{e}");
+        assert!(
+            e.contains("rule.limits: admission limits belong to a [[route]]"),
+            "{e}"
+        );
         let e = problems("[listener.limits]\nmax_inflight = 0\n");
-        assert!(e.contains("listener.limits.max_inflight: 0 is out of range"), "{e}");
+        assert!(
+            e.contains("listener.limits.max_inflight: 0 is out of range"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -296,15 +296,7 @@ impl Conn {
         let deadline = monoio::time::Instant::now() + listener!(self).request_timeout;
         match self.read_head(deadline).await {
             Ok(()) => self.handle(deadline).await,
-            Err(Some(status)) => {
-                self.ctx.rejections.count(match status {
-                    408 => Reason::HeaderTimeout,
-                    414 => Reason::UriTooLong,
-                    431 => Reason::HeadTooLarge,
-                    _ => Reason::BadRequest,
-                });
-                self.reject(status, false).await
-            }
+            Err(Some(refusal)) => self.refuse(refusal, false).await,
             Err(None) => Next::Close,
         }
     }
@@ -353,10 +345,16 @@ impl Conn {
     }
 
     /// Read until a whole head is parsed into `self.req`, within
-    /// `header_timeout` and the request's total `deadline`. `Err(Some(s))`:
-    /// answer `s` and close; `Err(None)`: close silently.
-    async fn read_head(&mut self, deadline: monoio::time::Instant) -> Result<(), Option<u16>> {
-        let deadline = deadline.min(monoio::time::Instant::now() + listener!(self).header_timeout);
+    /// `header_timeout` and the request's total `deadline`. `Err(Some(r))`:
+    /// answer and close; `Err(None)`: close silently.
+    async fn read_head(&mut self, deadline: monoio::time::Instant) -> Result<(), Option<Refusal>> {
+        let header_deadline = monoio::time::Instant::now() + listener!(self).header_timeout;
+        let late = if deadline < header_deadline {
+            Refusal::new(408, Reason::RequestTimeout)
+        } else {
+            Refusal::new(408, Reason::HeaderTimeout)
+        };
+        let deadline = deadline.min(header_deadline);
         loop {
             let limits = &listener!(self).limits;
             match head::parse_request(self.buf.data(), limits, &mut self.req) {
@@ -364,11 +362,16 @@ impl Conn {
                 Ok(Status::Partial) => {}
                 Err(e) => {
                     crate::debug!("downstream {}: {e}", self.client);
-                    return Err(Some(e.status()));
+                    let reason = match e.status() {
+                        414 => Reason::UriTooLong,
+                        431 => Reason::HeadTooLarge,
+                        _ => Reason::BadRequest,
+                    };
+                    return Err(Some(Refusal::new(e.status(), reason)));
                 }
             }
             if self.buf.is_full() {
-                return Err(Some(431));
+                return Err(Some(Refusal::new(431, Reason::HeadTooLarge)));
             }
             let had_bytes = !self.buf.is_empty();
             match monoio::time::timeout_at(deadline, self.buf.read_from(&mut self.stream)).await {
@@ -376,7 +379,7 @@ impl Conn {
                 Ok(_) => return Err(None),
                 // A client that started a head and stalled gets 408; one
                 // that never sent a byte is just an idle connection.
-                Err(_) if had_bytes => return Err(Some(408)),
+                Err(_) if had_bytes => return Err(Some(late)),
                 Err(_) => return Err(None),
             }
         }
@@ -621,17 +624,14 @@ impl Conn {
                 Err(r) => refused = Some(r),
             }
         }
-        let next = match plan {
-            _ if refused.is_some() => {
-                let r = refused.expect("checked");
-                self.refuse(r, keep_if_bodyless).await
-            }
-            Plan::Close => {
+        let next = match (refused, plan) {
+            (Some(r), _) => self.refuse(r, keep_if_bodyless).await,
+            (None, Plan::Close) => {
                 self.ctx.rejections.count(Reason::Dropped);
                 self.status = 0;
                 Next::Close
             }
-            Plan::Reject(status) => {
+            (None, Plan::Reject(status)) => {
                 self.ctx.rejections.count(if status == 404 {
                     Reason::NoRoute
                 } else {
@@ -639,7 +639,7 @@ impl Conn {
                 });
                 self.reject(status, keep_if_bodyless).await
             }
-            Plan::Probe { status, body } => {
+            (None, Plan::Probe { status, body }) => {
                 let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
                 let with_body = self.req.method != Method::Head;
                 encode::write_fixed(
@@ -654,11 +654,14 @@ impl Conn {
                 );
                 self.send_out(status, keep).await
             }
-            Plan::Fixed {
-                status,
-                fields,
-                body,
-            } => {
+            (
+                None,
+                Plan::Fixed {
+                    status,
+                    fields,
+                    body,
+                },
+            ) => {
                 let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
                 let with_body = self.req.method != Method::Head;
                 encode::write_fixed(
@@ -673,7 +676,7 @@ impl Conn {
                 );
                 self.send_out(status, keep).await
             }
-            Plan::Proxy { group, backend } => {
+            (None, Plan::Proxy { group, backend }) => {
                 upstream = Some((group, backend));
                 self.proxy(&cur, group, backend, &decision.response, &bounds)
                     .await

@@ -309,6 +309,76 @@ mod tests {
     }
 
     #[monoio::test(enable_timer = true)]
+    async fn chunked_body_stops_as_it_crosses_its_cap() {
+        let input = b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n";
+        let mut src: &[u8] = input;
+        let mut buf = Buf::new(Vec::with_capacity(BUF_SIZE));
+        let mut sink = Sink(Vec::new());
+        let mut out = Vec::new();
+        let mut t = Bounds::new(Duration::from_secs(1), Duration::from_secs(1));
+        t.max_len = 9;
+        let r = relay(
+            &mut src,
+            &mut buf,
+            &mut sink,
+            &mut out,
+            BodyIn::Chunked,
+            BodyOut::Verbatim,
+            &t,
+        )
+        .await;
+        assert!(matches!(r, Err(RelayError::TooLarge(9))), "{r:?}");
+        t.max_len = 10;
+        let mut src: &[u8] = input;
+        let mut buf = Buf::new(Vec::with_capacity(BUF_SIZE));
+        let r = relay(
+            &mut src,
+            &mut buf,
+            &mut sink,
+            &mut out,
+            BodyIn::Chunked,
+            BodyOut::Verbatim,
+            &t,
+        )
+        .await;
+        assert_eq!(r.expect("at the cap"), 10);
+    }
+
+    /// A source that never sends anything.
+    struct Silent;
+
+    impl AsyncReadRent for Silent {
+        async fn read<T: monoio::buf::IoBufMut>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+            std::future::pending::<()>().await;
+            (Ok(0), buf)
+        }
+        async fn readv<T: monoio::buf::IoVecBufMut>(
+            &mut self,
+            buf: T,
+        ) -> monoio::BufResult<usize, T> {
+            std::future::pending::<()>().await;
+            (Ok(0), buf)
+        }
+    }
+
+    #[monoio::test(enable_timer = true)]
+    async fn the_deadline_is_told_from_an_idle_timeout() {
+        let mut buf = Buf::new(Vec::with_capacity(64));
+        let mut t = Bounds::new(Duration::from_millis(20), Duration::from_secs(1));
+        assert!(matches!(
+            t.read(&mut Silent, &mut buf).await,
+            Err(RelayError::SrcTimeout)
+        ));
+        // A read cut short loses its buffer (the caller then closes).
+        let mut buf = Buf::new(Vec::with_capacity(64));
+        t.deadline = Some(Instant::now() + Duration::from_millis(5));
+        assert!(matches!(
+            t.read(&mut Silent, &mut buf).await,
+            Err(RelayError::SrcDeadline)
+        ));
+    }
+
+    #[monoio::test(enable_timer = true)]
     async fn large_body_streams_through_bounded_buffers() {
         let body = vec![b'x'; 3 * BUF_SIZE + 17];
         let (r, sent, _) = run(&body, BodyIn::Length(body.len() as u64), BodyOut::Verbatim).await;
