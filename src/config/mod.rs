@@ -27,7 +27,6 @@ use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
 use crate::net::buffer::BUF_SIZE;
 use crate::rules::RuleSet;
 use file::{FileConfig, ListenerSection, UpstreamSection};
-pub use limits::{parse_rate, parse_size};
 pub use snapshot::{Backend, BackendAddr, Listener, Snapshot, UpstreamGroup};
 
 /// One thing wrong with a config, located.
