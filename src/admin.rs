@@ -1,8 +1,9 @@
 //! The admin UNIX socket and live reload.
 //!
-//! Protocol: the client sends one command line (`reload`, `status`), the
-//! server answers one JSON line and closes. The socket is created with
-//! mode 0600: only its owner (and root) may reload the proxy.
+//! Protocol: the client sends one command line, the server answers and
+//! closes. `reload`, `status` and `stats` answer one JSON line; `metrics`
+//! answers Prometheus text. The socket is created with mode 0600: only
+//! its owner (and root) may reload the proxy or read its statistics.
 //!
 //! Owns: the socket's life (stale-file cleanup, permissions, removal at
 //! exit), its thread, the reload sequence (load, validate, compile, check
@@ -21,6 +22,8 @@ use anyhow::{Context, bail};
 
 use crate::config::epoch::Published;
 use crate::config::{self, Snapshot};
+use crate::stats::hub::Hub;
+use crate::stats::{COLLECT_TIMEOUT, Report, render};
 
 /// How long the admin thread waits for a client's command line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -161,7 +164,7 @@ impl Drop for AdminSocket {
 /// Bind the admin socket at `path` (mode 0600) and serve it on its own
 /// thread. A stale socket file (no one answers) is replaced; a live one
 /// means another coregate runs there, and is an error.
-pub fn serve(path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<AdminSocket> {
+pub fn serve(path: &Path, reloader: Arc<Reloader>, hub: Arc<Hub>) -> anyhow::Result<AdminSocket> {
     if path.exists() {
         if UnixStream::connect(path).is_ok() {
             bail!(
@@ -187,7 +190,7 @@ pub fn serve(path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<AdminSocket
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(stream) => answer(stream, &reloader),
+                    Ok(stream) => answer(stream, &reloader, &hub),
                     Err(e) => {
                         crate::warn!("admin socket: accept: {e}");
                         std::thread::sleep(Duration::from_millis(100));
@@ -201,7 +204,7 @@ pub fn serve(path: &Path, reloader: Arc<Reloader>) -> anyhow::Result<AdminSocket
     })
 }
 
-fn answer(stream: UnixStream, reloader: &Reloader) {
+fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
     let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     let mut line = String::new();
@@ -217,9 +220,19 @@ fn answer(stream: UnixStream, reloader: &Reloader) {
             }
         },
         "status" => reloader.status().to_json(true),
+        "stats" => {
+            let workers = hub.collect(COLLECT_TIMEOUT);
+            let total = Report::merge(&workers);
+            serde_json::json!({ "ok": true, "total": total, "workers": workers })
+        }
+        "metrics" => {
+            let mut out = &stream;
+            let _ = out.write_all(render::prometheus(&hub.collect(COLLECT_TIMEOUT)).as_bytes());
+            return;
+        }
         other => serde_json::json!({
             "ok": false,
-            "error": format!("unknown command {other:?}; commands: reload, status"),
+            "error": format!("unknown command {other:?}; commands: reload, status, stats, metrics"),
         }),
     };
     let mut out = &stream;
@@ -227,6 +240,19 @@ fn answer(stream: UnixStream, reloader: &Reloader) {
 }
 
 /// Send `command` to the admin socket at `path`; the parsed JSON reply.
+/// Send `command` and return the whole answer as text (`metrics`).
+pub fn request_text(path: &Path, command: &str) -> anyhow::Result<String> {
+    let mut stream = UnixStream::connect(path)
+        .with_context(|| format!("connect to admin socket {}", path.display()))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    writeln!(stream, "{command}")?;
+    let mut text = String::new();
+    stream
+        .read_to_string(&mut text)
+        .context("read the admin socket's answer")?;
+    Ok(text)
+}
+
 pub fn request(path: &Path, command: &str) -> anyhow::Result<serde_json::Value> {
     let mut stream = UnixStream::connect(path)
         .with_context(|| format!("connect to admin socket {}", path.display()))?;

@@ -33,6 +33,31 @@ pub enum Command {
         #[arg(long, short)]
         socket: PathBuf,
     },
+    /// Per-core statistics of a running coregate, from its admin socket.
+    Stats {
+        /// The admin socket (server.admin_socket, or run --admin-socket).
+        #[arg(long, short)]
+        socket: PathBuf,
+        /// JSON instead of a table: the merged total, and every worker's
+        /// figures with --per-core.
+        #[arg(long, conflicts_with = "prometheus")]
+        json: bool,
+        /// A row per core as well as the total.
+        #[arg(long)]
+        per_core: bool,
+        /// Prometheus text exposition, a series per worker.
+        #[arg(long)]
+        prometheus: bool,
+        /// Time between the two samples the table's req/s comes from.
+        #[arg(long, default_value = "1s")]
+        interval: String,
+    },
+    /// Live per-core view refreshed every second; q or Ctrl-C quits.
+    Top {
+        /// The admin socket (server.admin_socket, or run --admin-socket).
+        #[arg(long, short)]
+        socket: PathBuf,
+    },
     /// Start a built-in origin and the proxy in front of it, no setup needed.
     Demo {
         /// Where the proxy listens.

@@ -18,6 +18,7 @@ use anyhow::{Context, bail};
 use crate::admin::Reloader;
 use crate::config::epoch::Published;
 use crate::net::listener::bind_reuseport;
+use crate::stats::hub::Hub;
 use crate::worker::{self, DriverKind, MSG_DRAIN, Role, WorkerSpec};
 
 /// How to lay workers out on the machine.
@@ -118,6 +119,7 @@ impl Server {
         published: Arc<Published>,
         opts: &RunOptions,
         role: Role,
+        hub: Option<&Hub>,
     ) -> anyhow::Result<Server> {
         let (_, snapshot) = published.load();
         let cores = choose_cores(opts)?;
@@ -137,9 +139,17 @@ impl Server {
         let mut controls = Vec::with_capacity(n);
         for (id, (core, listeners)) in cores.into_iter().zip(per_worker).enumerate() {
             let (ours, theirs) = UnixStream::pair().context("control socketpair")?;
+            if let Some(hub) = hub {
+                hub.register(
+                    id,
+                    core.map(|c| c.id),
+                    ours.try_clone().context("clone a control socket")?,
+                );
+            }
             let spec = WorkerSpec {
                 id,
                 workers: n,
+                stats: hub.map(Hub::sender),
                 core,
                 driver: opts.driver,
                 published: published.clone(),

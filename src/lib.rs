@@ -24,6 +24,9 @@
 //! - [`admission`]: body caps, per-principal token buckets, inflight caps
 //!   with per-tenant fair queuing, readiness, and rejection counters.
 //! - [`admin`]: the admin UNIX socket, live reload, and its client.
+//! - [`stats`]: per-worker counters and HDR histograms, their collection
+//!   over the workers' control sockets, JSON, Prometheus text and the
+//!   `stats`/`top` tables.
 //! - [`access_log`]: JSON-lines access log, buffered per worker.
 //! - [`log`]: leveled stderr logging.
 
@@ -40,4 +43,5 @@ pub mod net;
 pub mod origin;
 pub mod proxy;
 pub mod rules;
+pub mod stats;
 pub mod worker;

@@ -11,6 +11,8 @@ use coregate::cli::{Cli, Command, RunArgs, WorkerArgs};
 use coregate::config::epoch::Published;
 use coregate::config::{self, Snapshot};
 use coregate::control::{self, RunOptions, Server, parse_core_list};
+use coregate::stats::hub::Hub;
+use coregate::stats::{Report, render};
 use coregate::worker::Role;
 
 fn main() -> ExitCode {
@@ -26,7 +28,13 @@ fn main() -> ExitCode {
 }
 
 fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
-    if !matches!(command, Command::Check { .. } | Command::Reload { .. }) {
+    if !matches!(
+        command,
+        Command::Check { .. }
+            | Command::Reload { .. }
+            | Command::Stats { .. }
+            | Command::Top { .. }
+    ) {
         let limit = control::raise_fd_limit();
         coregate::info!("open files limit: {limit}");
     }
@@ -51,6 +59,17 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Run(args) => run(args),
         Command::Reload { socket } => reload(&socket),
+        Command::Stats {
+            socket,
+            json,
+            per_core,
+            prometheus,
+            interval,
+        } => stats(&socket, json, per_core, prometheus, &interval),
+        Command::Top { socket } => {
+            coregate::stats::top::run(&socket)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Origin {
             listen,
             body_size,
@@ -62,6 +81,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 Published::new(snapshot),
                 &run_options(&workers)?,
                 Role::Origin(body_size),
+                None,
             )?;
             println!(
                 "coregate origin listening on http://{} ({body_size}-byte bodies)",
@@ -109,12 +129,18 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         published.clone(),
         started.elapsed(),
     ));
+    let hub = Hub::new();
     // Bound before the workers start (see `admin::serve`).
     let _admin = match &admin_path {
-        Some(p) => Some(admin::serve(p, reloader.clone())?),
+        Some(p) => Some(admin::serve(p, reloader.clone(), hub.clone())?),
         None => None,
     };
-    let server = Server::start(published, &run_options(&args.workers)?, Role::Proxy)?;
+    let server = Server::start(
+        published,
+        &run_options(&args.workers)?,
+        Role::Proxy,
+        Some(&hub),
+    )?;
     for addr in server.local_addrs() {
         println!("coregate listening on http://{addr}");
     }
@@ -149,6 +175,49 @@ fn reload(socket: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+fn stats(
+    socket: &std::path::Path,
+    json: bool,
+    per_core: bool,
+    prometheus: bool,
+    interval: &str,
+) -> anyhow::Result<ExitCode> {
+    // Output piped into `head` ends quietly, as for other Unix tools.
+    // SAFETY: restoring the default action of one signal, before any thread.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    if prometheus {
+        print!("{}", admin::request_text(socket, "metrics")?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let sample = || -> anyhow::Result<(Vec<Report>, std::time::Instant)> {
+        let reply = admin::request(socket, "stats")?;
+        let workers = serde_json::from_value(reply["workers"].clone())
+            .context("the admin socket's stats answer")?;
+        Ok((workers, std::time::Instant::now()))
+    };
+    if json {
+        let (workers, _) = sample()?;
+        let mut out = serde_json::json!({ "total": Report::merge(&workers).without_buckets() });
+        if per_core {
+            let workers: Vec<Report> = workers.into_iter().map(Report::without_buckets).collect();
+            out["workers"] = serde_json::to_value(&workers)?;
+        }
+        println!("{}", serde_json::to_string_pretty(&out)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let interval = config::parse_duration(interval)
+        .ok_or_else(|| anyhow::anyhow!("--interval {interval:?}: write e.g. 1s or 500ms"))?;
+    let (first, t0) = sample()?;
+    std::thread::sleep(interval);
+    let (second, t1) = sample()?;
+    let seconds = (t1 - t0).as_secs_f64();
+    print!(
+        "{}",
+        render::table(&second, Some(&first), seconds, per_core, false)
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
 fn origin_snapshot(listen: &str) -> anyhow::Result<Arc<Snapshot>> {
     // The origin reuses listener parsing; its one route is never consulted.
     let s = config::quick(listen, "tcp://127.0.0.1:9").map_err(|e| anyhow::anyhow!("{e}"))?;
@@ -165,6 +234,7 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
         Published::new(origin_snapshot("127.0.0.1:0")?),
         &origin_opts,
         Role::Origin(128),
+        None,
     )
     .context("start the demo origin")?;
     let origin_addr = origin.local_addrs()[0];
@@ -179,6 +249,7 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
         Published::new(Arc::new(snapshot)),
         &run_options(workers)?,
         Role::Proxy,
+        None,
     )?;
     let addr = proxy.local_addrs()[0];
     println!("coregate demo: proxy on http://{addr} -> built-in origin on http://{origin_addr}");

@@ -18,6 +18,8 @@ use std::time::{Duration, Instant};
 use monoio::io::AsyncReadRent;
 use monoio::net::{TcpListener, TcpStream, UnixStream};
 
+use std::sync::mpsc::Sender;
+
 use crate::access_log::AccessLog;
 use crate::admission::{Admission, Reason, Rejections};
 use crate::config::Snapshot;
@@ -28,6 +30,8 @@ use crate::net::buffer::{BufPool, VecPool};
 use crate::net::upstream::UpstreamPool;
 use crate::origin::OriginBody;
 use crate::rules::{RuleSet, Scratch};
+use crate::stats::hub::MSG_STATS;
+use crate::stats::{self, Report, Tallies, WorkerStats};
 
 /// Which event loop a worker runs on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -78,14 +82,17 @@ pub struct Current {
     /// This worker's buckets, inflight counts and queues for the
     /// snapshot's admission policies.
     pub admission: Admission,
+    /// Requests per route and upstream counts per backend.
+    pub tallies: Tallies,
 }
 
 impl Current {
-    fn new(epoch: u64, snapshot: Arc<Snapshot>, workers: usize) -> Self {
+    fn new(epoch: u64, snapshot: Arc<Snapshot>, workers: usize, tallies: Tallies) -> Self {
         Current {
             epoch,
             rules: snapshot.rules.clone(),
             admission: Admission::new(&snapshot.policies, workers),
+            tallies,
             snapshot,
         }
     }
@@ -95,6 +102,8 @@ impl Current {
 /// locks, and one atomic load per request (the config epoch).
 pub struct WorkerCtx {
     pub id: usize,
+    /// The core it is pinned to, if any.
+    pub core: Option<usize>,
     /// How many workers share the configured rates.
     pub workers: usize,
     published: Arc<Published>,
@@ -114,6 +123,7 @@ pub struct WorkerCtx {
     pub listener_connections: Vec<Cell<usize>>,
     /// `rejected_total{reason}` of this worker.
     pub rejections: Rejections,
+    pub stats: WorkerStats,
     pub access_log: AccessLog,
     pub driver: DriverKind,
 }
@@ -121,8 +131,10 @@ pub struct WorkerCtx {
 impl WorkerCtx {
     pub fn new(id: usize, workers: usize, published: Arc<Published>, driver: DriverKind) -> Self {
         let (epoch, snapshot) = published.load();
+        let tallies = Tallies::new(&snapshot);
         WorkerCtx {
             id,
+            core: None,
             workers,
             upstreams: UpstreamPool::new(&snapshot),
             rr: RefCell::new(vec![id; snapshot.upstreams.len()]),
@@ -131,7 +143,8 @@ impl WorkerCtx {
             // neither does their number.
             listener_connections: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
             rejections: Rejections::default(),
-            current: RefCell::new(Rc::new(Current::new(epoch, snapshot, workers))),
+            stats: WorkerStats::default(),
+            current: RefCell::new(Rc::new(Current::new(epoch, snapshot, workers, tallies))),
             published,
             scratch: RefCell::new(Scratch::default()),
             bufs: BufPool::new(),
@@ -167,7 +180,8 @@ impl WorkerCtx {
         rr.resize(snapshot.upstreams.len(), self.id);
         drop(rr);
         self.access_log.retarget(snapshot.access_log.as_deref());
-        let next = Rc::new(Current::new(epoch, snapshot, self.workers));
+        let tallies = Tallies::carry(&old.snapshot, &old.tallies, &snapshot);
+        let next = Rc::new(Current::new(epoch, snapshot, self.workers, tallies));
         *self.current.borrow_mut() = next.clone();
         crate::debug!("worker {} now on config epoch {epoch}", self.id);
         next
@@ -192,6 +206,8 @@ pub struct WorkerSpec {
     pub id: usize,
     /// Workers started in all.
     pub workers: usize,
+    /// Where the worker sends its statistics reports.
+    pub stats: Option<Sender<Report>>,
     pub core: Option<core_affinity::CoreId>,
     pub driver: DriverKind,
     pub published: Arc<Published>,
@@ -275,12 +291,9 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         core,
         driver.name()
     );
-    let ctx = Rc::new(WorkerCtx::new(
-        spec.id,
-        spec.workers,
-        spec.published,
-        driver,
-    ));
+    let mut ctx = WorkerCtx::new(spec.id, spec.workers, spec.published, driver);
+    ctx.core = spec.core.map(|c| c.id);
+    let ctx = Rc::new(ctx);
     let origin = match spec.role {
         Role::Proxy => None,
         Role::Origin(size) => Some(Rc::new(OriginBody::new(size))),
@@ -304,7 +317,15 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
             let (res, buf) = control.read(vec![0u8; 16]).await;
             match res {
                 Ok(n) if n > 0 && buf[..n].contains(&MSG_DRAIN) => break,
-                Ok(n) if n > 0 => continue,
+                Ok(n) if n > 0 => {
+                    // Several requests read at once get one answer.
+                    if buf[..n].contains(&MSG_STATS)
+                        && let Some(tx) = &spec.stats
+                    {
+                        // Unbounded: never blocks this worker.
+                        let _ = tx.send(report(&ctx));
+                    }
+                }
                 _ => break,
             }
         }
@@ -325,6 +346,22 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     if !rejected.is_empty() {
         crate::info!("worker {} rejected: {rejected}", ctx.id);
     }
+}
+
+fn report(ctx: &WorkerCtx) -> Report {
+    let cur = ctx.current.borrow().clone();
+    ctx.stats.report(&stats::Context {
+        worker: ctx.id,
+        core: ctx.core,
+        driver: ctx.driver.name(),
+        epoch: cur.epoch,
+        snapshot: &cur.snapshot,
+        tallies: &cur.tallies,
+        rejections: &ctx.rejections,
+        connections_open: ctx.open_connections.get() as u64,
+        buffers_free: ctx.bufs.free_count() as u64,
+        upstream_idle: ctx.upstreams.idle_count() as u64,
+    })
 }
 
 /// How often the worker writes out access log lines and checks idle
@@ -367,6 +404,7 @@ async fn accept_loop(
                     continue;
                 }
                 open.set(open.get() + 1);
+                ctx.stats.accepted();
                 let _ = stream.set_nodelay(true);
                 ctx.open_connections.set(ctx.open_connections.get() + 1);
                 let fut = connection(ctx.clone(), stream, peer, listener_idx, origin.clone());

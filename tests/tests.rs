@@ -13,3 +13,4 @@ mod nginx;
 mod reload;
 mod rules;
 mod smuggling;
+mod stats;

@@ -499,6 +499,8 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 log,
                 uses_captures,
                 policy,
+                // Set by `RuleSet::build`.
+                index: 0,
             },
         })
     }

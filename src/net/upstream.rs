@@ -211,6 +211,11 @@ impl UpstreamPool {
         *idle = fresh;
     }
 
+    /// Idle connections held, all backends together.
+    pub fn idle_count(&self) -> usize {
+        self.idle.borrow().iter().flatten().map(Vec::len).sum()
+    }
+
     /// Close every idle connection (drain).
     pub fn clear(&self) {
         for list in self.idle.borrow_mut().iter_mut().flatten() {

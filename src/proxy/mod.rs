@@ -37,6 +37,7 @@ use crate::net::buffer::{BUF_SIZE, Buf, flush};
 use crate::net::upstream::{self, ConnectError, UpStream};
 use crate::rules::matcher::{needs_normalizing, normalize_path};
 use crate::rules::{Action, Decision, HeaderPlan, RequestView, Rewrite};
+use crate::stats::Stamp;
 use crate::worker::{Current, WorkerCtx};
 use relay::{BodyIn, BodyOut, Bounds, RelayError, relay};
 
@@ -64,6 +65,7 @@ pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr, list
         ctx,
         status: 0,
         sent: 0,
+        received: 0,
     };
     conn.run().await;
     conn.release_buffers();
@@ -90,9 +92,11 @@ struct Conn {
     out: Vec<u8>,
     req: RequestHead,
     res: ResponseHead,
-    /// Status and bytes sent for the request in progress (access log).
+    /// Status, bytes sent and bytes received (head and body) for the
+    /// request in progress (access log, statistics).
     status: u16,
     sent: u64,
+    received: u64,
 }
 
 /// How a request ended for the downstream connection.
@@ -281,10 +285,12 @@ impl Conn {
 
     /// Read one request and answer it.
     async fn request(&mut self) -> Next {
+        let started = Stamp::now();
         // The one epoch check per request.
         self.cur = self.ctx.current();
         self.status = 0;
         self.sent = 0;
+        self.received = 0;
         if !self.buf.has_capacity() {
             self.buf = Buf::new(self.ctx.bufs.get());
         }
@@ -294,11 +300,15 @@ impl Conn {
             }
         }
         let deadline = monoio::time::Instant::now() + listener!(self).request_timeout;
-        match self.read_head(deadline).await {
+        let next = match self.read_head(deadline).await {
             Ok(()) => self.handle(deadline).await,
             Err(Some(refusal)) => self.refuse(refusal, false).await,
             Err(None) => Next::Close,
-        }
+        };
+        self.ctx
+            .stats
+            .response(self.status, started, self.received, self.sent);
+        next
     }
 
     fn release_buffers(&mut self) {
@@ -490,6 +500,10 @@ impl Conn {
             }
             cur.rules
                 .evaluate(&view, &mut self.ctx.scratch.borrow_mut(), &mut decision);
+            self.ctx.stats.rule_evaluation();
+            if let Some(r) = decision.route {
+                cur.tallies.route(r.index);
+            }
             let route_policy = decision.route.and_then(|r| r.policy.as_deref());
             let content_length = match self.req.framing {
                 BodyFraming::Length(n) => Some(n),
@@ -610,6 +624,7 @@ impl Conn {
             }
         };
         let head_len = self.req.len;
+        self.received = head_len as u64;
         self.buf.consume(head_len);
         // Without reading the body we cannot find the next request.
         let keep_if_bodyless = self.req.keep_alive && self.req.framing == BodyFraming::None;
@@ -729,15 +744,24 @@ impl Conn {
         // The upstream head is in `out` (written by `handle`); it stays
         // there until the response head is in, so a retry can resend it.
         let mut ubuf = Buf::new(self.ctx.bufs.get());
+        let up_started = Stamp::now();
         let result = self
             .exchange(group_idx, group, backend_idx, facts, bounds, &mut ubuf)
             .await;
         let (mut up, body_sent) = match result {
-            Ok(x) => x,
+            Ok(x) => {
+                self.ctx.stats.upstream_latency(up_started);
+                x
+            }
             Err(Fail::Respond {
                 status,
                 body_consumed,
             }) => {
+                if status == 502 || status == 504 {
+                    cur.tallies
+                        .backend(group_idx, backend_idx)
+                        .count(|t| &t.failures);
+                }
                 self.ctx.bufs.put(ubuf.into_inner());
                 crate::debug!(
                     "upstream {}: answered {status} to {}",
@@ -941,7 +965,10 @@ impl Conn {
             )
             .await;
             let body_sent = match sent {
-                Ok(_) => true,
+                Ok(n) => {
+                    self.received += n;
+                    true
+                }
                 Err(e) if e.is_source() => return Err(self.body_failure(e)),
                 Err(e) => {
                     // The upstream stopped reading; it may have answered
@@ -1123,6 +1150,8 @@ impl Conn {
         backend_idx: usize,
         fresh: bool,
     ) -> Result<(UpStream, bool), UpstreamFailure> {
+        let cur = self.cur.clone();
+        let tally = cur.tallies.backend(group_idx, backend_idx);
         while let Some(up) = (!fresh)
             .then(|| {
                 self.ctx
@@ -1134,11 +1163,15 @@ impl Conn {
             if up.is_stale() {
                 continue;
             }
+            tally.count(|t| &t.reuses);
             return Ok((up, true));
         }
         let backend = &group.backends[backend_idx];
         match upstream::connect(&backend.addr, group.connect_timeout).await {
-            Ok(up) => Ok((up, false)),
+            Ok(up) => {
+                tally.count(|t| &t.connects);
+                Ok((up, false))
+            }
             Err(ConnectError::Timeout) => {
                 crate::debug!("upstream {}: connect timed out", backend.label);
                 Err(UpstreamFailure::Timeout)

@@ -42,6 +42,9 @@ pub struct Rule {
     pub uses_captures: bool,
     /// The route's own admission limits (`[route.limits]`).
     pub policy: Option<Arc<crate::admission::Policy>>,
+    /// Position among the routes (or the stacking rules), for per-route
+    /// counts.
+    pub index: usize,
 }
 
 struct Table {
@@ -101,6 +104,13 @@ pub struct RuleSource {
     pub path_pattern: Option<String>,
 }
 
+fn numbered(list: Vec<RuleSource>) -> Vec<Rule> {
+    list.into_iter()
+        .enumerate()
+        .map(|(i, s)| Rule { index: i, ..s.rule })
+        .collect()
+}
+
 impl RuleSet {
     /// Compile routes and stacking rules. `regexes` are every pattern the
     /// rules' `Regex(i)` matchers index, already compiled (each was checked
@@ -124,8 +134,8 @@ impl RuleSet {
         let stack_index = Index::build(&entries(&stack), &mut sets)?;
         Ok(RuleSet {
             table: Arc::new(Table {
-                routes: routes.into_iter().map(|s| s.rule).collect(),
-                stack: stack.into_iter().map(|s| s.rule).collect(),
+                routes: numbered(routes),
+                stack: numbered(stack),
                 route_index,
                 stack_index,
             }),

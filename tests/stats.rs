@@ -1,0 +1,288 @@
+//! Per-core statistics over the admin socket: exact counts against what
+//! the client sent, latency percentiles against a latency the origin
+//! injects, the Prometheus text through a real parser, and `coregate top`
+//! in a real terminal (tmux).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+const BIN: &str = env!("CARGO_BIN_EXE_coregate");
+
+/// coregate with an admin socket in its temp dir, two workers.
+fn proxy_with_socket(routes: &str, upstream: &str) -> (Proc, PathBuf) {
+    let dir = temp_dir();
+    let socket = dir.join("admin.sock");
+    let config = format!(
+        "[server]\nadmin_socket = \"{}\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n{upstream}\n\n{routes}\n",
+        socket.display()
+    );
+    let proxy = coregate(&config, &["--workers", "2"]);
+    (proxy, socket)
+}
+
+fn stats_json(socket: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--per-core", "--socket"])
+        .arg(socket)
+        .output()
+        .expect("run coregate stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("JSON")
+}
+
+/// Send `paths` in order over one keep-alive connection, reading each
+/// response whole (by Content-Length) before the next.
+fn keep_alive_run(addr: &str, paths: &[&str]) {
+    let s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // One write per request, sent at once: no Nagle wait on the next.
+    s.set_nodelay(true).unwrap();
+    let mut w = s.try_clone().unwrap();
+    let mut r = BufReader::new(s);
+    for p in paths {
+        w.write_all(format!("GET {p} HTTP/1.1\r\nHost: a\r\n\r\n").as_bytes())
+            .unwrap();
+        let mut length = 0;
+        loop {
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            if line == "\r\n" {
+                break;
+            }
+            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length: ") {
+                length = v.trim().parse().unwrap();
+            }
+        }
+        let mut body = vec![0u8; length];
+        r.read_exact(&mut body).unwrap();
+    }
+}
+
+fn n(v: &serde_json::Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
+#[test]
+fn per_core_counts_add_up_to_what_the_client_sent() {
+    let (proxy, socket) = proxy_with_socket(
+        "[[route]]\nname = \"ok\"\npath = \"/ok\"\nrespond = { status = 200, body = \"ok\" }\n\n\
+         [[route]]\nname = \"teapot\"\npath = \"/teapot\"\nrespond = { status = 418 }\n",
+        "",
+    );
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "admin socket mode {mode:o}");
+    // 10,000 requests over 8 connections: 6,000 /ok, 3,000 without a
+    // route (404) and 1,000 /teapot (418).
+    let paths: Vec<&str> = (0..1250)
+        .map(|i| match i % 10 {
+            0..=5 => "/ok",
+            6..=8 => "/missing",
+            _ => "/teapot",
+        })
+        .collect();
+    let clients: Vec<_> = (0..8)
+        .map(|_| {
+            let (addr, paths) = (proxy.addr.clone(), paths.clone());
+            thread::spawn(move || keep_alive_run(&addr, &paths))
+        })
+        .collect();
+    for c in clients {
+        c.join().unwrap();
+    }
+    let s = stats_json(&socket);
+    let total = &s["total"];
+    assert_eq!(n(&total["responses"]["2xx"]), 6000, "{total}");
+    assert_eq!(n(&total["responses"]["4xx"]), 4000);
+    assert_eq!(n(&total["routes"]["ok"]), 6000);
+    assert_eq!(n(&total["routes"]["teapot"]), 1000);
+    assert_eq!(n(&total["rejected"]["no_route"]), 3000);
+    assert_eq!(n(&total["latency"]["count"]), 10_000);
+    assert_eq!(n(&total["rule_evaluations"]), 10_000);
+    assert_eq!(n(&total["connections_accepted"]), 8);
+    let workers = s["workers"].as_array().unwrap();
+    assert_eq!(workers.len(), 2);
+    for key in ["2xx", "4xx"] {
+        let sum: u64 = workers.iter().map(|w| n(&w["responses"][key])).sum();
+        assert_eq!(sum, n(&total["responses"][key]), "per-core {key} adds up");
+    }
+    let sum: u64 = workers.iter().map(|w| n(&w["latency"]["count"])).sum();
+    assert_eq!(sum, 10_000);
+    for w in workers {
+        assert_eq!(w["state"], "ok");
+        assert_eq!(w["epoch"], 1);
+    }
+}
+
+#[test]
+fn percentiles_match_a_latency_the_origin_injects() {
+    let origin = python_origin();
+    let (proxy, socket) = proxy_with_socket(
+        "[[route]]\nupstream = \"app\"\n",
+        &format!("[upstream.app]\nbackends = [\"tcp://{}\"]", origin.addr),
+    );
+    for _ in 0..10 {
+        assert_eq!(
+            status_of(&[&format!("http://{}/slow?ms=200", proxy.addr)]),
+            200
+        );
+    }
+    let total = &stats_json(&socket)["total"];
+    let upstream = &total["upstream_latency"];
+    assert_eq!(n(&upstream["count"]), 10);
+    // The origin sleeps 200 ms; the histogram holds values to 0.1%, and the
+    // Python origin adds a few ms of its own.
+    let p50 = n(&upstream["p50_us"]);
+    let p99 = n(&upstream["p99_us"]);
+    assert!((199_800..=230_000).contains(&p50), "upstream p50 {p50} us");
+    assert!((199_800..=260_000).contains(&p99), "upstream p99 {p99} us");
+    // Total latency holds the upstream exchange.
+    assert!(n(&total["latency"]["p50_us"]) >= p50 - p50 / 1000);
+    let backend = &total["upstreams"][format!("app/tcp://{}", origin.addr)];
+    assert_eq!(
+        n(&backend["connects"]) + n(&backend["reuses"]),
+        10,
+        "{backend}"
+    );
+}
+
+#[test]
+fn prometheus_text_passes_a_real_parser_and_agrees_with_json() {
+    let (proxy, socket) = proxy_with_socket(
+        "[[route]]\nname = \"quote \\\" and \\\\ backslash\"\nrespond = { status = 200 }\n",
+        "",
+    );
+    for _ in 0..20 {
+        assert_eq!(status_of(&[&format!("http://{}/", proxy.addr)]), 200);
+    }
+    let out = Command::new(BIN)
+        .args(["stats", "--prometheus", "--socket"])
+        .arg(&socket)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = proxy.dir.join("metrics.txt");
+    std::fs::write(&text, &out.stdout).unwrap();
+    // prometheus_client's parser: every family and sample, summed by name
+    // and label set without the worker.
+    let script = r#"
+import sys, json
+from prometheus_client.parser import text_string_to_metric_families
+sums, types = {}, {}
+for fam in text_string_to_metric_families(open(sys.argv[1]).read()):
+    types[fam.name] = fam.type
+    for s in fam.samples:
+        labels = {k: v for k, v in s.labels.items() if k != "worker"}
+        key = s.name + json.dumps(labels, sort_keys=True)
+        sums[key] = sums.get(key, 0) + s.value
+print(json.dumps({"sums": sums, "types": types}))
+"#;
+    let parsed = Command::new("python3")
+        .args(["-c", script])
+        .arg(&text)
+        .output()
+        .expect("python3");
+    assert!(
+        parsed.status.success(),
+        "parser refused the text: {}",
+        String::from_utf8_lossy(&parsed.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&parsed.stdout).unwrap();
+    assert_eq!(v["types"]["coregate_responses"], "counter");
+    assert_eq!(v["types"]["coregate_request_duration_seconds"], "histogram");
+    assert_eq!(
+        v["sums"]["coregate_responses_total{\"class\": \"2xx\"}"],
+        20.0
+    );
+    assert_eq!(
+        v["sums"]["coregate_route_requests_total{\"route\": \"quote \\\" and \\\\ backslash\"}"],
+        20.0,
+        "{}",
+        v["sums"]
+    );
+    assert_eq!(v["sums"]["coregate_request_duration_seconds_count{}"], 20.0);
+    assert_eq!(v["sums"]["coregate_worker_up{}"], 2.0);
+    let json = stats_json(&socket);
+    assert_eq!(n(&json["total"]["responses"]["2xx"]), 20);
+}
+
+/// `coregate top` in a real terminal: what a person sees, then q quits.
+#[test]
+fn top_shows_every_core_and_quits_on_q() {
+    let (proxy, socket) =
+        proxy_with_socket("[[route]]\nrespond = { status = 200, body = \"hi\" }\n", "");
+    let session = format!("coregate-top-{}", std::process::id());
+    let tmux = |args: &[&str]| {
+        Command::new("tmux")
+            .args(args)
+            .output()
+            .expect("tmux (installed by .ci/run)")
+    };
+    let started = tmux(&[
+        "new-session",
+        "-d",
+        "-s",
+        &session,
+        "-x",
+        "140",
+        "-y",
+        "20",
+        &format!("{BIN} top --socket {}", socket.display()),
+    ]);
+    assert!(
+        started.status.success(),
+        "{}",
+        String::from_utf8_lossy(&started.stderr)
+    );
+    // Traffic while top runs, so a frame shows a request rate.
+    let load = {
+        let addr = proxy.addr.clone();
+        thread::spawn(move || {
+            let end = Instant::now() + Duration::from_secs(3);
+            while Instant::now() < end {
+                keep_alive_run(&addr, &["/"; 50]);
+            }
+        })
+    };
+    thread::sleep(Duration::from_millis(2500));
+    let pane =
+        String::from_utf8_lossy(&tmux(&["capture-pane", "-p", "-t", &session]).stdout).into_owned();
+    load.join().unwrap();
+    let quit = tmux(&["send-keys", "-t", &session, "q"]);
+    assert!(quit.status.success());
+    let mut closed = false;
+    for _ in 0..50 {
+        thread::sleep(Duration::from_millis(100));
+        if !tmux(&["has-session", "-t", &session]).status.success() {
+            closed = true;
+            break;
+        }
+    }
+    if !closed {
+        let _ = tmux(&["kill-session", "-t", &session]);
+    }
+    assert!(pane.contains("coregate top"), "{pane}");
+    assert!(pane.contains("w0"), "a row for worker 0:\n{pane}");
+    assert!(pane.contains("w1"), "a row for worker 1:\n{pane}");
+    let total = pane
+        .lines()
+        .find(|l| l.starts_with("total"))
+        .unwrap_or_else(|| panic!("a total row:\n{pane}"));
+    let rate: f64 = total
+        .split_whitespace()
+        .nth(2)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    assert!(rate > 0.0, "the total row shows traffic: {total}");
+    assert!(closed, "q quits top");
+}
