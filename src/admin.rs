@@ -240,6 +240,71 @@ fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
 }
 
 /// Send `command` to the admin socket at `path`; the parsed JSON reply.
+/// Serve `GET /metrics` (Prometheus text) over HTTP on a loopback
+/// address (`server.metrics_listen`), one scrape at a time on its own
+/// thread. Returns the bound address (port 0 picks one).
+pub fn serve_metrics(
+    addr: std::net::SocketAddr,
+    hub: Arc<Hub>,
+) -> anyhow::Result<std::net::SocketAddr> {
+    let listener = std::net::TcpListener::bind(addr)
+        .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?;
+    let bound = listener.local_addr()?;
+    std::thread::Builder::new()
+        .name("coregate-metrics".into())
+        .spawn(move || {
+            for conn in listener.incoming() {
+                match conn {
+                    Ok(stream) => scrape(stream, &hub),
+                    Err(e) => {
+                        crate::warn!("metrics listener: accept: {e}");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            }
+        })
+        .context("spawn the metrics thread")?;
+    Ok(bound)
+}
+
+/// Answer one HTTP request: the metrics for `GET /metrics`, 404 for other
+/// paths, 405 for other methods; the connection closes after.
+fn scrape(stream: std::net::TcpStream, hub: &Hub) {
+    let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
+    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+    let mut reader = BufReader::new(&stream).take(8192);
+    let mut request_line = String::new();
+    if reader.read_line(&mut request_line).is_err() {
+        return;
+    }
+    // The rest of the head is read and ignored.
+    let mut line = String::new();
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line.trim_end() != "" {
+        line.clear();
+    }
+    let mut parts = request_line.split_whitespace();
+    let (method, target) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
+    let path = target.split('?').next().unwrap_or("");
+    let (status, content_type, body) = match (method, path) {
+        ("GET" | "HEAD", "/metrics") => (
+            "200 OK",
+            "text/plain; version=0.0.4; charset=utf-8",
+            render::prometheus(&hub.collect(COLLECT_TIMEOUT)),
+        ),
+        (_, "/metrics") => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
+        _ => ("404 Not Found", "text/plain", "see /metrics\n".into()),
+    };
+    let mut out = &stream;
+    let _ = write!(
+        out,
+        "HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    );
+    if method != "HEAD" {
+        let _ = out.write_all(body.as_bytes());
+    }
+}
+
 /// Send `command` and return the whole answer as text (`metrics`).
 pub fn request_text(path: &Path, command: &str) -> anyhow::Result<String> {
     let mut stream = UnixStream::connect(path)

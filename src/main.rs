@@ -123,6 +123,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     };
     control::block_signals();
     let admin_path = args.admin_socket.clone().or(snapshot.admin_socket.clone());
+    let snapshot_metrics = snapshot.metrics_listen;
     let published = Published::new(snapshot);
     let reloader = Arc::new(Reloader::new(
         args.config.clone(),
@@ -133,6 +134,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     // Bound before the workers start (see `admin::serve`).
     let _admin = match &admin_path {
         Some(p) => Some(admin::serve(p, reloader.clone(), hub.clone())?),
+        None => None,
+    };
+    let metrics = match snapshot_metrics {
+        Some(addr) => Some(admin::serve_metrics(addr, hub.clone())?),
         None => None,
     };
     let server = Server::start(
@@ -146,6 +151,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     }
     if let Some(p) = &admin_path {
         println!("admin socket {}", p.display());
+    }
+    if let Some(addr) = metrics {
+        println!("metrics on http://{addr}/metrics");
     }
     control::run_until_signal(vec![server], Some(&reloader))?;
     Ok(ExitCode::SUCCESS)

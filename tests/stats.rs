@@ -17,10 +17,14 @@ const BIN: &str = env!("CARGO_BIN_EXE_coregate");
 
 /// coregate with an admin socket in its temp dir, two workers.
 fn proxy_with_socket(routes: &str, upstream: &str) -> (Proc, PathBuf) {
+    proxy_with_server_keys(routes, upstream, "")
+}
+
+fn proxy_with_server_keys(routes: &str, upstream: &str, server: &str) -> (Proc, PathBuf) {
     let dir = temp_dir();
     let socket = dir.join("admin.sock");
     let config = format!(
-        "[server]\nadmin_socket = \"{}\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n{upstream}\n\n{routes}\n",
+        "[server]\nadmin_socket = \"{}\"\n{server}\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n{upstream}\n\n{routes}\n",
         socket.display()
     );
     let proxy = coregate(&config, &["--workers", "2"]);
@@ -158,9 +162,11 @@ fn percentiles_match_a_latency_the_origin_injects() {
 
 #[test]
 fn prometheus_text_passes_a_real_parser_and_agrees_with_json() {
-    let (proxy, socket) = proxy_with_socket(
+    let metrics = format!("127.0.0.1:{}", dead_port());
+    let (proxy, socket) = proxy_with_server_keys(
         "[[route]]\nname = \"quote \\\" and \\\\ backslash\"\nrespond = { status = 200 }\n",
         "",
+        &format!("metrics_listen = \"{metrics}\""),
     );
     for _ in 0..20 {
         assert_eq!(status_of(&[&format!("http://{}/", proxy.addr)]), 200);
@@ -214,6 +220,14 @@ print(json.dumps({"sums": sums, "types": types}))
     assert_eq!(v["sums"]["coregate_worker_up{}"], 2.0);
     let json = stats_json(&socket);
     assert_eq!(n(&json["total"]["responses"]["2xx"]), 20);
+
+    // The same text over HTTP on the loopback metrics listener.
+    let scraped = curl(&["-i", &format!("http://{metrics}/metrics")]);
+    let scraped = String::from_utf8_lossy(&scraped.stdout);
+    assert!(scraped.starts_with("HTTP/1.1 200 OK"), "{scraped}");
+    assert!(scraped.contains("text/plain; version=0.0.4"), "{scraped}");
+    assert!(scraped.contains("coregate_responses_total{worker=\"0\",class=\"2xx\"}"));
+    assert_eq!(status_of(&[&format!("http://{metrics}/other")]), 404);
 }
 
 /// `coregate top` in a real terminal: what a person sees, then q quits.

@@ -32,8 +32,11 @@ pub struct FileConfig {
 pub struct ServerSection {
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout: Option<Spanned<String>>,
-    /// Admin UNIX socket (reload; stats later), created with mode 0600.
+    /// Admin UNIX socket (reload, stats), created with mode 0600.
     pub admin_socket: Option<Spanned<String>>,
+    /// Loopback address of an HTTP listener serving `/metrics`; off by
+    /// default.
+    pub metrics_listen: Option<Spanned<String>>,
     /// Where access log lines go: a file path, or `-` for stdout.
     pub access_log: Option<Spanned<String>>,
 }

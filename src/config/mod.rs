@@ -261,6 +261,7 @@ impl Validator<'_> {
         }
         let rules = rules::RuleCompiler::new(self).compile(&file.route, &file.rule, &names);
         let admin_socket = self.absolute_path(&file.server.admin_socket, "server.admin_socket");
+        let metrics_listen = self.metrics_listen(&file.server.metrics_listen);
         let access_log = match &file.server.access_log {
             Some(p) if p.get_ref() == "-" => None,
             other => self.absolute_path(other, "server.access_log"),
@@ -274,6 +275,7 @@ impl Validator<'_> {
             // discarded by `parse`.
             rules: rules.unwrap_or_else(RuleSet::empty),
             admin_socket,
+            metrics_listen,
             access_log,
             policies: std::mem::take(&mut self.policies),
             hash: fnv1a64(self.text.as_bytes()),
@@ -409,6 +411,32 @@ impl Validator<'_> {
                 Duration::from_secs(60),
             ),
             max_idle: self.int(&u.max_idle, &key("max_idle"), 0..=65536, 64) as usize,
+        }
+    }
+
+    /// The `/metrics` listener: a loopback address only. Statistics name
+    /// routes and backends; anything wider belongs behind a proxy with
+    /// access control, which can reach it on loopback.
+    fn metrics_listen(&mut self, value: &Option<Spanned<String>>) -> Option<SocketAddr> {
+        let v = value.as_ref()?;
+        match v.get_ref().parse::<SocketAddr>() {
+            Ok(a) if a.ip().is_loopback() => Some(a),
+            Ok(a) => {
+                self.problem(
+                    v.span(),
+                    "server.metrics_listen",
+                    format!("{a} is not a loopback address; use 127.0.0.1:PORT or [::1]:PORT"),
+                );
+                None
+            }
+            Err(_) => {
+                self.problem(
+                    v.span(),
+                    "server.metrics_listen",
+                    format!("{:?} is not an IP:port address", v.get_ref()),
+                );
+                None
+            }
         }
     }
 
@@ -597,6 +625,27 @@ upstream = "missing"
         .unwrap_err();
         assert_eq!(err.problems[0].line, 3, "{err}");
         assert!(err.to_string().contains("baklog"), "{err}");
+    }
+
+    #[test]
+    fn metrics_listen_is_loopback_only() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\n";
+        let ok = parse(
+            &format!("[server]\nmetrics_listen = \"127.0.0.1:9100\"\n{base}"),
+            "m",
+        )
+        .expect("loopback is fine");
+        assert_eq!(ok.metrics_listen, Some("127.0.0.1:9100".parse().unwrap()));
+        let wide = parse(
+            &format!("[server]\nmetrics_listen = \"0.0.0.0:9100\"\n{base}"),
+            "m",
+        )
+        .unwrap_err();
+        assert!(
+            wide.to_string()
+                .contains("m:2: server.metrics_listen: 0.0.0.0:9100 is not a loopback address"),
+            "{wide}"
+        );
     }
 
     #[test]

@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub rules: RuleSet,
     /// Admin UNIX socket path (`server.admin_socket`).
     pub admin_socket: Option<PathBuf>,
+    /// Where `/metrics` is served over HTTP (`server.metrics_listen`).
+    pub metrics_listen: Option<SocketAddr>,
     /// Access log destination (`server.access_log`): `None` is stdout.
     pub access_log: Option<PathBuf>,
     /// Every admission policy (listeners' and routes'), indexed by id.
