@@ -11,6 +11,7 @@
 # microseconds per request (utime+stime from /proc/PID/stat over the run).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/bench.sh
 
 ROUNDS=5 DURATION=10 CONNS=50 BODY=128 DRY=0
 PROXY_CPU=1 LOAD_CPU=0
@@ -82,49 +83,14 @@ for port in $ORIGIN_PORT $NGINX_PORT $CG_PORT $CGE_PORT; do
   curl -sf -o /dev/null "http://127.0.0.1:$port/" || { echo "port $port not answering" >&2; exit 1; }
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TCK=$(getconf CLK_TCK)
 results="$WORK/results.tsv"
 : > "$results"
 for round in $(seq 1 "$ROUNDS"); do
-  for name in nginx coregate-uring coregate-epoll; do
-    case $name in
-      nginx) pid=$NGINX_PID port=$NGINX_PORT;;
-      coregate-uring) pid=$CG_PID port=$CG_PORT;;
-      coregate-epoll) pid=$CGE_PID port=$CGE_PORT;;
-    esac
-    t0=$(cpu_ticks $pid)
-    out=$(taskset -c $LOAD_CPU wrk -t1 -c"$CONNS" -d"${DURATION}s" --latency "http://127.0.0.1:$port/")
-    t1=$(cpu_ticks $pid)
-    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    p99=$(echo "$out" | awk '$1=="99%" {print $2}')
-    errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
-    us=$(python3 -c "print(round(($t1-$t0)*1e6/$TCK/max($reqs,1), 2))")
-    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$us" "$p99" "$errs" | tee -a "$results"
-  done
+  wrk_round "$round" nginx "$NGINX_PID" "http://127.0.0.1:$NGINX_PORT/" "$results"
+  wrk_round "$round" coregate-uring "$CG_PID" "http://127.0.0.1:$CG_PORT/" "$results"
+  wrk_round "$round" coregate-epoll "$CGE_PID" "http://127.0.0.1:$CGE_PORT/" "$results"
 done
 
-python3 - "$results" "$ROUNDS" "$DURATION" "$CONNS" "$BODY" <<'PY'
-import statistics, sys
-rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1])]
-def med(name, col):
-    return statistics.median(float(r[col]) for r in rows if r[1] == name)
-n_rps, n_us = med("nginx", 2), med("nginx", 3)
-print()
-print(f"{sys.argv[2]} interleaved rounds, wrk -t1 -c{sys.argv[4]} -d{sys.argv[3]}s, {sys.argv[5]}-byte responses")
-print("| proxy (1 worker, CPU 1) | median req/s | median proxy CPU us/request | req/s vs nginx | CPU/request vs nginx |")
-print("|---|---|---|---|---|")
-def paired(name, col):
-    # Ratio against nginx within each round, then the median: the machine's
-    # drift between rounds cancels out.
-    by_round = {}
-    for r in rows:
-        by_round.setdefault(r[0], {})[r[1]] = float(r[col])
-    return statistics.median(v[name] / v["nginx"] for v in by_round.values())
-for name in ("nginx", "coregate-uring", "coregate-epoll"):
-    rps, us = med(name, 2), med(name, 3)
-    print(f"| {name} | {rps:,.0f} | {us:.2f} | {paired(name, 2):.2f}x | {paired(name, 3):.2f}x |")
-print()
-print("Ratios are medians of per-round ratios against nginx in the same round.")
-PY
+echo
+echo "$ROUNDS interleaved rounds, wrk -t1 -c$CONNS -d${DURATION}s, $BODY-byte responses"
+paired_table "$results" nginx nginx coregate-uring coregate-epoll

@@ -253,16 +253,23 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
          [[route]]\nupstream = \"demo\"\n"
     );
     let snapshot = config::parse(&text, "<demo>").map_err(|e| anyhow::anyhow!("{e}"))?;
-    let proxy = Server::start(
-        Published::new(Arc::new(snapshot)),
-        &run_options(workers)?,
-        Role::Proxy,
+    let published = Published::new(Arc::new(snapshot));
+    // An admin socket of its own, so `coregate stats` and `top` can be
+    // tried on the demo too.
+    let hub = Hub::new();
+    let socket = std::env::temp_dir().join(format!("coregate-demo-{}.sock", std::process::id()));
+    let reloader = Arc::new(Reloader::new(
         None,
-    )?;
+        published.clone(),
+        std::time::Duration::ZERO,
+    ));
+    let _admin = admin::serve(&socket, reloader, hub.clone())?;
+    let proxy = Server::start(published, &run_options(workers)?, Role::Proxy, Some(&hub))?;
     let addr = proxy.local_addrs()[0];
     println!("coregate demo: proxy on http://{addr} -> built-in origin on http://{origin_addr}");
     println!("try:   curl -i http://{addr}/");
     println!("load:  wrk -t1 -c50 -d10s http://{addr}/");
+    println!("stats: coregate top --socket {}", socket.display());
     println!("stop:  Ctrl-C");
     control::run_until_signal(vec![proxy, origin], None)?;
     Ok(ExitCode::SUCCESS)
