@@ -311,7 +311,11 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     }
     monoio::spawn(housekeeping(ctx.clone()));
     monoio::spawn(crate::idle::sweep(ctx.clone()));
-    // The control socket closing (control thread gone) drains too.
+    // The control socket closing (control thread gone) drains too. It must
+    // be non-blocking: the epoll driver tries a read before waiting for
+    // readiness, and a blocking read would stop the whole worker until the
+    // next control message (found by `top` under epoll).
+    let _ = spec.control.set_nonblocking(true);
     if let Ok(mut control) = UnixStream::from_std(spec.control) {
         loop {
             let (res, buf) = control.read(vec![0u8; 16]).await;
