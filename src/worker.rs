@@ -415,7 +415,7 @@ async fn accept_loop(
                 monoio::spawn(Isolated {
                     fut,
                     peer,
-                    _guard: ConnGuard(ctx.clone(), 0),
+                    _guard: ConnGuard(ctx.clone(), listener_idx),
                 });
             }
             Some(Err(e)) => {

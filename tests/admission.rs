@@ -434,3 +434,29 @@ fn connections_past_the_cap_are_closed_at_once() {
     drop(b);
     assert!(rejected_line(&mut proxy).contains("connection_limit=1"));
 }
+
+/// Each listener counts its own connections: many connections opened and
+/// closed on a second listener leave the first listener's count alone.
+#[test]
+fn connection_caps_are_per_listener() {
+    let origin = python_origin();
+    let a = dead_port();
+    let b = dead_port();
+    let config = format!(
+        "[[listener]]\nlisten = \"127.0.0.1:{a}\"\nmax_connections = 2\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:{b}\"\nmax_connections = 2\n\n\
+         [upstream.app]\nbackends = [\"tcp://{}\"]\n\n[[route]]\nupstream = \"app\"\n",
+        origin.addr
+    );
+    let mut proxy = coregate(&config, &["--workers", "1"]);
+    let (a, b) = (format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}"));
+    for _ in 0..5 {
+        assert_eq!(get(&b, "/echo", "").0, 200);
+    }
+    let held = TcpStream::connect(&a).unwrap();
+    thread::sleep(Duration::from_millis(100));
+    assert_eq!(get(&a, "/echo", "").0, 200, "listener a has one place left");
+    assert_eq!(get(&b, "/echo", "").0, 200);
+    drop(held);
+    assert!(!rejected_line(&mut proxy).contains("connection_limit"));
+}
