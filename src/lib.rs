@@ -23,6 +23,9 @@
 //!   path-prefix index, actions, header edits, templates.
 //! - [`admission`]: body caps, per-principal token buckets, inflight caps
 //!   with per-tenant fair queuing, readiness, and rejection counters.
+//! - [`balance`]: backend selection (p2c on inflight and EWMA latency,
+//!   least-inflight, round robin, smooth WRR, Maglev hashing), passive
+//!   ejection with backoff, the retry budget.
 //! - [`admin`]: the admin UNIX socket, live reload, and its client.
 //! - [`stats`]: per-worker counters and HDR histograms, their collection
 //!   over the workers' control sockets, JSON, Prometheus text and the
@@ -33,6 +36,7 @@
 pub mod access_log;
 pub mod admin;
 pub mod admission;
+pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -22,6 +22,7 @@ use std::sync::mpsc::Sender;
 
 use crate::access_log::AccessLog;
 use crate::admission::{Admission, Reason, Rejections};
+use crate::balance::GroupView;
 use crate::config::Snapshot;
 use crate::config::epoch::Published;
 use crate::http::head::HeaderSpan;
@@ -84,15 +85,24 @@ pub struct Current {
     pub admission: Admission,
     /// Requests per route and upstream counts per backend.
     pub tallies: Tallies,
+    /// This worker's view of each upstream group (`balance`).
+    pub groups: Vec<GroupView>,
 }
 
 impl Current {
-    fn new(epoch: u64, snapshot: Arc<Snapshot>, workers: usize, tallies: Tallies) -> Self {
+    fn new(
+        epoch: u64,
+        snapshot: Arc<Snapshot>,
+        workers: usize,
+        tallies: Tallies,
+        groups: Vec<GroupView>,
+    ) -> Self {
         Current {
             epoch,
             rules: snapshot.rules.clone(),
             admission: Admission::new(&snapshot.policies, workers),
             tallies,
+            groups,
             snapshot,
         }
     }
@@ -114,8 +124,6 @@ pub struct WorkerCtx {
     /// Header offset arrays for request and response heads in flight.
     pub header_vecs: VecPool<HeaderSpan>,
     pub upstreams: UpstreamPool,
-    /// Round-robin cursor per upstream group.
-    rr: RefCell<Vec<usize>>,
     /// Deadlines of idle connections and the drain signal (see `idle`).
     pub idle: IdleSet,
     pub open_connections: Cell<usize>,
@@ -132,19 +140,25 @@ impl WorkerCtx {
     pub fn new(id: usize, workers: usize, published: Arc<Published>, driver: DriverKind) -> Self {
         let (epoch, snapshot) = published.load();
         let tallies = Tallies::new(&snapshot);
+        let groups = snapshot
+            .upstreams
+            .iter()
+            .map(|g| GroupView::new(g, id))
+            .collect();
         WorkerCtx {
             id,
             core: None,
             workers,
             upstreams: UpstreamPool::new(&snapshot),
-            rr: RefCell::new(vec![id; snapshot.upstreams.len()]),
             access_log: AccessLog::new(snapshot.access_log.as_deref()),
             // Listen addresses cannot change on reload (`admin`), so
             // neither does their number.
             listener_connections: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
             rejections: Rejections::default(),
             stats: WorkerStats::default(),
-            current: RefCell::new(Rc::new(Current::new(epoch, snapshot, workers, tallies))),
+            current: RefCell::new(Rc::new(Current::new(
+                epoch, snapshot, workers, tallies, groups,
+            ))),
             published,
             scratch: RefCell::new(Scratch::default()),
             bufs: BufPool::new(),
@@ -176,24 +190,26 @@ impl WorkerCtx {
         // Pooled upstream connections follow their backend by group name
         // and address; the others are closed.
         self.upstreams.remap(&old.snapshot, &snapshot);
-        let mut rr = self.rr.borrow_mut();
-        rr.resize(snapshot.upstreams.len(), self.id);
-        drop(rr);
         self.access_log.retarget(snapshot.access_log.as_deref());
         let tallies = Tallies::carry(&old.snapshot, &old.tallies, &snapshot);
-        let next = Rc::new(Current::new(epoch, snapshot, self.workers, tallies));
+        // What this worker learned of backends (latency, ejections)
+        // follows them by group name and label.
+        let groups = snapshot
+            .upstreams
+            .iter()
+            .map(
+                |g| match old.snapshot.upstreams.iter().position(|o| o.name == g.name) {
+                    Some(i) => {
+                        GroupView::carry(&old.snapshot.upstreams[i], &old.groups[i], g, self.id)
+                    }
+                    None => GroupView::new(g, self.id),
+                },
+            )
+            .collect();
+        let next = Rc::new(Current::new(epoch, snapshot, self.workers, tallies, groups));
         *self.current.borrow_mut() = next.clone();
         crate::debug!("worker {} now on config epoch {epoch}", self.id);
         next
-    }
-
-    /// Next backend of `group`, round robin within this worker.
-    pub fn next_backend(&self, snapshot: &Snapshot, group: usize) -> usize {
-        let mut rr = self.rr.borrow_mut();
-        let n = snapshot.upstreams[group].backends.len();
-        let i = rr[group] % n;
-        rr[group] = i + 1;
-        i
     }
 }
 

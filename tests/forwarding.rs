@@ -168,8 +168,8 @@ fn round_robin_spreads_over_backends() {
     let a = coregate_origin(1);
     let b = coregate_origin(2);
     let config = format!(
-        "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[upstream.app]\nbackends = [\"tcp://{}\", \"tcp://{}\"]\n\n\
-         [[route]]\nupstream = \"app\"\n",
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\n\n[upstream.app]\nbackends = [\"tcp://{}\", \"tcp://{}\"]\n\
+         balance = \"round_robin\"\n\n[[route]]\nupstream = \"app\"\n",
         a.addr, b.addr
     );
     let proxy = coregate(&config, &["--workers", "1"]);

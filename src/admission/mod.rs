@@ -159,6 +159,7 @@ reasons! {
     QueueTimeout => "queue_timeout",
     NoRoute => "no_route",
     Dropped => "dropped",
+    NoBackend => "no_backend",
     ConnectionLimit => "connection_limit",
 }
 

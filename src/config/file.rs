@@ -103,6 +103,19 @@ pub struct UpstreamSection {
     pub read_timeout: Option<Spanned<String>>,
     pub keepalive_timeout: Option<Spanned<String>>,
     pub max_idle: Option<Spanned<i64>>,
+    /// `p2c`, `least_inflight`, `round_robin`, `weighted_round_robin`, `hash`.
+    pub balance: Option<Spanned<String>>,
+    /// For `hash`: `header:NAME`, `client_ip` or `path`.
+    pub hash_key: Option<Spanned<String>>,
+    /// One per backend, for `weighted_round_robin`.
+    pub weights: Option<Spanned<Vec<i64>>>,
+    pub max_fails: Option<Spanned<i64>>,
+    pub eject_time: Option<Spanned<String>>,
+    pub max_eject_time: Option<Spanned<String>>,
+    pub eject_on_5xx: Option<Spanned<bool>>,
+    /// `fail_open` or `503`.
+    pub all_ejected: Option<Spanned<String>>,
+    pub retry_budget: Option<Spanned<f64>>,
 }
 
 /// `[[route]]` and `[[rule]]`: matchers, then actions. Which keys a kind

@@ -23,6 +23,8 @@ use std::time::Duration;
 use toml::Spanned;
 
 use crate::admission::Policy;
+use crate::balance::{Balance, HashKey, Method, maglev};
+use crate::http::head::is_tchar;
 use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
 use crate::net::buffer::BUF_SIZE;
 use crate::rules::RuleSet;
@@ -387,6 +389,7 @@ impl Validator<'_> {
                 Err(msg) => self.problem(b.span(), key("backends"), msg),
             }
         }
+        let balance = self.balance(u, &backends, &key);
         UpstreamGroup {
             name: name.to_string(),
             backends,
@@ -411,6 +414,121 @@ impl Validator<'_> {
                 Duration::from_secs(60),
             ),
             max_idle: self.int(&u.max_idle, &key("max_idle"), 0..=65536, 64) as usize,
+            balance,
+        }
+    }
+
+    fn balance(
+        &mut self,
+        u: &UpstreamSection,
+        backends: &[Backend],
+        key: &dyn Fn(&str) -> String,
+    ) -> Balance {
+        let n = backends.len();
+        let method = match u.balance.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "p2c")) => Method::P2c,
+            Some((_, "least_inflight")) => Method::LeastInflight,
+            Some((_, "round_robin")) => Method::RoundRobin,
+            Some((_, "weighted_round_robin")) => Method::WeightedRoundRobin,
+            Some((v, "hash")) => {
+                let hk = match u.hash_key.as_ref().map(|h| (h, h.get_ref().as_str())) {
+                    Some((_, "client_ip")) => HashKey::ClientIp,
+                    Some((_, "path")) => HashKey::Path,
+                    Some((h, s)) => {
+                        match s.strip_prefix("header:") {
+                            Some(name) if !name.is_empty() && name.bytes().all(is_tchar) => {
+                                HashKey::Header(name.to_ascii_lowercase().into_bytes())
+                            }
+                            _ => {
+                                self.problem(
+                                h.span(),
+                                key("hash_key"),
+                                format!("{s:?} is not a hash key; use header:NAME, client_ip or path"),
+                            );
+                                HashKey::ClientIp
+                            }
+                        }
+                    }
+                    None => {
+                        self.problem(
+                            v.span(),
+                            key("hash_key"),
+                            "balance = \"hash\" needs hash_key (header:NAME, client_ip or path)",
+                        );
+                        HashKey::ClientIp
+                    }
+                };
+                Method::Hash(hk)
+            }
+            Some((v, other)) => {
+                self.problem(
+                    v.span(),
+                    key("balance"),
+                    format!(
+                        "{other:?} is not a balancing method; use p2c, least_inflight, round_robin, weighted_round_robin or hash"
+                    ),
+                );
+                Method::P2c
+            }
+        };
+        let weights = match &u.weights {
+            Some(w) => {
+                let ws = w.get_ref();
+                if ws.len() != n || ws.iter().any(|x| !(1..=1000).contains(x)) {
+                    self.problem(
+                        w.span(),
+                        key("weights"),
+                        format!("needs {n} weights (one per backend), each 1 to 1000"),
+                    );
+                }
+                ws.iter()
+                    .map(|&x| x.clamp(1, 1000) as u32)
+                    .chain(std::iter::repeat(1))
+                    .take(n)
+                    .collect()
+            }
+            None => vec![1; n],
+        };
+        let all_ejected = u.all_ejected.as_ref().map(|v| (v, v.get_ref().as_str()));
+        let fail_open = match all_ejected {
+            None | Some((_, "fail_open")) => true,
+            Some((_, "503")) => false,
+            Some((v, other)) => {
+                self.problem(
+                    v.span(),
+                    key("all_ejected"),
+                    format!("{other:?}: use \"fail_open\" or \"503\""),
+                );
+                true
+            }
+        };
+        let retry_budget = match &u.retry_budget {
+            Some(v) if (0.0..=1.0).contains(v.get_ref()) => *v.get_ref(),
+            Some(v) => {
+                self.problem(v.span(), key("retry_budget"), "must be from 0 to 1");
+                0.2
+            }
+            None => 0.2,
+        };
+        let eject_time = self.duration(&u.eject_time, &key("eject_time"), Duration::from_secs(1));
+        let max_eject_time = self.duration(
+            &u.max_eject_time,
+            &key("max_eject_time"),
+            Duration::from_secs(30),
+        );
+        Balance {
+            table: matches!(method, Method::Hash(_)).then(|| {
+                let labels: Vec<&str> = backends.iter().map(|b| b.label.as_str()).collect();
+                maglev::Table::new(&labels)
+            }),
+            method,
+            weights,
+            max_fails: self.int(&u.max_fails, &key("max_fails"), 0..=1000, 3) as u32,
+            eject_time,
+            max_eject_time: max_eject_time.max(eject_time),
+            eject_on_5xx: u.eject_on_5xx.as_ref().is_some_and(|v| *v.get_ref()),
+            fail_open,
+            retry_budget,
         }
     }
 

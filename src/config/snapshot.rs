@@ -73,6 +73,8 @@ pub struct UpstreamGroup {
     pub keepalive_timeout: Duration,
     /// Idle pooled connections kept per backend per worker.
     pub max_idle: usize,
+    /// How backends are picked, ejected and retried.
+    pub balance: crate::balance::Balance,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

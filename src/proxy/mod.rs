@@ -26,8 +26,10 @@ use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 use monoio::net::TcpStream;
 
 use crate::access_log;
+use crate::admission;
 use crate::admission::decode::{self, Coding, DecodeError, DecodeLimits};
 use crate::admission::{Admit, Ask, DecodeGuard, PolicyState, Readiness, Reason, Refusal, Slot};
+use crate::balance::{self, GroupView, HashKey, Outcome};
 use crate::config::UpstreamGroup;
 use crate::config::snapshot::strip_port;
 use crate::http::chunked::ChunkedDecoder;
@@ -138,8 +140,15 @@ enum Plan {
         fields: HeaderPlan,
         body: Vec<u8>,
     },
-    /// Forward upstream; the request head for it is in `out`.
-    Proxy { group: usize, backend: usize },
+    /// Forward upstream; the request head for it is in `out`. `key`: the
+    /// request's hash for `balance = "hash"` (a retry picks with it too).
+    Proxy {
+        group: usize,
+        backend: usize,
+        key: u64,
+    },
+    /// Every backend of the group is ejected and it does not fail open.
+    NoBackend,
     /// The worker's own liveness or readiness answer.
     Probe { status: u16, body: &'static str },
 }
@@ -166,6 +175,35 @@ fn probe(
         });
     }
     None
+}
+
+/// A request in flight to a backend, counted in the worker's view of its
+/// group until dropped.
+struct Inflight<'a>(&'a GroupView, usize);
+
+impl<'a> Inflight<'a> {
+    fn start(view: &'a GroupView, backend: usize) -> Self {
+        view.start(backend);
+        Inflight(view, backend)
+    }
+}
+
+impl Drop for Inflight<'_> {
+    fn drop(&mut self) {
+        self.0.finish(self.1);
+    }
+}
+
+/// The request's hash for consistent hashing.
+fn hash_key(key: &HashKey, view: &RequestView<'_>) -> u64 {
+    match key {
+        HashKey::Header(name) => match view.header(name) {
+            Some(v) => admission::key_hash(v),
+            None => admission::ip_hash(view.client),
+        },
+        HashKey::ClientIp => admission::ip_hash(view.client),
+        HashKey::Path => admission::key_hash(view.path),
+    }
 }
 
 /// Admission under each policy in turn; the slots taken, or why not. A
@@ -238,6 +276,9 @@ struct BodyBounds {
 
 /// Why a request ended without a response from the upstream.
 enum Fail {
+    /// No connection to the backend: nothing of the request reached it
+    /// (and nothing of its body was read), so it may go to another.
+    Unsent(UpstreamFailure),
     /// Answer `status` ourselves; keep-alive only if the request body was
     /// fully read.
     Respond { status: u16, body_consumed: bool },
@@ -574,9 +615,18 @@ impl Conn {
                         body: Vec::new(),
                     }
                 }
-                Some(Action::Proxy { upstream, rewrite }) => {
+                Some(Action::Proxy { upstream, rewrite }) => 'proxy: {
                     let group = *upstream;
-                    let backend = self.ctx.next_backend(&cur.snapshot, group);
+                    let balance = &cur.snapshot.upstreams[group].balance;
+                    let key = match &balance.method {
+                        balance::Method::Hash(k) => hash_key(k, &view),
+                        _ => 0,
+                    };
+                    let view_g = &cur.groups[group];
+                    view_g.request(balance);
+                    let Some(backend) = view_g.pick(balance, key, Instant::now(), None) else {
+                        break 'proxy Plan::NoBackend;
+                    };
                     // The target sent upstream: the normalised path, with
                     // the route's rewrite, and the query as it came.
                     let mut target = Vec::new();
@@ -619,7 +669,11 @@ impl Conn {
                         rewritten.then_some(&target[..]),
                         &decision.request,
                     );
-                    Plan::Proxy { group, backend }
+                    Plan::Proxy {
+                        group,
+                        backend,
+                        key,
+                    }
                 }
             }
         };
@@ -633,7 +687,12 @@ impl Conn {
         // less than the checks would. The slots are held to the end of
         // the response.
         let mut _slots = [None, None];
-        if refused.is_none() && matches!(plan, Plan::Fixed { .. } | Plan::Proxy { .. }) {
+        if refused.is_none()
+            && matches!(
+                plan,
+                Plan::Fixed { .. } | Plan::Proxy { .. } | Plan::NoBackend
+            )
+        {
             match admit(asks).await {
                 Ok(slots) => _slots = slots,
                 Err(r) => refused = Some(r),
@@ -691,10 +750,23 @@ impl Conn {
                 );
                 self.send_out(status, keep).await
             }
-            (None, Plan::Proxy { group, backend }) => {
-                upstream = Some((group, backend));
-                self.proxy(&cur, group, backend, &decision.response, &bounds)
+            (None, Plan::NoBackend) => {
+                self.refuse(Refusal::new(503, Reason::NoBackend), keep_if_bodyless)
                     .await
+            }
+            (
+                None,
+                Plan::Proxy {
+                    group,
+                    backend,
+                    key,
+                },
+            ) => {
+                let (next, used) = self
+                    .proxy(&cur, group, backend, key, &decision.response, &bounds)
+                    .await;
+                upstream = Some((group, used));
+                next
             }
         };
         if let Some((started, request)) = logged {
@@ -714,17 +786,23 @@ impl Conn {
         next
     }
 
+    /// Forward the request to `backend_idx` of the group, or, when that
+    /// fails before anything reached it (or for an idempotent body-less
+    /// request), once to another backend within the retry budget. Returns
+    /// how the connection goes on and the backend that answered last.
     async fn proxy(
         &mut self,
         cur: &Current,
         group_idx: usize,
-        backend_idx: usize,
+        mut backend_idx: usize,
+        key: u64,
         response_edits: &HeaderPlan,
         bounds: &BodyBounds,
-    ) -> Next {
+    ) -> (Next, usize) {
         let snapshot = &cur.snapshot;
         let group = &snapshot.upstreams[group_idx];
-        let backend = &group.backends[backend_idx];
+        let balance = &group.balance;
+        let view = &cur.groups[group_idx];
 
         let version = self.req.version;
         let mut keep = self.req.keep_alive;
@@ -738,43 +816,79 @@ impl Conn {
         if let Some((guard, codings)) = &bounds.decode
             && let Err(fail) = self.decode_guard(facts, bounds, *guard, codings).await
         {
-            return self.fail(fail).await;
+            return (self.fail(fail).await, backend_idx);
         }
 
         // The upstream head is in `out` (written by `handle`); it stays
         // there until the response head is in, so a retry can resend it.
         let mut ubuf = Buf::new(self.ctx.bufs.get());
-        let up_started = Stamp::now();
-        let result = self
-            .exchange(group_idx, group, backend_idx, facts, bounds, &mut ubuf)
-            .await;
-        let (mut up, body_sent) = match result {
-            Ok(x) => {
-                self.ctx.stats.upstream_latency(up_started);
-                x
-            }
-            Err(Fail::Respond {
-                status,
-                body_consumed,
-            }) => {
-                if status == 502 || status == 504 {
-                    cur.tallies
-                        .backend(group_idx, backend_idx)
-                        .count(|t| &t.failures);
+        let mut retried = false;
+        let (mut up, body_sent, _inflight) = loop {
+            let inflight = Inflight::start(view, backend_idx);
+            let up_started = Stamp::now();
+            let started = Instant::now();
+            let result = self
+                .exchange(group_idx, group, backend_idx, facts, bounds, &mut ubuf)
+                .await;
+            let (status, body_consumed, unsent) = match result {
+                Ok((up, body_sent)) => {
+                    self.ctx.stats.upstream_latency(up_started);
+                    let outcome = if balance.eject_on_5xx && self.res.status >= 500 {
+                        Outcome::Failed
+                    } else {
+                        Outcome::Answered(started.elapsed())
+                    };
+                    view.record(balance, backend_idx, outcome, Instant::now());
+                    break (up, body_sent, inflight);
                 }
-                self.ctx.bufs.put(ubuf.into_inner());
-                crate::debug!(
-                    "upstream {}: answered {status} to {}",
-                    backend.label,
-                    self.client
-                );
-                return self.reject(status, keep && body_consumed).await;
+                Err(Fail::Close) => {
+                    self.ctx.bufs.put(ubuf.into_inner());
+                    return (Next::Close, backend_idx);
+                }
+                Err(Fail::Unsent(f)) => (f.status(), facts.framing == BodyFraming::None, true),
+                Err(Fail::Respond {
+                    status,
+                    body_consumed,
+                }) => (status, body_consumed, false),
+            };
+            if status == 502 || status == 504 {
+                cur.tallies
+                    .backend(group_idx, backend_idx)
+                    .count(|t| &t.failures);
+                view.record(balance, backend_idx, Outcome::Failed, Instant::now());
             }
-            Err(Fail::Close) => {
-                self.ctx.bufs.put(ubuf.into_inner());
-                return Next::Close;
+            drop(inflight);
+            crate::debug!(
+                "upstream {}: answered {status} to {}",
+                group.backends[backend_idx].label,
+                self.client
+            );
+            // Retry elsewhere only when the request can be sent again as
+            // it was: nothing of it reached the backend, or it is an
+            // idempotent request without a body that met a broken
+            // connection (not a timeout: a slow backend retried is
+            // twice the load on a struggling group).
+            let replayable = unsent
+                || (status == 502
+                    && facts.framing == BodyFraming::None
+                    && facts.method.is_idempotent());
+            if replayable
+                && !retried
+                && let Some(next) = view.pick(balance, key, Instant::now(), Some(backend_idx))
+                && next != backend_idx
+                && view.take_retry()
+            {
+                retried = true;
+                backend_idx = next;
+                continue;
             }
+            self.ctx.bufs.put(ubuf.into_inner());
+            return (
+                self.reject(status, keep && body_consumed).await,
+                backend_idx,
+            );
         };
+        let backend = &group.backends[backend_idx];
         if !body_sent {
             keep = false;
         }
@@ -792,7 +906,7 @@ impl Conn {
                 if !self.res.te_is_plain_chunked {
                     // An HTTP/1.0 client cannot undo a coding we cannot strip.
                     self.ctx.bufs.put(ubuf.into_inner());
-                    return self.reject(502, false).await;
+                    return (self.reject(502, false).await, backend_idx);
                 }
                 keep = false;
                 (BodyIn::Chunked, OutFraming::UntilClose, BodyOut::Dechunk)
@@ -861,21 +975,22 @@ impl Conn {
                 backend.label,
                 self.client
             );
-            return Next::Close;
+            return (Next::Close, backend_idx);
         }
         if upstream_reusable && !self.ctx.idle.is_draining() {
             self.ctx
                 .upstreams
                 .put(group_idx, backend_idx, up, group.max_idle);
         }
-        match (keep, body_sent) {
+        let next = match (keep, body_sent) {
             (true, _) => Next::KeepAlive,
             // The upstream answered before taking the whole body: the
             // client may still be sending, so linger or it gets a reset
             // instead of the answer.
             (false, false) => Next::LingerClose,
             (false, true) => Next::Close,
-        }
+        };
+        (next, backend_idx)
     }
 
     /// Connect (or reuse), send the request, and read the response head
@@ -908,7 +1023,7 @@ impl Conn {
             let (mut up, reused) = self
                 .upstream_conn(group_idx, group, backend_idx, retried)
                 .await
-                .map_err(upstream_fail)?;
+                .map_err(Fail::Unsent)?;
             if !has_body {
                 // Head only: `out` stays intact until the response head is
                 // in, so the request can be sent again.
@@ -1035,6 +1150,7 @@ impl Conn {
     /// Answer a request that failed before reaching an upstream.
     async fn fail(&mut self, fail: Fail) -> Next {
         match fail {
+            Fail::Unsent(f) => self.reject(f.status(), false).await,
             Fail::Respond {
                 status,
                 body_consumed,

@@ -1,0 +1,477 @@
+//! Backend selection and passive health, per worker.
+//!
+//! Each worker keeps its own view of every upstream group ([`GroupView`]):
+//! requests it has in flight to each backend, an EWMA of each backend's
+//! latency, consecutive failures, and ejections. No counter is shared
+//! between workers: each sees the backends through its own traffic, as
+//! Envoy's and Finagle's per-host load balancers do.
+//!
+//! Methods ([`Method`]), each O(1) per pick whatever the number of
+//! backends (the ejected-backend fallback aside):
+//! - `p2c` (the default): power of two choices on a score of
+//!   (inflight + 1) × EWMA latency: two random backends, the lower score
+//!   wins. A slow backend's EWMA and its pile of inflight requests both
+//!   push its score up, so it gets few requests without any global view.
+//! - `least_inflight`: two random choices on inflight alone.
+//! - `round_robin`, and `weighted_round_robin` (nginx's smooth WRR).
+//! - `hash`: consistent hashing on a key (a header, the client address or
+//!   the path) through a Maglev table (Eisenbud et al., NSDI 2016): when a
+//!   backend leaves, only the keys that mapped to it move.
+//!
+//! Passive health: `max_fails` consecutive failures (connect errors,
+//! resets, timeouts, invalid responses; 5xx with `eject_on_5xx`) eject a
+//! backend for `eject_time`, doubled at each ejection in a row up to
+//! `max_eject_time`; a success ends the streak. When every backend is
+//! ejected the group fails open (picks as if none were) or answers 503,
+//! as configured.
+//!
+//! Owns: picking, the per-worker backend view, ejection, the retry
+//! budget. Does not own: connections (`net::upstream`) or deciding what
+//! counts as a failure (`proxy`).
+
+pub mod maglev;
+
+use std::cell::{Cell, RefCell};
+use std::time::{Duration, Instant};
+
+use crate::config::UpstreamGroup;
+
+/// How a group picks a backend.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Method {
+    P2c,
+    LeastInflight,
+    RoundRobin,
+    WeightedRoundRobin,
+    Hash(HashKey),
+}
+
+/// What consistent hashing hashes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HashKey {
+    /// A request header's value (lowercase name); a request without it
+    /// hashes its client address.
+    Header(Vec<u8>),
+    ClientIp,
+    Path,
+}
+
+/// A group's balancing settings, compiled from `[upstream.NAME]`.
+#[derive(Debug, Clone)]
+pub struct Balance {
+    pub method: Method,
+    /// One per backend (1 when not given).
+    pub weights: Vec<u32>,
+    /// Consecutive failures that eject a backend; 0 turns ejection off.
+    pub max_fails: u32,
+    pub eject_time: Duration,
+    pub max_eject_time: Duration,
+    /// Count 5xx responses as failures.
+    pub eject_on_5xx: bool,
+    /// With every backend ejected: pick anyway (true) or answer 503.
+    pub fail_open: bool,
+    /// Retries allowed as a share of requests (Envoy's retry budget).
+    pub retry_budget: f64,
+    /// The Maglev table, for `hash`.
+    pub table: Option<maglev::Table>,
+}
+
+impl Balance {
+    fn retry_milli(&self) -> u64 {
+        (self.retry_budget * MILLI as f64).round() as u64
+    }
+}
+
+/// How an exchange with a backend ended, for its health and EWMA.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// A response head arrived this long after the exchange started.
+    Answered(Duration),
+    Failed,
+}
+
+/// Weight of a new latency sample in the EWMA: about the last 10.
+const EWMA_ALPHA: f64 = 0.1;
+/// EWMA of a backend with no sample yet: optimistic, so new or
+/// recovered backends get tried.
+const EWMA_START_US: f64 = 1.0;
+/// Retry tokens are counted in thousandths. A worker starts each group
+/// with a few retries' worth, so a quiet group can still retry (Envoy's
+/// min_retry_concurrency plays this part), and unused budget piles up to
+/// at most that floor plus 100 requests' worth.
+const MILLI: u64 = 1000;
+const RETRY_FLOOR: u64 = 3 * MILLI;
+
+/// One worker's view of one backend.
+#[derive(Debug)]
+pub struct BackendView {
+    inflight: Cell<u32>,
+    ewma_us: Cell<f64>,
+    fails: Cell<u32>,
+    /// Ejections in a row (doubles the next one's length).
+    ejections: Cell<u32>,
+    ejected_until: Cell<Option<Instant>>,
+}
+
+impl Default for BackendView {
+    fn default() -> Self {
+        BackendView {
+            inflight: Cell::new(0),
+            ewma_us: Cell::new(EWMA_START_US),
+            fails: Cell::new(0),
+            ejections: Cell::new(0),
+            ejected_until: Cell::new(None),
+        }
+    }
+}
+
+impl BackendView {
+    fn ejected(&self, now: Instant) -> bool {
+        self.ejected_until.get().is_some_and(|t| t > now)
+    }
+
+    fn score(&self) -> f64 {
+        (self.inflight.get() as f64 + 1.0) * self.ewma_us.get()
+    }
+
+    pub fn inflight(&self) -> u32 {
+        self.inflight.get()
+    }
+
+    pub fn ewma_us(&self) -> f64 {
+        self.ewma_us.get()
+    }
+
+    pub fn is_ejected(&self, now: Instant) -> bool {
+        self.ejected(now)
+    }
+}
+
+/// One worker's view of one group.
+#[derive(Debug)]
+pub struct GroupView {
+    backends: Vec<BackendView>,
+    cursor: Cell<usize>,
+    /// Smooth WRR current weights.
+    wrr: RefCell<Vec<i64>>,
+    rng: Cell<u64>,
+    /// Retry tokens, in thousandths.
+    retry_tokens: Cell<u64>,
+}
+
+impl GroupView {
+    /// A fresh view; `seed` differs per worker so that workers do not
+    /// start on the same backend.
+    pub fn new(group: &UpstreamGroup, seed: usize) -> Self {
+        let n = group.backends.len();
+        GroupView {
+            backends: (0..n).map(|_| BackendView::default()).collect(),
+            cursor: Cell::new(seed % n.max(1)),
+            wrr: RefCell::new(vec![0; n]),
+            rng: Cell::new(
+                0x9E37_79B9_7F4A_7C15 ^ (seed as u64).wrapping_mul(0xA076_1D64_78BD_642F) | 1,
+            ),
+            retry_tokens: Cell::new(RETRY_FLOOR),
+        }
+    }
+
+    /// The view for `new`, keeping what this worker learned of backends
+    /// that `old` had too (same label): EWMA, ejection, failure streak.
+    pub fn carry(old: &UpstreamGroup, view: &GroupView, new: &UpstreamGroup, seed: usize) -> Self {
+        let next = GroupView::new(new, seed);
+        for (b, v) in old.backends.iter().zip(&view.backends) {
+            if let Some(i) = new.backends.iter().position(|n| n.label == b.label) {
+                let n = &next.backends[i];
+                n.ewma_us.set(v.ewma_us.get());
+                n.fails.set(v.fails.get());
+                n.ejections.set(v.ejections.get());
+                n.ejected_until.set(v.ejected_until.get());
+                n.inflight.set(v.inflight.get());
+            }
+        }
+        next
+    }
+
+    pub fn backend(&self, i: usize) -> &BackendView {
+        &self.backends[i]
+    }
+
+    /// xorshift64*: cheap, and good enough to pick two backends.
+    fn random(&self, n: usize) -> usize {
+        let mut x = self.rng.get();
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng.set(x);
+        (x.wrapping_mul(0x2545_F491_4F6C_DD1D) >> 32) as usize % n
+    }
+
+    /// Pick a backend for a request with hash `key` (used by `hash`),
+    /// avoiding `avoid` (a retry goes elsewhere) when there is a choice.
+    /// `None`: every backend is ejected and the group does not fail open.
+    pub fn pick(&self, b: &Balance, key: u64, now: Instant, avoid: Option<usize>) -> Option<usize> {
+        let n = self.backends.len();
+        if n == 1 {
+            let ok = !self.backends[0].ejected(now) || b.fail_open;
+            return ok.then_some(0);
+        }
+        let usable = |i: usize| Some(i) != avoid && !self.backends[i].ejected(now);
+        let first = match &b.method {
+            Method::P2c | Method::LeastInflight => {
+                let i = self.random(n);
+                let mut j = self.random(n - 1);
+                if j >= i {
+                    j += 1;
+                }
+                let better = |x: usize, y: usize| match b.method {
+                    Method::P2c => self.backends[x].score() <= self.backends[y].score(),
+                    _ => self.backends[x].inflight.get() <= self.backends[y].inflight.get(),
+                };
+                match (usable(i), usable(j)) {
+                    (true, true) if better(i, j) => i,
+                    (true, true) => j,
+                    (true, false) => i,
+                    (false, true) => j,
+                    (false, false) => i,
+                }
+            }
+            Method::RoundRobin => {
+                let i = self.cursor.get() % n;
+                self.cursor.set(i + 1);
+                i
+            }
+            Method::WeightedRoundRobin => {
+                // nginx's smooth weighted round robin: every backend gains
+                // its weight, the richest is picked and pays the total.
+                let mut cw = self.wrr.borrow_mut();
+                let total: i64 = b.weights.iter().map(|&w| w as i64).sum();
+                let mut best = 0;
+                for (i, w) in b.weights.iter().enumerate() {
+                    cw[i] += *w as i64;
+                    if cw[i] > cw[best] {
+                        best = i;
+                    }
+                }
+                cw[best] -= total;
+                best
+            }
+            Method::Hash(_) => match &b.table {
+                Some(t) => t.lookup(key),
+                None => 0,
+            },
+        };
+        if usable(first) {
+            return Some(first);
+        }
+        // The pick is ejected (or the one to avoid): the next usable one
+        // in order. For `hash` that is the next table entry, so the keys
+        // of an ejected backend spread instead of all moving to one.
+        let next = match &b.table {
+            Some(t) if matches!(b.method, Method::Hash(_)) => t.next_usable(key, usable),
+            _ => (1..n).map(|k| (first + k) % n).find(|&i| usable(i)),
+        };
+        match next {
+            Some(i) => Some(i),
+            // Only `avoid` is usable: a retry may go back to it.
+            None if avoid.is_some_and(|a| !self.backends[a].ejected(now)) => avoid,
+            None if b.fail_open => Some(first),
+            None => None,
+        }
+    }
+
+    /// A request starts on backend `i`.
+    pub fn start(&self, i: usize) {
+        let v = &self.backends[i];
+        v.inflight.set(v.inflight.get() + 1);
+    }
+
+    /// The request on backend `i` is done with it.
+    pub fn finish(&self, i: usize) {
+        let v = &self.backends[i];
+        v.inflight.set(v.inflight.get().saturating_sub(1));
+    }
+
+    /// Record how an exchange with backend `i` went.
+    pub fn record(&self, b: &Balance, i: usize, outcome: Outcome, now: Instant) {
+        let v = &self.backends[i];
+        match outcome {
+            Outcome::Answered(latency) => {
+                let us = latency.as_secs_f64() * 1e6;
+                let old = v.ewma_us.get();
+                let next = if old <= EWMA_START_US {
+                    us
+                } else {
+                    old + EWMA_ALPHA * (us - old)
+                };
+                v.ewma_us.set(next.max(EWMA_START_US));
+                v.fails.set(0);
+                v.ejections.set(0);
+            }
+            Outcome::Failed => {
+                let fails = v.fails.get() + 1;
+                v.fails.set(fails);
+                // A failing backend also looks slow, so p2c avoids it
+                // before it is ejected.
+                v.ewma_us.set((v.ewma_us.get() * 2.0).max(1000.0));
+                if b.max_fails > 0 && fails >= b.max_fails {
+                    let k = v.ejections.get().min(16);
+                    let time = b.eject_time.saturating_mul(1 << k).min(b.max_eject_time);
+                    v.ejected_until.set(Some(now + time));
+                    v.ejections.set(k + 1);
+                    v.fails.set(0);
+                    crate::debug!("backend {i} ejected for {time:?}");
+                }
+            }
+        }
+    }
+
+    /// Count a request toward the retry budget.
+    pub fn request(&self, b: &Balance) {
+        let t = self.retry_tokens.get() + b.retry_milli();
+        self.retry_tokens
+            .set(t.min(RETRY_FLOOR + 100 * b.retry_milli()));
+    }
+
+    /// Take a retry from the budget, if one is left.
+    pub fn take_retry(&self) -> bool {
+        let t = self.retry_tokens.get();
+        if t >= MILLI {
+            self.retry_tokens.set(t - MILLI);
+            true
+        } else {
+            false
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(n: usize) -> UpstreamGroup {
+        let text = format!(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\n[upstream.g]\nbackends = [{}]\n",
+            (0..n)
+                .map(|i| format!("\"tcp://127.0.0.1:{}\"", 1000 + i))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut s = crate::config::parse(&text, "t").expect("valid");
+        s.upstreams.remove(0)
+    }
+
+    fn balance(method: Method, n: usize) -> Balance {
+        Balance {
+            table: matches!(method, Method::Hash(_)).then(|| {
+                let labels: Vec<String> = (0..n).map(|i| format!("b{i}")).collect();
+                maglev::Table::new(&labels)
+            }),
+            method,
+            weights: vec![1; n],
+            max_fails: 2,
+            eject_time: Duration::from_secs(1),
+            max_eject_time: Duration::from_secs(8),
+            eject_on_5xx: false,
+            fail_open: false,
+            retry_budget: 0.2,
+        }
+    }
+
+    #[test]
+    fn p2c_sends_little_to_a_slow_backend() {
+        let g = group(3);
+        let b = balance(Method::P2c, 3);
+        let v = GroupView::new(&g, 0);
+        let now = Instant::now();
+        let mut counts = [0; 3];
+        for _ in 0..10_000 {
+            let i = v.pick(&b, 0, now, None).expect("healthy");
+            counts[i] += 1;
+            let latency = if i == 2 { 10_000 } else { 1_000 };
+            v.record(
+                &b,
+                i,
+                Outcome::Answered(Duration::from_micros(latency)),
+                now,
+            );
+        }
+        assert!(counts[2] < 1000, "the 10x slower backend got {counts:?}");
+    }
+
+    #[test]
+    fn failures_eject_with_growing_backoff_and_success_clears() {
+        let g = group(2);
+        let b = balance(Method::RoundRobin, 2);
+        let v = GroupView::new(&g, 0);
+        let t0 = Instant::now();
+        v.record(&b, 1, Outcome::Failed, t0);
+        assert!(!v.backend(1).is_ejected(t0), "one failure is not enough");
+        v.record(&b, 1, Outcome::Failed, t0);
+        assert!(v.backend(1).is_ejected(t0));
+        for _ in 0..4 {
+            assert_eq!(v.pick(&b, 0, t0, None), Some(0), "ejected: skipped");
+        }
+        let t1 = t0 + Duration::from_millis(1001);
+        assert!(!v.backend(1).is_ejected(t1), "back after 1 s");
+        // Failing again right away: ejected for twice as long.
+        v.record(&b, 1, Outcome::Failed, t1);
+        v.record(&b, 1, Outcome::Failed, t1);
+        assert!(v.backend(1).is_ejected(t1 + Duration::from_millis(1900)));
+        assert!(!v.backend(1).is_ejected(t1 + Duration::from_millis(2001)));
+        v.record(&b, 1, Outcome::Answered(Duration::from_millis(1)), t1);
+        assert_eq!(v.backend(1).ejections.get(), 0);
+    }
+
+    #[test]
+    fn every_backend_ejected_fails_open_or_not() {
+        let g = group(2);
+        let mut b = balance(Method::P2c, 2);
+        let v = GroupView::new(&g, 0);
+        let now = Instant::now();
+        for i in 0..2 {
+            v.record(&b, i, Outcome::Failed, now);
+            v.record(&b, i, Outcome::Failed, now);
+        }
+        assert_eq!(v.pick(&b, 0, now, None), None);
+        b.fail_open = true;
+        assert!(v.pick(&b, 0, now, None).is_some());
+    }
+
+    #[test]
+    fn smooth_weighted_round_robin_interleaves() {
+        let g = group(3);
+        let mut b = balance(Method::WeightedRoundRobin, 3);
+        b.weights = vec![5, 1, 1];
+        let v = GroupView::new(&g, 0);
+        let now = Instant::now();
+        let picks: Vec<usize> = (0..7).map(|_| v.pick(&b, 0, now, None).unwrap()).collect();
+        // nginx's example: a a b a c a a.
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+    }
+
+    #[test]
+    fn a_retry_avoids_the_backend_that_failed() {
+        let g = group(3);
+        let b = balance(Method::RoundRobin, 3);
+        let v = GroupView::new(&g, 0);
+        let now = Instant::now();
+        for _ in 0..10 {
+            assert_ne!(v.pick(&b, 0, now, Some(1)), Some(1));
+        }
+    }
+
+    #[test]
+    fn retry_budget_is_a_share_of_requests() {
+        let g = group(2);
+        let b = balance(Method::P2c, 2);
+        let v = GroupView::new(&g, 0);
+        // The floor: a few retries even without traffic.
+        let floor = (0..10).filter(|_| v.take_retry()).count();
+        assert_eq!(floor, 3);
+        for _ in 0..100 {
+            v.request(&b);
+        }
+        let earned = (0..100).filter(|_| v.take_retry()).count();
+        assert_eq!(earned, 20, "20% of 100 requests");
+    }
+}
