@@ -5,6 +5,7 @@
 mod support;
 
 mod admission;
+mod balance;
 mod bodies;
 mod failures;
 mod forwarding;
