@@ -74,12 +74,44 @@ pub struct Balance {
     pub retry_budget: f64,
     /// The Maglev table, for `hash`.
     pub table: Option<maglev::Table>,
+    /// For `weighted_round_robin`: one period of nginx's smooth WRR order,
+    /// computed once, so a pick is one index (see `Balance::schedule`).
+    pub schedule: Vec<u32>,
 }
 
+/// Longest precomputed WRR period; beyond it picks scan the weights.
+const MAX_SCHEDULE: u64 = 1 << 16;
+
 impl Balance {
+    /// One period (the sum of the weights) of smooth weighted round robin:
+    /// every backend gains its weight, the richest is picked and pays the
+    /// total. Empty when the period would pass `MAX_SCHEDULE` entries.
+    pub fn schedule(weights: &[u32]) -> Vec<u32> {
+        let total: u64 = weights.iter().map(|&w| w as u64).sum();
+        if total == 0 || total > MAX_SCHEDULE {
+            return Vec::new();
+        }
+        let mut current = vec![0i64; weights.len()];
+        (0..total)
+            .map(|_| smooth_step(weights, &mut current, total as i64) as u32)
+            .collect()
+    }
+
     fn retry_milli(&self) -> u64 {
         (self.retry_budget * MILLI as f64).round() as u64
     }
+}
+
+fn smooth_step(weights: &[u32], current: &mut [i64], total: i64) -> usize {
+    let mut best = 0;
+    for (i, w) in weights.iter().enumerate() {
+        current[i] += *w as i64;
+        if current[i] > current[best] {
+            best = i;
+        }
+    }
+    current[best] -= total;
+    best
 }
 
 /// How an exchange with a backend ended, for its health and EWMA.
@@ -240,20 +272,16 @@ impl GroupView {
                 self.cursor.set(i + 1);
                 i
             }
+            Method::WeightedRoundRobin if !b.schedule.is_empty() => {
+                let i = self.cursor.get() % b.schedule.len();
+                self.cursor.set(i + 1);
+                b.schedule[i] as usize
+            }
             Method::WeightedRoundRobin => {
-                // nginx's smooth weighted round robin: every backend gains
-                // its weight, the richest is picked and pays the total.
-                let mut cw = self.wrr.borrow_mut();
-                let total: i64 = b.weights.iter().map(|&w| w as i64).sum();
-                let mut best = 0;
-                for (i, w) in b.weights.iter().enumerate() {
-                    cw[i] += *w as i64;
-                    if cw[i] > cw[best] {
-                        best = i;
-                    }
-                }
-                cw[best] -= total;
-                best
+                // A period too long to precompute: the same order, one
+                // scan of the weights per pick.
+                let total = b.weights.iter().map(|&w| w as i64).sum();
+                smooth_step(&b.weights, &mut self.wrr.borrow_mut(), total)
             }
             Method::Hash(_) => match &b.table {
                 Some(t) => t.lookup(key),
@@ -367,6 +395,7 @@ mod tests {
                 maglev::Table::new(&labels)
             }),
             method,
+            schedule: Balance::schedule(&vec![1; n]),
             weights: vec![1; n],
             max_fails: 2,
             eject_time: Duration::from_secs(1),
@@ -442,11 +471,17 @@ mod tests {
         let g = group(3);
         let mut b = balance(Method::WeightedRoundRobin, 3);
         b.weights = vec![5, 1, 1];
-        let v = GroupView::new(&g, 0);
+        b.schedule = Balance::schedule(&b.weights);
         let now = Instant::now();
-        let picks: Vec<usize> = (0..7).map(|_| v.pick(&b, 0, now, None).unwrap()).collect();
-        // nginx's example: a a b a c a a.
-        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0]);
+        let v = GroupView::new(&g, 0);
+        let picks: Vec<usize> = (0..14).map(|_| v.pick(&b, 0, now, None).unwrap()).collect();
+        // nginx's example, a a b a c a a, period after period.
+        assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
+        // Without the precomputed period: the same order.
+        b.schedule.clear();
+        let v = GroupView::new(&g, 0);
+        let scanned: Vec<usize> = (0..14).map(|_| v.pick(&b, 0, now, None).unwrap()).collect();
+        assert_eq!(scanned, picks);
     }
 
     #[test]

@@ -522,6 +522,7 @@ impl Validator<'_> {
                 maglev::Table::new(&labels)
             }),
             method,
+            schedule: Balance::schedule(&weights),
             weights,
             max_fails: self.int(&u.max_fails, &key("max_fails"), 0..=1000, 3) as u32,
             eject_time,
