@@ -14,7 +14,14 @@ use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn group(n: usize, method: &str) -> coregate::config::UpstreamGroup {
     let backends: Vec<String> = (0..n)
-        .map(|i| format!("\"tcp://10.{}.{}.{}:80\"", i / 65536, (i / 256) % 256, i % 256))
+        .map(|i| {
+            format!(
+                "\"tcp://10.{}.{}.{}:80\"",
+                i / 65536,
+                (i / 256) % 256,
+                i % 256
+            )
+        })
         .collect();
     let extra = if method == "hash" {
         "hash_key = \"client_ip\"\n"
@@ -32,7 +39,13 @@ fn group(n: usize, method: &str) -> coregate::config::UpstreamGroup {
 fn pick(c: &mut Criterion) {
     let mut g = c.benchmark_group("pick");
     let now = Instant::now();
-    for method in ["p2c", "least_inflight", "round_robin", "weighted_round_robin", "hash"] {
+    for method in [
+        "p2c",
+        "least_inflight",
+        "round_robin",
+        "weighted_round_robin",
+        "hash",
+    ] {
         for n in [2usize, 64, 1024] {
             let group = group(n, method);
             let view = GroupView::new(&group, 0);

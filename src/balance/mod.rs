@@ -127,6 +127,12 @@ const EWMA_ALPHA: f64 = 0.1;
 /// EWMA of a backend with no sample yet: optimistic, so new or
 /// recovered backends get tried.
 const EWMA_START_US: f64 = 1.0;
+/// A backend's latency estimate fades while it gets no requests: halved
+/// after this long without a sample, a tenth after nine times it. Without
+/// it a backend that was slow once (a cold connection, a hiccup) would
+/// never be picked again and never show it recovered; with it, a slow
+/// backend is probed now and then (Finagle's peak EWMA decays likewise).
+const EWMA_FADE: Duration = Duration::from_millis(250);
 /// Retry tokens are counted in thousandths. A worker starts each group
 /// with a few retries' worth, so a quiet group can still retry (Envoy's
 /// min_retry_concurrency plays this part), and unused budget piles up to
@@ -143,6 +149,8 @@ pub struct BackendView {
     /// Ejections in a row (doubles the next one's length).
     ejections: Cell<u32>,
     ejected_until: Cell<Option<Instant>>,
+    /// When the last sample came in.
+    sampled: Cell<Option<Instant>>,
 }
 
 impl Default for BackendView {
@@ -153,6 +161,7 @@ impl Default for BackendView {
             fails: Cell::new(0),
             ejections: Cell::new(0),
             ejected_until: Cell::new(None),
+            sampled: Cell::new(None),
         }
     }
 }
@@ -162,8 +171,15 @@ impl BackendView {
         self.ejected_until.get().is_some_and(|t| t > now)
     }
 
-    fn score(&self) -> f64 {
-        (self.inflight.get() as f64 + 1.0) * self.ewma_us.get()
+    fn score(&self, now: Instant) -> f64 {
+        let ewma = match self.sampled.get() {
+            Some(t) => {
+                let idle = now.saturating_duration_since(t).as_secs_f64();
+                self.ewma_us.get() / (1.0 + idle / EWMA_FADE.as_secs_f64())
+            }
+            None => self.ewma_us.get(),
+        };
+        (self.inflight.get() as f64 + 1.0) * ewma
     }
 
     pub fn inflight(&self) -> u32 {
@@ -219,6 +235,7 @@ impl GroupView {
                 n.ejections.set(v.ejections.get());
                 n.ejected_until.set(v.ejected_until.get());
                 n.inflight.set(v.inflight.get());
+                n.sampled.set(v.sampled.get());
             }
         }
         next
@@ -256,7 +273,7 @@ impl GroupView {
                     j += 1;
                 }
                 let better = |x: usize, y: usize| match b.method {
-                    Method::P2c => self.backends[x].score() <= self.backends[y].score(),
+                    Method::P2c => self.backends[x].score(now) <= self.backends[y].score(now),
                     _ => self.backends[x].inflight.get() <= self.backends[y].inflight.get(),
                 };
                 match (usable(i), usable(j)) {
@@ -322,12 +339,16 @@ impl GroupView {
     /// Record how an exchange with backend `i` went.
     pub fn record(&self, b: &Balance, i: usize, outcome: Outcome, now: Instant) {
         let v = &self.backends[i];
+        v.sampled.set(Some(now));
         match outcome {
             Outcome::Answered(latency) => {
                 let us = latency.as_secs_f64() * 1e6;
                 let old = v.ewma_us.get();
                 let next = if old <= EWMA_START_US {
-                    us
+                    // A first sample often carries a cold connection's
+                    // setup: it starts no worse than its peers' mean, and a
+                    // backend truly slower climbs there within ~10 samples.
+                    us.min(self.peers_mean(i).unwrap_or(us))
                 } else {
                     old + EWMA_ALPHA * (us - old)
                 };
@@ -351,6 +372,17 @@ impl GroupView {
                 }
             }
         }
+    }
+
+    /// Mean EWMA of the other backends that have a sample.
+    fn peers_mean(&self, i: usize) -> Option<f64> {
+        let (sum, n) = self
+            .backends
+            .iter()
+            .enumerate()
+            .filter(|(j, v)| *j != i && v.ewma_us.get() > EWMA_START_US)
+            .fold((0.0, 0), |(s, n), (_, v)| (s + v.ewma_us.get(), n + 1));
+        (n > 0).then(|| sum / n as f64)
     }
 
     /// Count a request toward the retry budget.
@@ -425,6 +457,34 @@ mod tests {
             );
         }
         assert!(counts[2] < 1000, "the 10x slower backend got {counts:?}");
+    }
+
+    #[test]
+    fn a_cold_first_sample_starts_at_the_peers_mean() {
+        let g = group(2);
+        let b = balance(Method::P2c, 2);
+        let v = GroupView::new(&g, 0);
+        let now = Instant::now();
+        v.record(&b, 0, Outcome::Answered(Duration::from_micros(100)), now);
+        // Backend 1's first answer took 2 ms (a new connection).
+        v.record(&b, 1, Outcome::Answered(Duration::from_millis(2)), now);
+        assert_eq!(v.backend(1).ewma_us(), 100.0);
+    }
+
+    #[test]
+    fn a_backend_slow_once_is_tried_again_later() {
+        let g = group(2);
+        let b = balance(Method::P2c, 2);
+        let v = GroupView::new(&g, 0);
+        let t0 = Instant::now();
+        v.record(&b, 0, Outcome::Answered(Duration::from_millis(20)), t0);
+        v.record(&b, 1, Outcome::Answered(Duration::from_millis(1)), t0);
+        assert_eq!(v.pick(&b, 0, t0, None), Some(1));
+        // Backend 1 stays busy; 30 s later backend 0's old sample has
+        // faded below backend 1's fresh ones.
+        let t1 = t0 + Duration::from_secs(30);
+        v.record(&b, 1, Outcome::Answered(Duration::from_millis(1)), t1);
+        assert_eq!(v.pick(&b, 0, t1, None), Some(0));
     }
 
     #[test]

@@ -747,6 +747,38 @@ upstream = "missing"
     }
 
     #[test]
+    fn balance_problems_name_line_and_key() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\n[upstream.a]\nbackends = [\"tcp://127.0.0.1:2\", \"tcp://127.0.0.1:3\"]\n";
+        let err = |extra: &str| match parse(&format!("{base}{extra}"), "b") {
+            Ok(_) => String::new(),
+            Err(e) => e.to_string(),
+        };
+        assert!(
+            err("balance = \"random\"\n")
+                .contains("b:5: upstream.a.balance: \"random\" is not a balancing method")
+        );
+        assert!(
+            err("balance = \"hash\"\n")
+                .contains("upstream.a.hash_key: balance = \"hash\" needs hash_key")
+        );
+        assert!(
+            err("balance = \"hash\"\nhash_key = \"cookie\"\n")
+                .contains("upstream.a.hash_key: \"cookie\" is not a hash key")
+        );
+        assert!(err("weights = [1]\n").contains("upstream.a.weights: needs 2 weights"));
+        assert!(err("all_ejected = \"never\"\n").contains("upstream.a.all_ejected"));
+        assert!(
+            err("retry_budget = 2.0\n").contains("upstream.a.retry_budget: must be from 0 to 1")
+        );
+        let ok = parse(
+            &format!("{base}balance = \"weighted_round_robin\"\nweights = [3, 1]\n"),
+            "b",
+        )
+        .unwrap();
+        assert_eq!(ok.upstreams[0].balance.schedule, [0, 0, 1, 0]);
+    }
+
+    #[test]
     fn metrics_listen_is_loopback_only() {
         let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\n";
         let ok = parse(
