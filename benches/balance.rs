@@ -54,7 +54,9 @@ fn pick(c: &mut Criterion) {
             g.bench_with_input(BenchmarkId::new(method, n), &n, |bench, _| {
                 bench.iter(|| {
                     key = key.wrapping_mul(6364136223846793005).wrapping_add(1);
-                    let i = view.pick(b, black_box(key), now, None).expect("healthy");
+                    let i = view
+                        .pick(&group, black_box(key), now, None)
+                        .expect("healthy");
                     view.start(i);
                     view.record(b, i, Outcome::Answered(Duration::from_micros(500)), now);
                     view.finish(i);

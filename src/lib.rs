@@ -26,6 +26,8 @@
 //! - [`balance`]: backend selection (p2c on inflight and EWMA latency,
 //!   least-inflight, round robin, smooth WRR, Maglev hashing), passive
 //!   ejection with backoff, the retry budget.
+//! - [`health`]: active health checks on a thread of the control side,
+//!   marking backends down and up in the published snapshot.
 //! - [`admin`]: the admin UNIX socket, live reload, and its client.
 //! - [`stats`]: per-worker counters and HDR histograms, their collection
 //!   over the workers' control sockets, JSON, Prometheus text and the
@@ -40,6 +42,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod health;
 pub mod http;
 pub mod idle;
 pub mod log;

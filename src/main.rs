@@ -125,6 +125,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let admin_path = args.admin_socket.clone().or(snapshot.admin_socket.clone());
     let snapshot_metrics = snapshot.metrics_listen;
     let published = Published::new(snapshot);
+    coregate::health::spawn(published.clone()).context("start the health checker")?;
     let reloader = Arc::new(Reloader::new(
         args.config.clone(),
         published.clone(),

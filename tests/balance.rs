@@ -170,3 +170,30 @@ fn consistent_hashing_keeps_a_key_on_one_backend() {
         "30 users spread over all 3 backends: {seen:?}"
     );
 }
+
+#[test]
+fn active_checks_take_a_dead_backend_out_and_put_it_back() {
+    let port = dead_port();
+    let other = coregate_origin(1);
+    // Passive ejection and retries off: only the checks keep requests
+    // away from the dead backend.
+    let proxy = proxy(
+        &[format!("127.0.0.1:{port}"), other.addr.clone()],
+        "balance = \"round_robin\"\nmax_fails = 0\nretry_budget = 0.0\n\
+         health_check = { path = \"/echo/health\", interval = \"100ms\", timeout = \"200ms\", healthy = 2, unhealthy = 1 }",
+    );
+    thread::sleep(Duration::from_millis(500));
+    let statuses: Vec<u16> = (0..10).map(|_| fetch(&proxy.addr, "/").0).collect();
+    assert!(
+        statuses.iter().all(|&s| s == 200),
+        "checked down: {statuses:?}"
+    );
+    // It comes up: two good checks later it is back in the rotation.
+    let revived = python_origin_on(port);
+    thread::sleep(Duration::from_millis(600));
+    let json = (0..6)
+        .filter(|_| fetch(&proxy.addr, "/echo").1.starts_with('{'))
+        .count();
+    assert_eq!(json, 3, "round robin over both again");
+    drop(revived);
+}

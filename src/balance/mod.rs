@@ -32,6 +32,7 @@
 pub mod maglev;
 
 use std::cell::{Cell, RefCell};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::config::UpstreamGroup;
@@ -219,7 +220,12 @@ impl GroupView {
             rng: Cell::new(
                 0x9E37_79B9_7F4A_7C15 ^ (seed as u64).wrapping_mul(0xA076_1D64_78BD_642F) | 1,
             ),
-            retry_tokens: Cell::new(RETRY_FLOOR),
+            // A budget of 0 turns retries off, floor included.
+            retry_tokens: Cell::new(if group.balance.retry_budget > 0.0 {
+                RETRY_FLOOR
+            } else {
+                0
+            }),
         }
     }
 
@@ -258,13 +264,24 @@ impl GroupView {
     /// Pick a backend for a request with hash `key` (used by `hash`),
     /// avoiding `avoid` (a retry goes elsewhere) when there is a choice.
     /// `None`: every backend is ejected and the group does not fail open.
-    pub fn pick(&self, b: &Balance, key: u64, now: Instant, avoid: Option<usize>) -> Option<usize> {
+    pub fn pick(
+        &self,
+        group: &UpstreamGroup,
+        key: u64,
+        now: Instant,
+        avoid: Option<usize>,
+    ) -> Option<usize> {
+        let b = &group.balance;
         let n = self.backends.len();
+        // Down by active checks, or ejected by this worker's own failures.
+        let out = |i: usize| {
+            self.backends[i].ejected(now) || !group.backends[i].healthy.load(Ordering::Relaxed)
+        };
         if n == 1 {
-            let ok = !self.backends[0].ejected(now) || b.fail_open;
+            let ok = !out(0) || b.fail_open;
             return ok.then_some(0);
         }
-        let usable = |i: usize| Some(i) != avoid && !self.backends[i].ejected(now);
+        let usable = |i: usize| Some(i) != avoid && !out(i);
         let first = match &b.method {
             Method::P2c | Method::LeastInflight => {
                 let i = self.random(n);
@@ -318,7 +335,7 @@ impl GroupView {
         match next {
             Some(i) => Some(i),
             // Only `avoid` is usable: a retry may go back to it.
-            None if avoid.is_some_and(|a| !self.backends[a].ejected(now)) => avoid,
+            None if avoid.is_some_and(|a| !out(a)) => avoid,
             None if b.fail_open => Some(first),
             None => None,
         }
@@ -392,6 +409,11 @@ impl GroupView {
             .set(t.min(RETRY_FLOOR + 100 * b.retry_milli()));
     }
 
+    /// Whether the budget holds a retry (without taking it).
+    pub fn has_retry(&self) -> bool {
+        self.retry_tokens.get() >= MILLI
+    }
+
     /// Take a retry from the budget, if one is left.
     pub fn take_retry(&self) -> bool {
         let t = self.retry_tokens.get();
@@ -420,6 +442,22 @@ mod tests {
         s.upstreams.remove(0)
     }
 
+    /// `g` with balancing settings `b`.
+    fn gb(g: &UpstreamGroup, b: &Balance) -> UpstreamGroup {
+        let text = format!(
+            "[[listener]]\nlisten = \"127.0.0.1:1\"\n[upstream.g]\nbackends = [{}]\n",
+            g.backends
+                .iter()
+                .map(|x| format!("\"{}\"", x.label))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        let mut s = crate::config::parse(&text, "t").expect("valid");
+        let mut out = s.upstreams.remove(0);
+        out.balance = b.clone();
+        out
+    }
+
     fn balance(method: Method, n: usize) -> Balance {
         Balance {
             table: matches!(method, Method::Hash(_)).then(|| {
@@ -446,7 +484,7 @@ mod tests {
         let now = Instant::now();
         let mut counts = [0; 3];
         for _ in 0..10_000 {
-            let i = v.pick(&b, 0, now, None).expect("healthy");
+            let i = v.pick(&gb(&g, &b), 0, now, None).expect("healthy");
             counts[i] += 1;
             let latency = if i == 2 { 10_000 } else { 1_000 };
             v.record(
@@ -479,12 +517,12 @@ mod tests {
         let t0 = Instant::now();
         v.record(&b, 0, Outcome::Answered(Duration::from_millis(20)), t0);
         v.record(&b, 1, Outcome::Answered(Duration::from_millis(1)), t0);
-        assert_eq!(v.pick(&b, 0, t0, None), Some(1));
+        assert_eq!(v.pick(&gb(&g, &b), 0, t0, None), Some(1));
         // Backend 1 stays busy; 30 s later backend 0's old sample has
         // faded below backend 1's fresh ones.
         let t1 = t0 + Duration::from_secs(30);
         v.record(&b, 1, Outcome::Answered(Duration::from_millis(1)), t1);
-        assert_eq!(v.pick(&b, 0, t1, None), Some(0));
+        assert_eq!(v.pick(&gb(&g, &b), 0, t1, None), Some(0));
     }
 
     #[test]
@@ -498,7 +536,11 @@ mod tests {
         v.record(&b, 1, Outcome::Failed, t0);
         assert!(v.backend(1).is_ejected(t0));
         for _ in 0..4 {
-            assert_eq!(v.pick(&b, 0, t0, None), Some(0), "ejected: skipped");
+            assert_eq!(
+                v.pick(&gb(&g, &b), 0, t0, None),
+                Some(0),
+                "ejected: skipped"
+            );
         }
         let t1 = t0 + Duration::from_millis(1001);
         assert!(!v.backend(1).is_ejected(t1), "back after 1 s");
@@ -521,9 +563,9 @@ mod tests {
             v.record(&b, i, Outcome::Failed, now);
             v.record(&b, i, Outcome::Failed, now);
         }
-        assert_eq!(v.pick(&b, 0, now, None), None);
+        assert_eq!(v.pick(&gb(&g, &b), 0, now, None), None);
         b.fail_open = true;
-        assert!(v.pick(&b, 0, now, None).is_some());
+        assert!(v.pick(&gb(&g, &b), 0, now, None).is_some());
     }
 
     #[test]
@@ -534,13 +576,17 @@ mod tests {
         b.schedule = Balance::schedule(&b.weights);
         let now = Instant::now();
         let v = GroupView::new(&g, 0);
-        let picks: Vec<usize> = (0..14).map(|_| v.pick(&b, 0, now, None).unwrap()).collect();
+        let picks: Vec<usize> = (0..14)
+            .map(|_| v.pick(&gb(&g, &b), 0, now, None).unwrap())
+            .collect();
         // nginx's example, a a b a c a a, period after period.
         assert_eq!(picks, [0, 0, 1, 0, 2, 0, 0, 0, 0, 1, 0, 2, 0, 0]);
         // Without the precomputed period: the same order.
         b.schedule.clear();
         let v = GroupView::new(&g, 0);
-        let scanned: Vec<usize> = (0..14).map(|_| v.pick(&b, 0, now, None).unwrap()).collect();
+        let scanned: Vec<usize> = (0..14)
+            .map(|_| v.pick(&gb(&g, &b), 0, now, None).unwrap())
+            .collect();
         assert_eq!(scanned, picks);
     }
 
@@ -551,7 +597,7 @@ mod tests {
         let v = GroupView::new(&g, 0);
         let now = Instant::now();
         for _ in 0..10 {
-            assert_ne!(v.pick(&b, 0, now, Some(1)), Some(1));
+            assert_ne!(v.pick(&gb(&g, &b), 0, now, Some(1)), Some(1));
         }
     }
 

@@ -116,6 +116,18 @@ pub struct UpstreamSection {
     /// `fail_open` or `503`.
     pub all_ejected: Option<Spanned<String>>,
     pub retry_budget: Option<Spanned<f64>>,
+    /// Active checks: `{ path = "/health", interval = "5s", ... }`.
+    pub health_check: Option<Spanned<HealthCheckSection>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthCheckSection {
+    pub path: String,
+    pub interval: Option<Spanned<String>>,
+    pub timeout: Option<Spanned<String>>,
+    pub healthy: Option<Spanned<i64>>,
+    pub unhealthy: Option<Spanned<i64>>,
 }
 
 /// `[[route]]` and `[[rule]]`: matchers, then actions. Which keys a kind

@@ -18,6 +18,7 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use toml::Spanned;
@@ -390,6 +391,32 @@ impl Validator<'_> {
             }
         }
         let balance = self.balance(u, &backends, &key);
+        let health_check = u.health_check.as_ref().map(|h| {
+            let c = h.get_ref();
+            if !c.path.starts_with('/') || c.path.bytes().any(|b| b <= b' ' || b >= 0x7f) {
+                self.problem(
+                    h.span(),
+                    key("health_check.path"),
+                    format!("{:?} is not a path; write e.g. \"/health\"", c.path),
+                );
+            }
+            crate::health::Check {
+                path: c.path.clone(),
+                interval: self.duration(
+                    &c.interval,
+                    &key("health_check.interval"),
+                    Duration::from_secs(5),
+                ),
+                timeout: self.duration(
+                    &c.timeout,
+                    &key("health_check.timeout"),
+                    Duration::from_secs(1),
+                ),
+                healthy: self.int(&c.healthy, &key("health_check.healthy"), 1..=100, 2) as u32,
+                unhealthy: self.int(&c.unhealthy, &key("health_check.unhealthy"), 1..=100, 3)
+                    as u32,
+            }
+        });
         UpstreamGroup {
             name: name.to_string(),
             backends,
@@ -415,6 +442,7 @@ impl Validator<'_> {
             ),
             max_idle: self.int(&u.max_idle, &key("max_idle"), 0..=65536, 64) as usize,
             balance,
+            health_check,
         }
     }
 
@@ -634,6 +662,7 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
             addr: BackendAddr::Tcp(addr),
             label: s.to_string(),
             authority: rest.to_string(),
+            healthy: AtomicBool::new(true),
         });
     }
     if let Some(path) = s.strip_prefix("unix:") {
@@ -647,6 +676,7 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
             addr: BackendAddr::Unix(path),
             label: s.to_string(),
             authority: "localhost".into(),
+            healthy: AtomicBool::new(true),
         });
     }
     Err(format!(

@@ -75,6 +75,8 @@ pub struct UpstreamGroup {
     pub max_idle: usize,
     /// How backends are picked, ejected and retried.
     pub balance: crate::balance::Balance,
+    /// Active health checks (`health_check`), if configured.
+    pub health_check: Option<crate::health::Check>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,6 +92,9 @@ pub struct Backend {
     pub label: String,
     /// Host to send for HTTP/1.0 requests that carry none.
     pub authority: String,
+    /// Active health: written by the health checker thread (`health`),
+    /// read by workers when they pick. True until checks say otherwise.
+    pub healthy: std::sync::atomic::AtomicBool,
 }
 
 /// `host` without a trailing `:port`, for matching (IPv6 literals keep their

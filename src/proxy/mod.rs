@@ -624,7 +624,9 @@ impl Conn {
                     };
                     let view_g = &cur.groups[group];
                     view_g.request(balance);
-                    let Some(backend) = view_g.pick(balance, key, Instant::now(), None) else {
+                    let Some(backend) =
+                        view_g.pick(&cur.snapshot.upstreams[group], key, Instant::now(), None)
+                    else {
                         break 'proxy Plan::NoBackend;
                     };
                     // The target sent upstream: the normalised path, with
@@ -874,7 +876,8 @@ impl Conn {
                     && facts.method.is_idempotent());
             if replayable
                 && !retried
-                && let Some(next) = view.pick(balance, key, Instant::now(), Some(backend_idx))
+                && view.has_retry()
+                && let Some(next) = view.pick(group, key, Instant::now(), Some(backend_idx))
                 && next != backend_idx
                 && view.take_retry()
             {
