@@ -197,3 +197,21 @@ fn active_checks_take_a_dead_backend_out_and_put_it_back() {
     assert_eq!(json, 3, "round robin over both again");
     drop(revived);
 }
+
+#[test]
+fn a_backend_at_its_connection_cap_is_not_given_more() {
+    let origin = python_origin();
+    let proxy = proxy(std::slice::from_ref(&origin.addr), "max_conns = 1");
+    let held = {
+        let addr = proxy.addr.clone();
+        thread::spawn(move || fetch(&addr, "/slow?ms=800").0)
+    };
+    thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        fetch(&proxy.addr, "/echo").0,
+        503,
+        "the one connection is in use"
+    );
+    assert_eq!(held.join().unwrap(), 200);
+    assert_eq!(fetch(&proxy.addr, "/echo").0, 200, "free again");
+}

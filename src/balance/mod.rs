@@ -73,6 +73,8 @@ pub struct Balance {
     pub fail_open: bool,
     /// Retries allowed as a share of requests (Envoy's retry budget).
     pub retry_budget: f64,
+    /// Requests (so connections in use) per backend per worker; 0: no cap.
+    pub max_conns: u32,
     /// The Maglev table, for `hash`.
     pub table: Option<maglev::Table>,
     /// For `weighted_round_robin`: one period of nginx's smooth WRR order,
@@ -273,12 +275,17 @@ impl GroupView {
     ) -> Option<usize> {
         let b = &group.balance;
         let n = self.backends.len();
-        // Down by active checks, or ejected by this worker's own failures.
+        // A cap holds even when failing open: it protects the backend.
+        let at_cap = |i: usize| b.max_conns > 0 && self.backends[i].inflight.get() >= b.max_conns;
+        // Down by active checks, ejected by this worker's own failures,
+        // or at its connection cap.
         let out = |i: usize| {
-            self.backends[i].ejected(now) || !group.backends[i].healthy.load(Ordering::Relaxed)
+            self.backends[i].ejected(now)
+                || !group.backends[i].healthy.load(Ordering::Relaxed)
+                || at_cap(i)
         };
         if n == 1 {
-            let ok = !out(0) || b.fail_open;
+            let ok = !out(0) || (b.fail_open && !at_cap(0));
             return ok.then_some(0);
         }
         let usable = |i: usize| Some(i) != avoid && !out(i);
@@ -336,7 +343,7 @@ impl GroupView {
             Some(i) => Some(i),
             // Only `avoid` is usable: a retry may go back to it.
             None if avoid.is_some_and(|a| !out(a)) => avoid,
-            None if b.fail_open => Some(first),
+            None if b.fail_open && !at_cap(first) => Some(first),
             None => None,
         }
     }
@@ -473,6 +480,7 @@ mod tests {
             eject_on_5xx: false,
             fail_open: false,
             retry_budget: 0.2,
+            max_conns: 0,
         }
     }
 
@@ -599,6 +607,24 @@ mod tests {
         for _ in 0..10 {
             assert_ne!(v.pick(&gb(&g, &b), 0, now, Some(1)), Some(1));
         }
+    }
+
+    #[test]
+    fn a_backend_at_its_connection_cap_is_skipped() {
+        let g = group(2);
+        let mut b = balance(Method::RoundRobin, 2);
+        b.max_conns = 1;
+        let g = gb(&g, &b);
+        let v = GroupView::new(&g, 0);
+        let now = Instant::now();
+        v.start(0);
+        for _ in 0..4 {
+            assert_eq!(v.pick(&g, 0, now, None), Some(1));
+        }
+        v.start(1);
+        assert_eq!(v.pick(&g, 0, now, None), None, "both at their cap");
+        v.finish(0);
+        assert_eq!(v.pick(&g, 0, now, None), Some(0));
     }
 
     #[test]

@@ -116,6 +116,8 @@ pub struct UpstreamSection {
     /// `fail_open` or `503`.
     pub all_ejected: Option<Spanned<String>>,
     pub retry_budget: Option<Spanned<f64>>,
+    /// Connections in use per backend per worker.
+    pub max_conns: Option<Spanned<i64>>,
     /// Active checks: `{ path = "/health", interval = "5s", ... }`.
     pub health_check: Option<Spanned<HealthCheckSection>>,
 }

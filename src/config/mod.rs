@@ -558,6 +558,7 @@ impl Validator<'_> {
             eject_on_5xx: u.eject_on_5xx.as_ref().is_some_and(|v| *v.get_ref()),
             fail_open,
             retry_budget,
+            max_conns: self.int(&u.max_conns, &key("max_conns"), 0..=1_000_000, 0) as u32,
         }
     }
 

@@ -12,9 +12,10 @@
 //! shows one request a mix of two configs. `Conn::handle` asks the rules
 //! for a decision and performs its action.
 //!
-//! Seams for later work: admission control goes between `read_head` and
-//! `handle`; backend selection replaces `WorkerCtx::next_backend`;
-//! statistics hook into `Conn::reject` and `Conn::finish`.
+//! Admission (`crate::admission`) runs in `handle` once the rules have
+//! decided; backend choice (`crate::balance`) is the worker's `GroupView`
+//! for the route's group; statistics are recorded in `Conn::request` (every
+//! response) and `Conn::proxy` (upstream latency, backend counts).
 
 pub mod relay;
 
