@@ -215,3 +215,34 @@ fn a_backend_at_its_connection_cap_is_not_given_more() {
     assert_eq!(held.join().unwrap(), 200);
     assert_eq!(fetch(&proxy.addr, "/echo").0, 200, "free again");
 }
+
+/// A backend that breaks off mid-head: the GET is retried on the other,
+/// and none of the broken head's bytes reach the client.
+#[test]
+fn a_retry_starts_from_a_clean_response_buffer() {
+    use std::io::{Read, Write};
+    let good = coregate_origin(1);
+    let broken = TcpListener::bind("127.0.0.1:0").unwrap();
+    let broken_addr = broken.local_addr().unwrap().to_string();
+    thread::spawn(move || {
+        for c in broken.incoming().take(4) {
+            let Ok(mut c) = c else { continue };
+            let mut buf = [0u8; 1024];
+            let _ = c.read(&mut buf);
+            let _ = c.write_all(b"HTTP/1.1 200 OK\r\nX-Partial: ");
+        }
+    });
+    let proxy = proxy(
+        &[broken_addr, good.addr.clone()],
+        "balance = \"round_robin\"\nmax_fails = 0",
+    );
+    // Three requests: each costs a retry, and the budget's floor is three
+    // (the fourth in a row would get the 502).
+    for _ in 0..3 {
+        let out = curl(&["-i", &format!("http://{}/", proxy.addr)]);
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+        assert!(!text.contains("X-Partial"), "a broken head leaked: {text}");
+        assert!(text.ends_with("\r\n\r\na"), "{text}");
+    }
+}

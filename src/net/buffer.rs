@@ -120,6 +120,12 @@ impl Buf {
         }
     }
 
+    /// Drop every unread byte.
+    pub fn clear(&mut self) {
+        self.v.clear();
+        self.pos = 0;
+    }
+
     /// Make room for at least `additional` more bytes (a body held whole;
     /// the pool frees such a grown buffer instead of keeping it).
     pub fn reserve(&mut self, additional: usize) {

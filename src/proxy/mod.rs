@@ -884,6 +884,9 @@ impl Conn {
             {
                 retried = true;
                 backend_idx = next;
+                // Whatever the failed backend sent must not prefix the
+                // next one's response.
+                ubuf.clear();
                 continue;
             }
             self.ctx.bufs.put(ubuf.into_inner());
