@@ -233,6 +233,8 @@ impl GroupView {
 
     /// The view for `new`, keeping what this worker learned of backends
     /// that `old` had too (same label): EWMA, ejection, failure streak.
+    /// Inflight counts start at zero: requests in flight release into the
+    /// view they started on, so a copied count would never come down.
     pub fn carry(old: &UpstreamGroup, view: &GroupView, new: &UpstreamGroup, seed: usize) -> Self {
         let next = GroupView::new(new, seed);
         for (b, v) in old.backends.iter().zip(&view.backends) {
@@ -242,7 +244,6 @@ impl GroupView {
                 n.fails.set(v.fails.get());
                 n.ejections.set(v.ejections.get());
                 n.ejected_until.set(v.ejected_until.get());
-                n.inflight.set(v.inflight.get());
                 n.sampled.set(v.sampled.get());
             }
         }
