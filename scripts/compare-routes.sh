@@ -11,6 +11,7 @@
 # req/s, proxy CPU us/request, and the 1000-vs-1 ratio of each proxy.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/lib/bench.sh
 
 ROUNDS=3 DURATION=8 CONNS=50 ROUTES=1000 DRY=0
 PROXY_CPU=1 LOAD_CPU=0
@@ -99,21 +100,11 @@ for name in $NAMES; do
   [ "$code" = 200 ] || { echo "$name answered $code for $TARGET" >&2; exit 1; }
 done
 
-cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
-TCK=$(getconf CLK_TCK)
 results="$WORK/results.tsv"
 : > "$results"
 for round in $(seq 1 "$ROUNDS"); do
   for name in $NAMES; do
-    pid=${PID[$name]} port=${PORT[$name]}
-    t0=$(cpu_ticks "$pid")
-    out=$(taskset -c $LOAD_CPU wrk -t1 -c"$CONNS" -d"${DURATION}s" "http://127.0.0.1:$port$TARGET")
-    t1=$(cpu_ticks "$pid")
-    reqs=$(echo "$out" | awk '/requests in/ {print $1}')
-    rps=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
-    errs=$(echo "$out" | awk '/Non-2xx|Socket errors/ {print}' | tr '\n' ' ')
-    us=$(python3 -c "print(round(($t1-$t0)*1e6/$TCK/max($reqs,1), 2))")
-    printf '%s\t%s\t%s\t%s\t%s\n' "$round" "$name" "$rps" "$us" "$errs" | tee -a "$results"
+    wrk_round "$round" "$name" "${PID[$name]}" "http://127.0.0.1:${PORT[$name]}$TARGET" "$results"
   done
 done
 

@@ -1,4 +1,5 @@
-# Shared pieces of the side-by-side benchmark scripts (sourced, not run).
+# Shared pieces of the side-by-side benchmark scripts (sourced, not run):
+# compare-nginx.sh, compare-routes.sh, compare-stats.sh.
 #
 # Each script starts its proxies pinned to one CPU and the origin and wrk to
 # another, then calls `wrk_round` for every proxy in every round, in turn,
