@@ -1,12 +1,18 @@
-//! Head parsing and chunked decoding: ns per message and bytes per second.
+//! The hot per-request components: head parsing, chunked decoding, header
+//! filtering (writing the upstream head: hop-by-hop fields out, forwarding
+//! fields in) and the buffer pool's get/put. ns per message and bytes per
+//! second.
 //! `cargo bench --bench parse`
 
 use std::hint::black_box;
 
 use coregate::http::chunked::ChunkedDecoder;
+use coregate::http::encode::{Forwarded, write_upstream_request};
 use coregate::http::head::{
     HeadLimits, Method, RequestHead, ResponseHead, parse_request, parse_response,
 };
+use coregate::net::buffer::BufPool;
+use coregate::rules::HeaderPlan;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// What a desktop browser sends for a page (Firefox, trimmed cookies).
@@ -81,5 +87,43 @@ fn chunked(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, heads, chunked);
+fn filter(c: &mut Criterion) {
+    let limits = HeadLimits::default();
+    let fwd = Forwarded {
+        client_ip: b"203.0.113.7",
+        proto: b"http",
+        default_host: b"10.0.0.1:8080",
+    };
+    let edits = HeaderPlan::default();
+    let mut g = c.benchmark_group("upstream_head");
+    for (name, raw) in [("browser", BROWSER), ("api", API)] {
+        let mut head = RequestHead::default();
+        parse_request(raw, &limits, &mut head).expect("valid");
+        let mut out = Vec::with_capacity(4096);
+        g.throughput(Throughput::Bytes(raw.len() as u64));
+        g.bench_function(name, |b| {
+            b.iter(|| {
+                out.clear();
+                write_upstream_request(&mut out, black_box(raw), &head, &fwd, None, &edits);
+                out.len()
+            })
+        });
+    }
+    g.finish();
+}
+
+fn buffers(c: &mut Criterion) {
+    let pool = BufPool::new();
+    pool.put(pool.get());
+    c.bench_function("bufpool/get_put", |b| {
+        b.iter(|| {
+            let v = pool.get();
+            let cap = v.capacity();
+            pool.put(black_box(v));
+            cap
+        })
+    });
+}
+
+criterion_group!(benches, heads, chunked, filter, buffers);
 criterion_main!(benches);
