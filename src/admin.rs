@@ -1,8 +1,8 @@
 //! The admin UNIX socket and live reload.
 //!
 //! Protocol: the client sends one command line, the server answers and
-//! closes. `reload`, `status` and `stats` answer one JSON line; `metrics`
-//! answers Prometheus text. The socket is created with mode 0600: only
+//! closes. `reload`, `status`, `stats` and `drain` answer one JSON line;
+//! `metrics` answers Prometheus text. The socket is created with mode 0600: only
 //! its owner (and root) may reload the proxy or read its statistics.
 //!
 //! Owns: the socket's life (stale-file cleanup, permissions, removal at
@@ -225,6 +225,16 @@ fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
             let total = Report::merge(&workers);
             serde_json::json!({ "ok": true, "total": total, "workers": workers })
         }
+        "drain" => {
+            // The control thread owns the drain and waits for its signals
+            // (`control::run_until_signal`): ask it the way an operator's
+            // SIGTERM would.
+            crate::info!("admin socket: drain requested");
+            // SAFETY: kill(2) on our own process with a signal the control
+            // thread handles.
+            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            serde_json::json!({ "ok": true, "draining": true })
+        }
         "metrics" => {
             let mut out = &stream;
             let _ = out.write_all(render::prometheus(&hub.collect(COLLECT_TIMEOUT)).as_bytes());
@@ -232,7 +242,7 @@ fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
         }
         other => serde_json::json!({
             "ok": false,
-            "error": format!("unknown command {other:?}; commands: reload, status, stats, metrics"),
+            "error": format!("unknown command {other:?}; commands: reload, status, stats, metrics, drain"),
         }),
     };
     let mut out = &stream;

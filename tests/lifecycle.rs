@@ -27,6 +27,28 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_zero() {
 }
 
 #[test]
+fn drain_over_the_admin_socket_finishes_requests_in_flight() {
+    let origin = python_origin();
+    let socket = temp_dir().join("admin.sock");
+    let config = config_for(&format!("tcp://{}", origin.addr), "").replace(
+        "[server]\n",
+        &format!("[server]\nadmin_socket = \"{}\"\n", socket.display()),
+    );
+    let mut proxy = coregate(&config, &[]);
+    let url = format!("http://{}/slow?ms=1000", proxy.addr);
+    let client = std::thread::spawn(move || curl(&["-w", "\n%{http_code}", &url]));
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = coregate::admin::request(&socket, "drain").expect("admin socket");
+    assert_eq!(reply["draining"], true, "{reply}");
+    let out = client.join().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n200"));
+    let status = proxy
+        .wait_exit(Duration::from_secs(10))
+        .expect("drains and exits");
+    assert_eq!(status.code(), Some(0), "{}", proxy.stderr());
+}
+
+#[test]
 fn idle_keep_alive_connections_do_not_hold_up_drain() {
     let origin = python_origin();
     let mut proxy = proxy_to(&origin, "", &[]);
