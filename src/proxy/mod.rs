@@ -828,20 +828,22 @@ impl Conn {
         let mut retried = false;
         let (mut up, body_sent, _inflight) = loop {
             let inflight = Inflight::start(view, backend_idx);
-            let up_started = Stamp::now();
             let started = Instant::now();
             let result = self
                 .exchange(group_idx, group, backend_idx, facts, bounds, &mut ubuf)
                 .await;
+            // One clock read serves the statistics, the EWMA and ejection.
+            let elapsed = started.elapsed();
+            let now = started + elapsed;
             let (status, body_consumed, unsent) = match result {
                 Ok((up, body_sent)) => {
-                    self.ctx.stats.upstream_latency(up_started);
+                    self.ctx.stats.upstream_latency(elapsed);
                     let outcome = if balance.eject_on_5xx && self.res.status >= 500 {
                         Outcome::Failed
                     } else {
-                        Outcome::Answered(started.elapsed())
+                        Outcome::Answered(elapsed)
                     };
-                    view.record(balance, backend_idx, outcome, Instant::now());
+                    view.record(balance, backend_idx, outcome, now);
                     break (up, body_sent, inflight);
                 }
                 Err(Fail::Close) => {
@@ -858,7 +860,7 @@ impl Conn {
                 cur.tallies
                     .backend(group_idx, backend_idx)
                     .count(|t| &t.failures);
-                view.record(balance, backend_idx, Outcome::Failed, Instant::now());
+                view.record(balance, backend_idx, Outcome::Failed, now);
             }
             drop(inflight);
             crate::debug!(
@@ -878,7 +880,7 @@ impl Conn {
             if replayable
                 && !retried
                 && view.has_retry()
-                && let Some(next) = view.pick(group, key, Instant::now(), Some(backend_idx))
+                && let Some(next) = view.pick(group, key, now, Some(backend_idx))
                 && next != backend_idx
                 && view.take_retry()
             {

@@ -125,17 +125,18 @@ impl WorkerStats {
         let _ = (status, started, bytes_in, bytes_out);
     }
 
-    /// An upstream exchange from `started` (connect or reuse) to its
-    /// response head.
+    /// An upstream exchange that took `elapsed` (connect or reuse to its
+    /// response head). Given as a duration: the balancer reads the same
+    /// clock for its EWMA, so the proxy reads it once for both.
     #[inline]
-    pub fn upstream_latency(&self, started: Stamp) {
+    pub fn upstream_latency(&self, elapsed: Duration) {
         #[cfg(feature = "stats")]
         let _ = self
             .upstream_latency
             .borrow_mut()
-            .record(started.elapsed_us().clamp(1, HIST_MAX_US));
+            .record((elapsed.as_micros() as u64).clamp(1, HIST_MAX_US));
         #[cfg(not(feature = "stats"))]
-        let _ = started;
+        let _ = elapsed;
     }
 
     #[inline]
