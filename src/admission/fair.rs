@@ -48,6 +48,20 @@ struct TenantQueue {
     deficit: u32,
 }
 
+impl TenantQueue {
+    /// Drop cancelled waiters from the front. Queue deadlines are equal and
+    /// queues FIFO, so cancelled waiters gather there.
+    fn drop_cancelled(&mut self) {
+        while self
+            .waiters
+            .front()
+            .is_some_and(|w| w.state.get() == WaitState::Cancelled)
+        {
+            self.waiters.pop_front();
+        }
+    }
+}
+
 /// Tenants with waiters, in two round-robin lists as in FQ-CoDel (RFC
 /// 8290 4.2): a tenant that was idle starts in `new`, served before
 /// `old`, and moves to the back of `old` when its turn ends with waiters
@@ -75,13 +89,7 @@ impl Queues {
                 list.pop_front();
                 continue;
             };
-            while q
-                .waiters
-                .front()
-                .is_some_and(|w| w.state.get() == WaitState::Cancelled)
-            {
-                q.waiters.pop_front();
-            }
+            q.drop_cancelled();
             let Some(w) = q.waiters.pop_front() else {
                 // Empty: it leaves the round, and comes back as new.
                 list.pop_front();
@@ -192,13 +200,7 @@ impl Gate {
         // Queue deadlines are equal and queues are FIFO, so cancelled
         // waiters gather at the front: dropping them here keeps a queue's
         // memory bounded by its depth even while no slot frees up.
-        while q
-            .waiters
-            .front()
-            .is_some_and(|w| w.state.get() == WaitState::Cancelled)
-        {
-            q.waiters.pop_front();
-        }
+        q.drop_cancelled();
         // A tenant is in `tenants` exactly while it is in one of the lists.
         if !known {
             qs.new.push_back(tenant);
