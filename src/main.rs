@@ -199,10 +199,7 @@ fn stats(
         return Ok(ExitCode::SUCCESS);
     }
     let sample = || -> anyhow::Result<(Vec<Report>, std::time::Instant)> {
-        let reply = admin::request(socket, "stats")?;
-        let workers = serde_json::from_value(reply["workers"].clone())
-            .context("the admin socket's stats answer")?;
-        Ok((workers, std::time::Instant::now()))
+        Ok((coregate::stats::fetch(socket)?, std::time::Instant::now()))
     };
     if json {
         let (workers, _) = sample()?;

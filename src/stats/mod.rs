@@ -497,6 +497,14 @@ pub fn window(earlier: &Latency, later: &Latency) -> Latency {
     Latency::of(&h)
 }
 
+/// Every worker's report, asked of a running coregate's admin socket
+/// (`coregate stats` and `coregate top`).
+pub fn fetch(socket: &std::path::Path) -> anyhow::Result<Vec<Report>> {
+    use anyhow::Context;
+    let reply = crate::admin::request(socket, "stats")?;
+    serde_json::from_value(reply["workers"].clone()).context("the admin socket's stats answer")
+}
+
 /// How long the admin side waits for every worker's report.
 pub const COLLECT_TIMEOUT: Duration = Duration::from_millis(500);
 

@@ -15,8 +15,6 @@ use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
-
 use super::{Report, render};
 
 const REFRESH: Duration = Duration::from_secs(1);
@@ -98,20 +96,14 @@ fn quit_pressed(timeout: Duration, interactive: bool) -> bool {
     }
 }
 
-fn sample(socket: &Path) -> anyhow::Result<(Vec<Report>, Instant)> {
-    let reply = crate::admin::request(socket, "stats")?;
-    let workers =
-        serde_json::from_value(reply["workers"].clone()).context("the admin socket's answer")?;
-    Ok((workers, Instant::now()))
-}
-
 pub fn run(socket: &Path) -> anyhow::Result<()> {
     let raw = RawMode::enter();
     let interactive = raw.saved.is_some();
     let mut before: Option<(Vec<Report>, Instant)> = None;
     let mut out = std::io::stdout();
     loop {
-        let (reports, at) = sample(socket)?;
+        let reports = super::fetch(socket)?;
+        let at = Instant::now();
         let table = match &before {
             Some((b, t)) => render::table(&reports, Some(b), (at - *t).as_secs_f64(), true, true),
             None => render::table(&reports, None, 0.0, true, true),
