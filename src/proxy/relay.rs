@@ -264,11 +264,22 @@ mod tests {
         body_in: BodyIn,
         body_out: BodyOut,
     ) -> (Result<u64, RelayError>, Vec<u8>, Vec<u8>) {
+        run_capped(input, body_in, body_out, u64::MAX).await
+    }
+
+    /// `run` with a body cap.
+    async fn run_capped(
+        input: &[u8],
+        body_in: BodyIn,
+        body_out: BodyOut,
+        max_len: u64,
+    ) -> (Result<u64, RelayError>, Vec<u8>, Vec<u8>) {
         let mut src: &[u8] = input;
         let mut buf = Buf::new(Vec::with_capacity(BUF_SIZE));
         let mut sink = Sink(Vec::new());
         let mut out = Vec::with_capacity(BUF_SIZE);
-        let t = Bounds::new(Duration::from_secs(1), Duration::from_secs(1));
+        let mut t = Bounds::new(Duration::from_secs(1), Duration::from_secs(1));
+        t.max_len = max_len;
         let r = relay(
             &mut src, &mut buf, &mut sink, &mut out, body_in, body_out, &t,
         )
@@ -311,36 +322,9 @@ mod tests {
     #[monoio::test(enable_timer = true)]
     async fn chunked_body_stops_as_it_crosses_its_cap() {
         let input = b"5\r\nhello\r\n5\r\nworld\r\n0\r\n\r\n";
-        let mut src: &[u8] = input;
-        let mut buf = Buf::new(Vec::with_capacity(BUF_SIZE));
-        let mut sink = Sink(Vec::new());
-        let mut out = Vec::new();
-        let mut t = Bounds::new(Duration::from_secs(1), Duration::from_secs(1));
-        t.max_len = 9;
-        let r = relay(
-            &mut src,
-            &mut buf,
-            &mut sink,
-            &mut out,
-            BodyIn::Chunked,
-            BodyOut::Verbatim,
-            &t,
-        )
-        .await;
+        let (r, _, _) = run_capped(input, BodyIn::Chunked, BodyOut::Verbatim, 9).await;
         assert!(matches!(r, Err(RelayError::TooLarge(9))), "{r:?}");
-        t.max_len = 10;
-        let mut src: &[u8] = input;
-        let mut buf = Buf::new(Vec::with_capacity(BUF_SIZE));
-        let r = relay(
-            &mut src,
-            &mut buf,
-            &mut sink,
-            &mut out,
-            BodyIn::Chunked,
-            BodyOut::Verbatim,
-            &t,
-        )
-        .await;
+        let (r, _, _) = run_capped(input, BodyIn::Chunked, BodyOut::Verbatim, 10).await;
         assert_eq!(r.expect("at the cap"), 10);
     }
 
