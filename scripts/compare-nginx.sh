@@ -27,10 +27,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-for tool in wrk nginx taskset python3; do
-  command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
-    echo "missing $tool: apt-get install wrk nginx-light util-linux python3" >&2; exit 1; }
-done
+need wrk nginx taskset python3
 NGINX=$(command -v nginx || echo /usr/sbin/nginx)
 BIN=target/release/coregate
 run() { if [ "$DRY" = 1 ]; then echo "+ $*"; else "$@"; fi; }

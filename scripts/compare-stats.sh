@@ -28,10 +28,7 @@ while [ $# -gt 0 ]; do
   esac
 done
 
-for tool in wrk taskset python3 curl; do
-  command -v "$tool" >/dev/null 2>&1 || {
-    echo "missing $tool: apt-get install wrk util-linux python3 curl" >&2; exit 1; }
-done
+need wrk taskset python3 curl
 ON=target/release/coregate
 OFF=target/nostats/release/coregate
 ORIGIN_PORT=19300 ON_PORT=19301 OFF_PORT=19302 LOG_PORT=19303

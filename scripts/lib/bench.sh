@@ -7,6 +7,17 @@
 # ends with `paired_table`: medians, and medians of the per-round ratios
 # against a baseline.
 
+# need TOOL...: exit with the Debian packages to install when a tool is
+# missing (nginx may live in /usr/sbin, outside a user's PATH).
+need() {
+  local tool
+  declare -A pkg=([wrk]=wrk [nginx]=nginx-light [taskset]=util-linux [python3]=python3 [curl]=curl)
+  for tool in "$@"; do
+    command -v "$tool" >/dev/null 2>&1 || [ -x "/usr/sbin/$tool" ] || {
+      echo "missing $tool: apt-get install ${pkg[$tool]:-$tool}" >&2; exit 1; }
+  done
+}
+
 # utime + stime of a process, in clock ticks.
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat"; }
 
