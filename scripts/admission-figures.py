@@ -866,16 +866,9 @@ async def read_response(reader):
     """One response: (status, wants close). Content-Length bodies only."""
     head = await reader.readuntil(b"\r\n\r\n")
     status = int(head[9:12])
-    length, close = 0, False
-    for line in head.split(b"\r\n")[1:]:
-        name, _, value = line.partition(b":")
-        name = name.strip().lower()
-        if name == b"content-length":
-            length = int(value)
-        elif name == b"connection" and b"close" in value.lower():
-            close = True
-        elif name == b"transfer-encoding":
-            raise ValueError("chunked response")  # never sent by these origins
+    length, close, chunked = head_framing(head)
+    if chunked:
+        raise ValueError("chunked response")  # never sent by these origins
     if length:
         await reader.readexactly(length)
     return status, close
@@ -994,9 +987,9 @@ def ms(seconds):
 # asyncio one stays to show the difference (`--slow-origin asyncio`).
 
 
-def parse_request_head(head):
-    """(Content-Length, wants close) of a request head."""
-    length, close = 0, False
+def head_framing(head):
+    """(Content-Length, wants close, has Transfer-Encoding) of a head."""
+    length, close, chunked = 0, False, False
     for line in head.split(b"\r\n")[1:]:
         name, _, value = line.partition(b":")
         name = name.strip().lower()
@@ -1005,8 +998,15 @@ def parse_request_head(head):
         elif name == b"connection" and b"close" in value.lower():
             close = True
         elif name == b"transfer-encoding":
-            close = True  # not expected here; do not guess at framing
-    return length, close
+            chunked = True
+    return length, close, chunked
+
+
+def parse_request_head(head):
+    """(Content-Length, wants close) of a request head."""
+    length, close, chunked = head_framing(head)
+    # Not expected here; do not guess at framing: close after it.
+    return length, close or chunked
 
 
 SLOW_RESPONSE = b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: 3\r\n\r\nok\n"
