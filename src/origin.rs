@@ -54,7 +54,9 @@ impl AsyncWriteRent for Discard {
         (Ok(buf.bytes_init()), buf)
     }
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        (Err(std::io::Error::other("writev is not used")), buf)
+        // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs.
+        let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+        (Ok(iovs.iter().map(|v| v.iov_len).sum()), buf)
     }
     async fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

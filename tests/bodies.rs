@@ -80,6 +80,42 @@ fn expect_100_continue_is_answered_before_the_body() {
     );
 }
 
+/// A head and a body larger than one buffer leave in one vectored write
+/// (`Buf::write_after`); every byte must arrive where it was in the
+/// message, request after request on one connection.
+#[test]
+fn heads_and_bodies_past_a_buffer_arrive_intact_request_after_request() {
+    let origin = python_origin();
+    let proxy = coregate(
+        &config_for(&format!("tcp://{}", origin.addr), ""),
+        &["--workers", "1"],
+    );
+    let file = make_file(&proxy.dir, "body.bin", 100_000);
+    let url = format!("http://{}/echo", proxy.addr);
+    let urls: Vec<&str> = std::iter::repeat_n(url.as_str(), 20).collect();
+    let data = format!("@{}", file.display());
+    let mut args = vec!["--data-binary", &data, "-w", "\n"];
+    args.extend(&urls);
+    let out = curl(&args);
+    let lines: Vec<&[u8]> = out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    assert_eq!(lines.len(), 20, "{}", String::from_utf8_lossy(&out.stdout));
+    let sha = sha256_hex(&file);
+    for line in lines {
+        let echo = echo_json(line);
+        assert_eq!(echo["body_len"], 100_000);
+        assert_eq!(echo["body_sha256"], sha);
+    }
+
+    let bytes = format!("http://{}/bytes?n=300000", proxy.addr);
+    let mut args = vec!["-w", "%{http_code} %{size_download}\n"];
+    for _ in 0..10 {
+        args.extend(["-o", "/dev/null", bytes.as_str()]);
+    }
+    let out = curl(&args);
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(got.lines().filter(|l| *l == "200 300000").count(), 10, "{got}");
+}
+
 #[test]
 fn ten_mib_bodies_both_ways_with_bounded_memory() {
     let origin = python_origin();

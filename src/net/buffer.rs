@@ -181,6 +181,119 @@ impl Buf {
     }
 }
 
+impl Buf {
+    /// Write `head`, then unread bytes `[0, n)`, in one vectored write
+    /// (one send for a head and the body behind it), and consume both.
+    /// An empty `head` is a plain [`Buf::write_to`].
+    pub async fn write_after<W: AsyncWriteRent>(
+        &mut self,
+        w: &mut W,
+        head: &mut Vec<u8>,
+        n: usize,
+    ) -> io::Result<()> {
+        if head.is_empty() {
+            return self.write_to(w, n).await;
+        }
+        debug_assert!(n <= self.data().len());
+        let mut pair = HeadAndBody::new(std::mem::take(head), std::mem::take(&mut self.v), self.pos, n);
+        // Not monoio's `write_vectored_all`: its 0.2.4 `VecMeta::consume`
+        // shortens a partly written iovec without advancing its base, so
+        // after a partial write it sends that iovec's first bytes again.
+        let mut res = Ok(());
+        while pair.remaining() > 0 {
+            let (r, p) = w.writev(pair).await;
+            pair = p;
+            match r {
+                Ok(0) => {
+                    res = Err(io::ErrorKind::WriteZero.into());
+                    break;
+                }
+                Ok(written) => pair.advance(written),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    res = Err(e);
+                    break;
+                }
+            }
+        }
+        let (mut h, v) = (pair.head, pair.body);
+        h.clear();
+        *head = h;
+        self.v = v;
+        res?;
+        self.consume(n);
+        Ok(())
+    }
+}
+
+/// Two owned vectors lent to a vectored write: all of `head`, then
+/// `body[start..start + len]`; `iov[first..]` is what is left to write.
+///
+/// The iovecs are boxed: io_uring reads them when the ring is submitted,
+/// after monoio has moved the operation (and this value with it) into the
+/// awaiting future, so they must not live inside the value itself.
+struct HeadAndBody {
+    head: Vec<u8>,
+    body: Vec<u8>,
+    iov: Box<[libc::iovec; 2]>,
+    first: usize,
+}
+
+impl HeadAndBody {
+    fn new(head: Vec<u8>, body: Vec<u8>, start: usize, len: usize) -> Self {
+        assert!(start + len <= body.len());
+        let iov = Box::new([
+            libc::iovec {
+                iov_base: head.as_ptr() as *mut libc::c_void,
+                iov_len: head.len(),
+            },
+            libc::iovec {
+                // SAFETY: start + len <= body.len(), checked above.
+                iov_base: unsafe { body.as_ptr().add(start) } as *mut libc::c_void,
+                iov_len: len,
+            },
+        ]);
+        HeadAndBody {
+            head,
+            body,
+            iov,
+            first: 0,
+        }
+    }
+
+    fn remaining(&self) -> usize {
+        self.iov[self.first..].iter().map(|v| v.iov_len).sum()
+    }
+
+    /// Drop the first `n` bytes left to write.
+    fn advance(&mut self, mut n: usize) {
+        while n > 0 && self.first < self.iov.len() {
+            let v = &mut self.iov[self.first];
+            let step = n.min(v.iov_len);
+            // SAFETY: step <= iov_len, so the base stays within its vector.
+            v.iov_base = unsafe { v.iov_base.cast::<u8>().add(step) }.cast();
+            v.iov_len -= step;
+            n -= step;
+            if v.iov_len == 0 {
+                self.first += 1;
+            }
+        }
+    }
+}
+
+// SAFETY: the iovecs point into the two vectors' heap storage, which this
+// value owns and never changes while it exists, and they live in a box of
+// their own: moving the value moves neither.
+unsafe impl monoio::buf::IoVecBuf for HeadAndBody {
+    fn read_iovec_ptr(&self) -> *const libc::iovec {
+        self.iov[self.first..].as_ptr()
+    }
+
+    fn read_iovec_len(&self) -> usize {
+        self.iov.len() - self.first
+    }
+}
+
 /// Write all of `out` to `w`, then clear it, keeping its capacity.
 pub async fn flush<W: AsyncWriteRent>(w: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
     if out.is_empty() {
@@ -211,6 +324,50 @@ mod tests {
         assert_eq!(pool.free_count(), 0);
         pool.put(Vec::with_capacity(5 * BUF_SIZE));
         assert_eq!(pool.free_count(), 0);
+    }
+
+    /// Takes at most 5 bytes per call, so every write is partial.
+    struct Trickle(Vec<u8>);
+
+    impl AsyncWriteRent for Trickle {
+        async fn write<T: IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+            // SAFETY: IoBuf guarantees read_ptr is valid for bytes_init bytes.
+            let s = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init().min(5)) };
+            self.0.extend_from_slice(s);
+            (Ok(s.len()), buf)
+        }
+        async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+            // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs.
+            let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+            let mut n = 0;
+            for iov in iovs.iter().filter(|v| v.iov_len > 0) {
+                let take = iov.iov_len.min(5 - n);
+                let s = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, take) };
+                self.0.extend_from_slice(s);
+                n += take;
+            }
+            (Ok(n), buf)
+        }
+        async fn flush(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+        async fn shutdown(&mut self) -> io::Result<()> {
+            Ok(())
+        }
+    }
+
+    #[monoio::test]
+    async fn head_and_body_leave_together_through_partial_writes() {
+        let mut b = Buf::new(Vec::with_capacity(32));
+        let mut src: &[u8] = b"xxbody-bytes|next";
+        b.read_from(&mut src).await.unwrap();
+        b.consume(2);
+        let mut head = b"HEAD\r\n".to_vec();
+        let mut w = Trickle(Vec::new());
+        b.write_after(&mut w, &mut head, 10).await.unwrap();
+        assert_eq!(w.0, b"HEAD\r\nbody-bytes");
+        assert!(head.is_empty() && head.capacity() >= 6);
+        assert_eq!(b.data(), b"|next");
     }
 
     #[monoio::test]

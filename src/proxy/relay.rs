@@ -185,8 +185,9 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
                 buf.consume(take);
             }
             BodyOut::Verbatim => {
-                write_out(dst, out, t).await?;
-                match monoio::time::timeout(t.write, buf.write_to(dst, take)).await {
+                // What is queued in `out` (a head, say) and this body
+                // part leave in one vectored write.
+                match monoio::time::timeout(t.write, buf.write_after(dst, out, take)).await {
                     Ok(Ok(())) => {}
                     Ok(Err(e)) => return Err(RelayError::DstIo(e)),
                     Err(_) => return Err(RelayError::DstTimeout),
@@ -249,7 +250,16 @@ mod tests {
             &mut self,
             buf: T,
         ) -> monoio::BufResult<usize, T> {
-            (Err(io::Error::other("unused")), buf)
+            // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs,
+            // each valid for iov_len bytes.
+            let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+            let mut n = 0;
+            for iov in iovs {
+                let s = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+                self.0.extend_from_slice(s);
+                n += s.len();
+            }
+            (Ok(n), buf)
         }
         async fn flush(&mut self) -> io::Result<()> {
             Ok(())
