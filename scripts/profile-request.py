@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Where a proxied request's CPU time goes: coregate (io_uring, epoll) against nginx.
+
+    scripts/profile-request.py [--requests 20000] [--body-size 128] [--post BYTES] [--no-callgrind]
+
+For each proxy (1 worker, pinned to CPU 1; origin and load on CPU 0), with
+a fixed number of keep-alive requests from `oha -n` (50 connections):
+
+  1. user and system CPU per request, from /proc/PID/stat;
+  2. syscalls per request, from `strace -c -f` attached for the requests
+     (strace slows the proxy: these runs count calls, they are not timed);
+  3. user-space instructions per request, from callgrind
+     (`callgrind_control -z` after a warm-up, `-d` after the requests).
+     coregate runs on epoll under valgrind, which does not follow
+     io_uring's shared rings; the instructions of the proxy's own code
+     are the same on either driver.
+
+The proxy and nginx configurations are the ones scripts/bench writes.
+Everything it starts is stopped before it exits.
+"""
+import argparse
+import importlib.machinery
+import importlib.util
+import os
+import re
+import subprocess
+import sys
+import tempfile
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+loader = importlib.machinery.SourceFileLoader("bench", os.path.join(HERE, "bench"))
+spec = importlib.util.spec_from_loader("bench", loader)
+bench = importlib.util.module_from_spec(spec)
+loader.exec_module(bench)
+
+ORIGIN_PORT = 19400
+PORTS = {"nginx": 19401, "coregate": 19402, "coregate-epoll": 19403}
+
+
+def oha(tools, port, n, post_file):
+    cmd = ["taskset", "-c", "0", tools["oha"], "--no-tui", "-n", str(n), "-c", "50"]
+    if post_file:
+        cmd += ["-m", "POST", "-D", post_file]
+    subprocess.run(cmd + [f"http://127.0.0.1:{port}/"], check=True, capture_output=True, timeout=600)
+
+
+def start(procs, work, args, tools, name, prefix=()):
+    ns = argparse.Namespace(workers=1)
+    proxy = bench.Proxy(name, tools, ns)
+    conf = proxy.conf(work, "127.0.0.1", PORTS[name], ORIGIN_PORT, 1, 0)
+    p = procs.start(list(prefix) + proxy.command(conf), "1", f"{work}/{name}.log")
+    bench.wait_http("127.0.0.1", PORTS[name], "/", limit=60)
+    return p
+
+
+def cpu_split(procs, work, args, tools, post_file):
+    hz = os.sysconf("SC_CLK_TCK")
+    rows = {}
+    for name in PORTS:
+        p = start(procs, work, args, tools, name)
+        oha(tools, PORTS[name], 2000, post_file)
+        with open(f"/proc/{p.pid}/stat") as f:
+            u0, s0 = (int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+        oha(tools, PORTS[name], args.requests, post_file)
+        with open(f"/proc/{p.pid}/stat") as f:
+            u1, s1 = (int(x) for x in f.read().rsplit(")", 1)[1].split()[11:13])
+        procs.stop(p)
+        rows[name] = ((u1 - u0) * 1e6 / hz / args.requests, (s1 - s0) * 1e6 / hz / args.requests)
+    return rows
+
+
+def syscalls(procs, work, args, tools, post_file):
+    rows = {}
+    for name in PORTS:
+        p = start(procs, work, args, tools, name)
+        oha(tools, PORTS[name], 2000, post_file)
+        out = f"{work}/{name}.strace"
+        tracer = subprocess.Popen(["strace", "-c", "-f", "-o", out, "-p", str(p.pid)],
+                                  stderr=subprocess.DEVNULL)
+        time.sleep(1.0)
+        oha(tools, PORTS[name], args.requests, post_file)
+        tracer.terminate()
+        tracer.wait(timeout=30)
+        procs.stop(p)
+        counts = {}
+        with open(out) as f:
+            for line in f:
+                m = re.match(r"\s*[\d.]+\s+[\d.]+\s+\d+\s+(\d+)\s+(?:(\d+)\s+)?(\w+)$", line)
+                if m and m.group(3) != "total":
+                    counts[m.group(3)] = (int(m.group(1)), int(m.group(2) or 0))
+        rows[name] = counts
+    return rows
+
+
+def instructions(procs, work, args, tools, post_file):
+    rows = {}
+    for name in ("nginx", "coregate-epoll"):
+        out = f"{work}/{name}.callgrind"
+        p = start(procs, work, args, tools, name,
+                  prefix=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
+        oha(tools, PORTS[name], 500, post_file)
+        subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+        n = max(1000, args.requests // 10)
+        oha(tools, PORTS[name], n, post_file)
+        subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
+        procs.stop(p)
+        total = 0
+        for path in os.listdir(work):
+            if path.startswith(f"{name}.callgrind") and path != f"{name}.callgrind":
+                with open(f"{work}/{path}") as f:
+                    for line in f:
+                        if line.startswith("summary:") or line.startswith("totals:"):
+                            total = max(total, int(line.split()[1]))
+        rows[name] = total / n
+        top = subprocess.run(["callgrind_annotate", "--inclusive=no", max(
+            (f"{work}/{x}" for x in os.listdir(work) if x.startswith(f"{name}.callgrind.")),
+            key=os.path.getmtime)], capture_output=True, text=True).stdout
+        with open(f"{work}/{name}.annotate.txt", "w") as f:
+            f.write(top)
+    return rows
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=20000)
+    ap.add_argument("--body-size", type=int, default=128)
+    ap.add_argument("--post", type=int, default=0, help="send POST bodies of this size")
+    ap.add_argument("--no-callgrind", action="store_true")
+    args = ap.parse_args()
+    tools = bench.ensure_tools(["oha", "nginx", "taskset"], install=False)
+    for tool in ("strace", "valgrind", "callgrind_control"):
+        if not bench.shutil.which(tool):
+            raise SystemExit(f"missing {tool}: apt-get install {'strace' if tool == 'strace' else 'valgrind'}")
+    work = tempfile.mkdtemp(prefix="coregate-profile.")
+    post_file = None
+    if args.post:
+        post_file = f"{work}/body"
+        with open(post_file, "wb") as f:
+            f.write(b"x" * args.post)
+    procs = bench.Procs()
+    try:
+        origin = procs.start([bench.COREGATE, "origin", "--listen", f"127.0.0.1:{ORIGIN_PORT}", "--workers", "1",
+                              "--body-size", str(args.body_size)], "0", f"{work}/origin.log")
+        bench.wait_http("127.0.0.1", ORIGIN_PORT, "/")
+        split = cpu_split(procs, work, args, tools, post_file)
+        calls = syscalls(procs, work, args, tools, post_file)
+        instr = {} if args.no_callgrind else instructions(procs, work, args, tools, post_file)
+        procs.stop(origin)
+    finally:
+        procs.stop_all()
+    what = f"POST {args.post} B" if args.post else "GET"
+    print(f"{what}, {args.body_size} B responses, {args.requests} requests, 50 keep-alive connections "
+          f"(oha -n), proxy alone on CPU 1")
+    print()
+    print("| proxy | user us/req | system us/req | system share | syscalls/req | instructions/req (callgrind) |")
+    print("|---|---|---|---|---|---|")
+    for name in PORTS:
+        u, s = split[name]
+        n = sum(c for c, _ in calls[name].values()) / args.requests
+        ins = instr.get(name) or instr.get("coregate-epoll" if name == "coregate" else name)
+        ins_text = f"{ins:,.0f}" + (" (epoll run)" if name == "coregate" and ins else "") if ins else ""
+        print(f"| {name} | {u:.2f} | {s:.2f} | {s / (u + s):.0%} | {n:.2f} | {ins_text} |")
+    print()
+    print("Syscalls per request (errors, mostly EAGAIN, in brackets):")
+    print()
+    names = sorted({k for c in calls.values() for k in c}, key=lambda k: -max(c.get(k, (0, 0))[0] for c in calls.values()))
+    print("| syscall | " + " | ".join(PORTS) + " |")
+    print("|---|" + "---|" * len(PORTS))
+    for k in names:
+        cells = []
+        for name in PORTS:
+            c, e = calls[name].get(k, (0, 0))
+            cells.append(f"{c / args.requests:.2f}" + (f" ({e / args.requests:.2f})" if e else "") if c else "")
+        if any(cells) and max(calls[n].get(k, (0, 0))[0] for n in PORTS) / args.requests >= 0.01:
+            print(f"| {k} | " + " | ".join(cells) + " |")
+    print()
+    print(f"callgrind annotations: {work}/*.annotate.txt")
+
+
+if __name__ == "__main__":
+    main()
