@@ -38,8 +38,8 @@ pub enum BodyOut {
 /// Body bytes are copied behind the head (or behind earlier body bytes) as
 /// long as everything fits in one buffer, and leave in one send; what does
 /// not fit leaves from the read buffer, in one vectored write with what is
-/// queued before it (a 64 KiB POST body went from 0.79x to 1.06x nginx's
-/// req/s when its head stopped leaving in a send of its own). Copying 16 KiB
+/// queued before it (a 64 KiB POST went from 0.79x to 0.87x nginx's req/s
+/// when its head stopped leaving in a send of its own). Copying 16 KiB
 /// costs less than a second send: with a 16 KiB threshold, 16 KiB
 /// responses went out as two sends and coregate ran at 0.79x nginx's
 /// req/s; coalescing up to the buffer size made it 1.26x at 0.74x the CPU
