@@ -55,7 +55,8 @@ impl AsyncWriteRent for Discard {
     }
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
         // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs.
-        let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+        let iovs =
+            unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
         (Ok(iovs.iter().map(|v| v.iov_len).sum()), buf)
     }
     async fn flush(&mut self) -> std::io::Result<()> {

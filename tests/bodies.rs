@@ -97,7 +97,11 @@ fn heads_and_bodies_past_a_buffer_arrive_intact_request_after_request() {
     let mut args = vec!["--data-binary", &data, "-w", "\n"];
     args.extend(&urls);
     let out = curl(&args);
-    let lines: Vec<&[u8]> = out.stdout.split(|&b| b == b'\n').filter(|l| !l.is_empty()).collect();
+    let lines: Vec<&[u8]> = out
+        .stdout
+        .split(|&b| b == b'\n')
+        .filter(|l| !l.is_empty())
+        .collect();
     assert_eq!(lines.len(), 20, "{}", String::from_utf8_lossy(&out.stdout));
     let sha = sha256_hex(&file);
     for line in lines {
@@ -113,7 +117,11 @@ fn heads_and_bodies_past_a_buffer_arrive_intact_request_after_request() {
     }
     let out = curl(&args);
     let got = String::from_utf8_lossy(&out.stdout);
-    assert_eq!(got.lines().filter(|l| *l == "200 300000").count(), 10, "{got}");
+    assert_eq!(
+        got.lines().filter(|l| *l == "200 300000").count(),
+        10,
+        "{got}"
+    );
 }
 
 #[test]

@@ -184,9 +184,7 @@ impl Buf {
         self.consume(n);
         Ok(())
     }
-}
 
-impl Buf {
     /// Write `head`, then unread bytes `[0, n)`, in one vectored write
     /// (one send for a head and the body behind it), and consume both.
     /// An empty `head` is a plain [`Buf::write_to`].
@@ -200,7 +198,12 @@ impl Buf {
             return self.write_to(w, n).await;
         }
         debug_assert!(n <= self.data().len());
-        let mut pair = HeadAndBody::new(std::mem::take(head), std::mem::take(&mut self.v), self.pos, n);
+        let mut pair = HeadAndBody::new(
+            std::mem::take(head),
+            std::mem::take(&mut self.v),
+            self.pos,
+            n,
+        );
         // Not monoio's `write_vectored_all`: its 0.2.4 `VecMeta::consume`
         // shortens a partly written iovec without advancing its base, so
         // after a partial write it sends that iovec's first bytes again.
@@ -341,9 +344,13 @@ mod tests {
             self.0.extend_from_slice(s);
             (Ok(s.len()), buf)
         }
-        async fn writev<T: monoio::buf::IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
+        async fn writev<T: monoio::buf::IoVecBuf>(
+            &mut self,
+            buf: T,
+        ) -> monoio::BufResult<usize, T> {
             // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs.
-            let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+            let iovs =
+                unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
             let mut n = 0;
             for iov in iovs.iter().filter(|v| v.iov_len > 0) {
                 let take = iov.iov_len.min(5 - n);

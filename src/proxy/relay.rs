@@ -254,10 +254,12 @@ mod tests {
         ) -> monoio::BufResult<usize, T> {
             // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs,
             // each valid for iov_len bytes.
-            let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+            let iovs =
+                unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
             let mut n = 0;
             for iov in iovs {
-                let s = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+                let s =
+                    unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
                 self.0.extend_from_slice(s);
                 n += s.len();
             }
