@@ -17,7 +17,7 @@ use monoio::net::TcpStream;
 
 use crate::http::encode::{write_canned, write_decimal};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, Status, Version};
-use crate::net::buffer::{Buf, flush};
+use crate::net::buffer::{Buf, flush, lent_slices};
 use crate::proxy::relay::{BodyIn, BodyOut, Bounds, relay};
 use crate::worker::WorkerCtx;
 
@@ -54,10 +54,7 @@ impl AsyncWriteRent for Discard {
         (Ok(buf.bytes_init()), buf)
     }
     async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs.
-        let iovs =
-            unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
-        (Ok(iovs.iter().map(|v| v.iov_len).sum()), buf)
+        (Ok(lent_slices(&buf).map(<[u8]>::len).sum()), buf)
     }
     async fn flush(&mut self) -> std::io::Result<()> {
         Ok(())

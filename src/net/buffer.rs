@@ -11,7 +11,7 @@
 use std::cell::RefCell;
 use std::io;
 
-use monoio::buf::{IoBuf, IoBufMut};
+use monoio::buf::{IoBuf, IoBufMut, IoVecBuf};
 use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
 
 /// Size of every pooled buffer: 64 KiB of body behind a head of up to
@@ -302,6 +302,24 @@ unsafe impl monoio::buf::IoVecBuf for HeadAndBody {
     }
 }
 
+/// The byte slices a vectored buffer lends to a write, in order (empty
+/// ones skipped: their base may be null).
+pub fn lent_slices<T: IoVecBuf>(buf: &T) -> impl Iterator<Item = &[u8]> {
+    // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs, each valid
+    // for iov_len bytes while `buf` is borrowed.
+    let iovs = unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+    iovs.iter()
+        .filter(|v| v.iov_len > 0)
+        .map(|v| unsafe { std::slice::from_raw_parts(v.iov_base as *const u8, v.iov_len) })
+}
+
+/// The bytes a buffer lends to a write (test writers).
+#[cfg(test)]
+pub fn lent_bytes<T: IoBuf>(buf: &T) -> &[u8] {
+    // SAFETY: IoBuf guarantees read_ptr is valid for bytes_init bytes.
+    unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) }
+}
+
 /// Write all of `out` to `w`, then clear it, keeping its capacity.
 pub async fn flush<W: AsyncWriteRent>(w: &mut W, out: &mut Vec<u8>) -> io::Result<()> {
     if out.is_empty() {
@@ -339,24 +357,16 @@ mod tests {
 
     impl AsyncWriteRent for Trickle {
         async fn write<T: IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
-            // SAFETY: IoBuf guarantees read_ptr is valid for bytes_init bytes.
-            let s = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init().min(5)) };
+            let s = &lent_bytes(&buf)[..buf.bytes_init().min(5)];
             self.0.extend_from_slice(s);
             (Ok(s.len()), buf)
         }
-        async fn writev<T: monoio::buf::IoVecBuf>(
-            &mut self,
-            buf: T,
-        ) -> monoio::BufResult<usize, T> {
-            // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs.
-            let iovs =
-                unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
+        async fn writev<T: IoVecBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
             let mut n = 0;
-            for iov in iovs.iter().filter(|v| v.iov_len > 0) {
-                let take = iov.iov_len.min(5 - n);
-                let s = unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, take) };
+            for s in lent_slices(&buf) {
+                let s = &s[..s.len().min(5 - n)];
                 self.0.extend_from_slice(s);
-                n += take;
+                n += s.len();
             }
             (Ok(n), buf)
         }

@@ -237,14 +237,14 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::net::buffer::{lent_bytes, lent_slices};
 
     /// A destination that collects everything written to it.
     struct Sink(Vec<u8>);
 
     impl AsyncWriteRent for Sink {
         async fn write<T: monoio::buf::IoBuf>(&mut self, buf: T) -> monoio::BufResult<usize, T> {
-            // SAFETY: IoBuf guarantees read_ptr is valid for bytes_init bytes.
-            let s = unsafe { std::slice::from_raw_parts(buf.read_ptr(), buf.bytes_init()) };
+            let s = lent_bytes(&buf);
             self.0.extend_from_slice(s);
             (Ok(s.len()), buf)
         }
@@ -252,14 +252,8 @@ mod tests {
             &mut self,
             buf: T,
         ) -> monoio::BufResult<usize, T> {
-            // SAFETY: IoVecBuf guarantees read_iovec_len valid iovecs,
-            // each valid for iov_len bytes.
-            let iovs =
-                unsafe { std::slice::from_raw_parts(buf.read_iovec_ptr(), buf.read_iovec_len()) };
             let mut n = 0;
-            for iov in iovs {
-                let s =
-                    unsafe { std::slice::from_raw_parts(iov.iov_base as *const u8, iov.iov_len) };
+            for s in lent_slices(&buf) {
                 self.0.extend_from_slice(s);
                 n += s.len();
             }
