@@ -83,6 +83,8 @@ from pathlib import Path
 
 SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
+sys.path.insert(0, str(SELF.parent / "lib"))
+from benchkit import Procs, proc_status_kib, wait_port  # noqa: E402  (balance-figures.py uses af.Procs)
 PROXY_CPU = "1"
 CLIENT_CPU = "0"
 WANT_NOFILE = 8192
@@ -140,73 +142,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, limit=10.0):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing accepts on 127.0.0.1:{port}")
-
-
-def proc_status_kib(pid, field):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/{pid}/status")
-
-
 def raise_nofile():
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < WANT_NOFILE:
         want = WANT_NOFILE if hard == resource.RLIM_INFINITY else min(WANT_NOFILE, hard)
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
     return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
-
-
-# ---------------------------------------------------------------------------
-# Processes: every one this run starts is registered, and one `finally`
-# stops them all, by process group, whatever went wrong.
-
-
-class Procs:
-    def __init__(self):
-        self.live = []
-
-    def start(self, argv, cpu, **kw):
-        kw.setdefault("stdin", subprocess.DEVNULL)
-        # A session of its own: the process and anything it spawns form one
-        # group, signalled together.
-        p = subprocess.Popen(["taskset", "-c", cpu, *map(str, argv)], start_new_session=True, **kw)
-        self.live.append(p)
-        return p
-
-    def signal(self, p, sig):
-        try:
-            os.killpg(p.pid, sig)
-        except ProcessLookupError:
-            pass
-
-    def stop(self, p, timeout=10.0):
-        if p.poll() is None:
-            self.signal(p, signal.SIGTERM)
-            try:
-                p.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.signal(p, signal.SIGKILL)
-                p.wait()
-        self.forget(p)
-
-    def forget(self, p):
-        if p in self.live:
-            self.live.remove(p)
-
-    def stop_all(self):
-        for p in reversed(list(self.live)):
-            self.stop(p, timeout=5.0)
 
 
 class Coregate:

@@ -15,57 +15,23 @@ import os
 import resource
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 
-
-def rss_kib(pid):
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    return 0
-
-
-def wait_port(port, limit=10.0):
-    end = time.time() + limit
-    while time.time() < end:
-        try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise SystemExit(f"nothing listening on {port}")
-
-
-def open_idle(port, n):
-    request = b"GET / HTTP/1.1\r\nHost: bench\r\n\r\n"
-    conns = []
-    for _ in range(n):
-        s = socket.create_connection(("127.0.0.1", port), timeout=5)
-        s.sendall(request)
-        got = b""
-        while b"\r\n\r\n" not in got:
-            got += s.recv(65536)
-        head, _, body = got.partition(b"\r\n\r\n")
-        length = next(int(l.split(b":")[1]) for l in head.split(b"\r\n") if l.lower().startswith(b"content-length"))
-        while len(body) < length:
-            body += s.recv(65536)
-        conns.append(s)
-    return conns
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
+from benchkit import open_idle, rss_kib, wait_port  # noqa: E402
 
 
 def measure(name, pid, port, n):
     # Warm up: the first connections grow pools and arenas once.
-    warm = open_idle(port, 200)
+    warm = open_idle("127.0.0.1", port, 200)
     for s in warm:
         s.close()
     time.sleep(0.5)
     before = rss_kib(pid)
-    conns = open_idle(port, n)
+    conns = open_idle("127.0.0.1", port, n)
     time.sleep(1.0)
     after = rss_kib(pid)
     for s in conns:

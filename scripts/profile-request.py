@@ -49,7 +49,7 @@ def start(procs, work, args, tools, name, prefix=()):
     ns = argparse.Namespace(workers=1)
     proxy = bench.Proxy(name, tools, ns)
     conf = proxy.conf(work, "127.0.0.1", PORTS[name], ORIGIN_PORT, 1, 0)
-    p = procs.start(list(prefix) + proxy.command(conf), "1", f"{work}/{name}.log")
+    p = procs.start(list(prefix) + proxy.command(conf), "1", log=f"{work}/{name}.log")
     bench.wait_http("127.0.0.1", PORTS[name], "/", limit=60)
     return p
 
@@ -141,7 +141,7 @@ def main():
     procs = bench.Procs()
     try:
         origin = procs.start([bench.COREGATE, "origin", "--listen", f"127.0.0.1:{ORIGIN_PORT}", "--workers", "1",
-                              "--body-size", str(args.body_size)], "0", f"{work}/origin.log")
+                              "--body-size", str(args.body_size)], "0", log=f"{work}/origin.log")
         bench.wait_http("127.0.0.1", ORIGIN_PORT, "/")
         split = cpu_split(procs, work, args, tools, post_file)
         calls = syscalls(procs, work, args, tools, post_file)
