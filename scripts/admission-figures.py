@@ -70,7 +70,6 @@ import os
 import platform
 import random
 import re
-import resource
 import signal
 import socket
 import socketserver
@@ -84,7 +83,7 @@ from pathlib import Path
 SELF = Path(__file__).resolve()
 REPO = SELF.parent.parent
 sys.path.insert(0, str(SELF.parent / "lib"))
-from benchkit import Procs, proc_status_kib, wait_port  # noqa: E402  (balance-figures.py uses af.Procs)
+from benchkit import Procs, proc_status_kib, raise_nofile, wait_port  # noqa: E402  (balance-figures.py uses them through af)
 PROXY_CPU = "1"
 CLIENT_CPU = "0"
 WANT_NOFILE = 8192
@@ -140,14 +139,6 @@ def free_port():
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def raise_nofile():
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft < WANT_NOFILE:
-        want = WANT_NOFILE if hard == resource.RLIM_INFINITY else min(WANT_NOFILE, hard)
-        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 class Coregate:
@@ -1182,7 +1173,7 @@ def main():
         raise SystemExit(f"no coregate binary at {args.binary}; build it first (cargo build --release)")
     nproc = len(os.sched_getaffinity(0))
     os.sched_setaffinity(0, {int(CLIENT_CPU)})  # this process and its children: CPU 0
-    nofile = raise_nofile()
+    nofile = raise_nofile(WANT_NOFILE)
     # SIGTERM should run the same cleanup as Ctrl-C.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     facts = machine_facts(nproc, args.binary)

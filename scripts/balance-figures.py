@@ -173,7 +173,7 @@ def main():
     if not Path(args.binary).is_file():
         raise SystemExit(f"no coregate binary at {args.binary}; build it first (cargo build --release)")
     os.sched_setaffinity(0, {int(af.CLIENT_CPU)})  # this process and its children: CPU 0
-    af.raise_nofile()
+    af.raise_nofile(af.WANT_NOFILE)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     names = list(FIGURES) if args.figure == "all" else [args.figure]
     procs = af.Procs()

@@ -12,7 +12,6 @@ before it exits.
 """
 import argparse
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -21,7 +20,7 @@ import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
-from benchkit import open_idle, rss_kib, wait_port  # noqa: E402
+from benchkit import open_idle, raise_nofile, rss_kib, wait_port  # noqa: E402
 
 
 def measure(name, pid, port, n):
@@ -47,10 +46,8 @@ def main():
     ap.add_argument("--binary", default="target/release/coregate")
     ap.add_argument("--driver", default="auto", choices=["auto", "uring", "epoll"])
     args = ap.parse_args()
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     want = args.conns + 1000
-    if soft < want:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (min(want, hard), hard))
+    raise_nofile(want)
     nginx = shutil.which("nginx") or "/usr/sbin/nginx"
     work = tempfile.mkdtemp(prefix="coregate-idle.")
     origin_port, nginx_port, cg_port = 19400, 19401, 19402

@@ -2,10 +2,11 @@
 scripts/bench, scripts/admission-figures.py (and balance-figures.py
 through it), scripts/idle-memory.py and scripts/profile-request.py.
 
-Processes every run starts, waiting for a port, idle keep-alive
-connections, and resident memory from /proc.
+Processes every run starts, the open-files limit, waiting for a port,
+idle keep-alive connections, and resident memory from /proc.
 """
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -57,6 +58,24 @@ class Procs:
     def stop_all(self):
         for p in reversed(list(self.live)):
             self.stop(p, timeout=5.0)
+
+
+def raise_nofile(want):
+    """Raise the soft open-files limit to at least WANT (never lowering it),
+    for this process and all it starts: up to the hard limit, or past it
+    where that is allowed (root with CAP_SYS_RESOURCE). Returns the soft
+    limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= want:
+        return soft
+    if hard == resource.RLIM_INFINITY or hard >= want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    else:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, want))
+        except (ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)[0]
 
 
 def wait_port(port, limit=10.0, host="127.0.0.1"):
