@@ -18,6 +18,8 @@
 //! - [`http`]: HTTP/1.1 syntax: head parsing with strict framing checks,
 //!   the chunked coding, head serialisation.
 //! - [`proxy`]: the per-connection state machine and the body relay.
+//! - [`ring`]: the per-worker io_uring core: ring setup, one enter per
+//!   loop turn, the provided buffer ring, multishot accept and receive.
 //! - [`origin`]: the built-in origin server used by the demo and benches.
 //! - [`rules`]: compiled routes and stacking rules: matchers, the host and
 //!   path-prefix index, actions, header edits, templates.
@@ -49,6 +51,7 @@ pub mod log;
 pub mod net;
 pub mod origin;
 pub mod proxy;
+pub mod ring;
 pub mod rules;
 pub mod stats;
 pub mod worker;

@@ -247,8 +247,8 @@ const URING_ENTRIES: u32 = 4096;
 /// to `irqentry_exit_to_user_mode`. SINGLE_ISSUER holds by construction
 /// (one thread per ring) and lets the kernel skip locking. Both need Linux
 /// 6.0; `spawn` falls back to a plain ring on older kernels.
-fn uring_setup() -> io_uring::Builder {
-    let mut b = io_uring::IoUring::builder();
+fn uring_setup() -> io_uring_monoio::Builder {
+    let mut b = io_uring_monoio::IoUring::builder();
     b.setup_coop_taskrun().setup_single_issuer();
     b
 }
