@@ -1,19 +1,27 @@
 #!/usr/bin/env python3
 """Where a proxied request's CPU time goes: coregate (io_uring, epoll) against nginx.
 
-    scripts/profile-request.py [--requests 20000] [--body-size 128] [--post BYTES] [--no-callgrind]
+    scripts/profile-request.py [--requests 20000] [--body-size 128] [--post BYTES] [--no-callgrind] [--spikes]
 
 For each proxy (1 worker, pinned to CPU 1; origin and load on CPU 0), with
 a fixed number of keep-alive requests from `oha -n` (50 connections):
 
   1. user and system CPU per request, from /proc/PID/stat;
   2. syscalls per request, from `strace -c -f` attached for the requests
-     (strace slows the proxy: these runs count calls, they are not timed);
+     (strace slows the proxy: these runs count calls, they are not timed),
+     with io_uring_enter's share in a column of its own;
   3. user-space instructions per request, from callgrind
      (`callgrind_control -z` after a warm-up, `-d` after the requests).
      coregate runs on epoll under valgrind, which does not follow
      io_uring's shared rings; the instructions of the proxy's own code
      are the same on either driver.
+
+--spikes adds the two modes of the examples/uring_spike prototype,
+spike-sm (state machine) and spike-task (async tasks), measured the same
+three ways. They have no epoll driver, so callgrind runs them on io_uring
+as they are (what the kernel does for the rings is not counted, as a
+syscall's work is not); a spike that fails under valgrind leaves its cell
+empty. Build it first: cargo build --release --examples.
 
 The proxy and nginx configurations are the ones scripts/bench writes.
 Everything it starts is stopped before it exits.
@@ -36,6 +44,9 @@ loader.exec_module(bench)
 
 ORIGIN_PORT = 19400
 PORTS = {"nginx": 19401, "coregate": 19402, "coregate-epoll": 19403}
+SPIKE = os.path.join(bench.ROOT, "target", "release", "examples", "uring_spike")
+SPIKES = {"spike-sm": 19404, "spike-task": 19405}  # added to PORTS by --spikes
+CALLGRIND = ["nginx", "coregate-epoll"]  # and the spikes, with --spikes
 
 
 def oha(tools, port, n, post_file):
@@ -45,12 +56,23 @@ def oha(tools, port, n, post_file):
     subprocess.run(cmd + [f"http://127.0.0.1:{port}/"], check=True, capture_output=True, timeout=600)
 
 
+def command(work, tools, name):
+    """NAME's command line, 1 worker: scripts/bench's for nginx and coregate;
+    a spike takes its mode from its name (spike-sm: --mode sm)."""
+    if name in SPIKES:
+        return [SPIKE, "--mode", name.split("-", 1)[1], "--listen", f"127.0.0.1:{PORTS[name]}",
+                "--upstream", f"127.0.0.1:{ORIGIN_PORT}"]
+    proxy = bench.Proxy(name, tools, argparse.Namespace(workers=1))
+    return proxy.command(proxy.conf(work, "127.0.0.1", PORTS[name], ORIGIN_PORT, 1, 0))
+
+
 def start(procs, work, args, tools, name, prefix=()):
-    ns = argparse.Namespace(workers=1)
-    proxy = bench.Proxy(name, tools, ns)
-    conf = proxy.conf(work, "127.0.0.1", PORTS[name], ORIGIN_PORT, 1, 0)
-    p = procs.start(list(prefix) + proxy.command(conf), "1", log=f"{work}/{name}.log")
-    bench.wait_http("127.0.0.1", PORTS[name], "/", limit=60)
+    p = procs.start(list(prefix) + command(work, tools, name), "1", log=f"{work}/{name}.log")
+    try:
+        bench.wait_http("127.0.0.1", PORTS[name], "/", limit=60)
+    except RuntimeError:
+        procs.stop(p)
+        raise
     return p
 
 
@@ -95,16 +117,24 @@ def syscalls(procs, work, args, tools, post_file):
 
 def instructions(procs, work, args, tools, post_file):
     rows = {}
-    for name in ("nginx", "coregate-epoll"):
+    for name in CALLGRIND:
         out = f"{work}/{name}.callgrind"
-        p = start(procs, work, args, tools, name,
-                  prefix=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
-        oha(tools, PORTS[name], 500, post_file)
-        subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
         n = max(1000, args.requests // 10)
-        oha(tools, PORTS[name], n, post_file)
-        subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
-        procs.stop(p)
+        try:
+            p = start(procs, work, args, tools, name,
+                      prefix=("valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"))
+            try:
+                oha(tools, PORTS[name], 500, post_file)
+                subprocess.run(["callgrind_control", "-z", str(p.pid)], check=True, capture_output=True)
+                oha(tools, PORTS[name], n, post_file)
+                subprocess.run(["callgrind_control", "-d", str(p.pid)], check=True, capture_output=True)
+            finally:
+                procs.stop(p)
+        except (RuntimeError, subprocess.SubprocessError) as e:
+            if name not in SPIKES:
+                raise
+            print(f"{name} under callgrind: {e} (see {work}/{name}.log)", file=sys.stderr)
+            continue
         total = 0
         for path in os.listdir(work):
             if path.startswith(f"{name}.callgrind") and path != f"{name}.callgrind":
@@ -127,7 +157,14 @@ def main():
     ap.add_argument("--body-size", type=int, default=128)
     ap.add_argument("--post", type=int, default=0, help="send POST bodies of this size")
     ap.add_argument("--no-callgrind", action="store_true")
+    ap.add_argument("--spikes", action="store_true",
+                    help="also measure target/release/examples/uring_spike --mode sm and --mode task")
     args = ap.parse_args()
+    if args.spikes:
+        if not os.access(SPIKE, os.X_OK):
+            raise SystemExit(f"no spike binary at {SPIKE}; build it first (cargo build --release --examples)")
+        PORTS.update(SPIKES)
+        CALLGRIND.extend(SPIKES)
     tools = bench.ensure_tools(["oha", "nginx", "taskset"], install=False)
     for tool in ("strace", "valgrind", "callgrind_control"):
         if not bench.shutil.which(tool):
@@ -153,14 +190,16 @@ def main():
     print(f"{what}, {args.body_size} B responses, {args.requests} requests, 50 keep-alive connections "
           f"(oha -n), proxy alone on CPU 1")
     print()
-    print("| proxy | user us/req | system us/req | system share | syscalls/req | instructions/req (callgrind) |")
-    print("|---|---|---|---|---|---|")
+    print("| proxy | user us/req | system us/req | system share | syscalls/req | io_uring_enter/req "
+          "| instructions/req (callgrind) |")
+    print("|---|---|---|---|---|---|---|")
     for name in PORTS:
         u, s = split[name]
         n = sum(c for c, _ in calls[name].values()) / args.requests
+        enter = calls[name].get("io_uring_enter", (0, 0))[0] / args.requests
         ins = instr.get(name) or instr.get("coregate-epoll" if name == "coregate" else name)
         ins_text = f"{ins:,.0f}" + (" (epoll run)" if name == "coregate" and ins else "") if ins else ""
-        print(f"| {name} | {u:.2f} | {s:.2f} | {s / (u + s):.0%} | {n:.2f} | {ins_text} |")
+        print(f"| {name} | {u:.2f} | {s:.2f} | {s / (u + s):.0%} | {n:.2f} | {enter:.2f} | {ins_text} |")
     print()
     print("Syscalls per request (errors, mostly EAGAIN, in brackets):")
     print()

@@ -108,7 +108,10 @@ impl BufRing {
         let start = usize::from(bid) * self.size;
         debug_assert!(len <= self.size);
         #[cfg(debug_assertions)]
-        debug_assert!(self.lent[usize::from(bid)], "buffer {bid} read after recycling");
+        debug_assert!(
+            self.lent[usize::from(bid)],
+            "buffer {bid} read after recycling"
+        );
         &self.memory[start..start + len]
     }
 

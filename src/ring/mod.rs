@@ -132,6 +132,9 @@ struct RsrcUpdate {
 
 const IORING_REGISTER_RING_FDS: libc::c_uint = 20;
 
+/// Sets a [`Setup`]'s flags on a ring builder.
+type SetupFlags = fn(&mut io_uring::Builder);
+
 /// A worker's ring and its provided buffers.
 pub struct Ring {
     // Field order matters: the ring is dropped (and every operation in
@@ -154,7 +157,7 @@ impl Ring {
     /// that creates it), with the best setup the kernel accepts.
     pub fn new(config: RingConfig) -> io::Result<Ring> {
         let cq = config.entries * 4;
-        let attempts: [(Setup, fn(&mut io_uring::Builder)); 3] = [
+        let attempts: [(Setup, SetupFlags); 3] = [
             (Setup::Deferred, |b| {
                 b.setup_single_issuer()
                     .setup_defer_taskrun()
@@ -409,7 +412,9 @@ impl Drop for Ring {
         }
         let mut out = Vec::new();
         for _ in 0..8 {
-            if self.turn(Some(Duration::from_millis(10)), &mut out).is_err()
+            if self
+                .turn(Some(Duration::from_millis(10)), &mut out)
+                .is_err()
                 || out.iter().any(|c| c.user_data == DROP_CANCEL)
             {
                 return;
@@ -421,9 +426,9 @@ impl Drop for Ring {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::VecDeque;
     use std::io::{Read, Write};
     use std::net::{TcpListener, TcpStream};
-    use std::collections::VecDeque;
     use std::time::Instant;
 
     /// A ring and the completions collected but not yet looked at.
@@ -475,7 +480,9 @@ mod tests {
     fn multishot_accept_and_receive_through_provided_buffers() {
         let Some(mut h) = Harness::new() else { return };
         let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-        h.ring.accept_multi(listener.as_raw_fd(), 1).expect("accept");
+        h.ring
+            .accept_multi(listener.as_raw_fd(), 1)
+            .expect("accept");
         let mut clients = Vec::new();
         let mut fds = Vec::new();
         for _ in 0..2 {
@@ -553,7 +560,8 @@ mod tests {
         let Some(mut h) = Harness::new() else { return };
         let before = h.ring.enters();
         let mut out = Vec::new();
-        h.ring.turn(Some(Duration::from_millis(1)), &mut out)
+        h.ring
+            .turn(Some(Duration::from_millis(1)), &mut out)
             .expect("turn");
         assert!(out.is_empty());
         assert_eq!(h.ring.enters() - before, 1);
