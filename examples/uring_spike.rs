@@ -636,9 +636,7 @@ mod sm {
             }
             let d = &mut self.downs[slot];
             if d.recv_armed {
-                let _ = self
-                    .ring
-                    .cancel(token(Op::DownRecv, slot), token(Op::Ignore, 0));
+                let _ = self.ring.cancel(token(Op::DownRecv, slot));
                 return;
             }
             if d.sending {
@@ -663,9 +661,7 @@ mod sm {
             }
             let u = &mut self.ups[slot];
             if u.recv_armed {
-                let _ = self
-                    .ring
-                    .cancel(token(Op::UpRecv, slot), token(Op::Ignore, 0));
+                let _ = self.ring.cancel(token(Op::UpRecv, slot));
                 return;
             }
             if u.sending || u.connecting {
@@ -1155,10 +1151,7 @@ mod task {
                 } else {
                     Op::DownRecv
                 };
-                let _ = self
-                    .ring
-                    .borrow_mut()
-                    .cancel(token(op, slot), token(Op::Ignore, 0));
+                let _ = self.ring.borrow_mut().cancel(token(op, slot));
             }
             drop(ios);
             self.maybe_free(slot);
