@@ -132,6 +132,121 @@ async fn write_out<W: AsyncWriteRent>(
     }
 }
 
+/// The framing of one body, without I/O: told the bytes that arrived, it
+/// says how many belong to the body, whether the body ended, and (when the
+/// framing changes on the way) writes the re-framed bytes out. The async
+/// [`relay`] drives it from reads and writes; a completion-driven caller
+/// drives it from receive completions.
+pub struct Framer {
+    body_in: BodyIn,
+    body_out: BodyOut,
+    /// Length body: bytes still to come.
+    remaining: u64,
+    decoder: ChunkedDecoder,
+    /// Body bytes seen (chunk data for a chunked body).
+    total: u64,
+    max_len: u64,
+}
+
+/// What [`Framer::step`] made of the bytes it was shown.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Step {
+    /// Bytes of the input that belong to the body (and are used up).
+    pub consumed: usize,
+    /// The output is the input unchanged: the caller forwards
+    /// `data[..consumed]` itself. Otherwise the re-framed bytes are
+    /// already in `out`.
+    pub verbatim: bool,
+    /// The body has ended.
+    pub done: bool,
+}
+
+impl Framer {
+    /// A body arriving as `body_in` and leaving as `body_out`; a chunked
+    /// body crossing `max_len` bytes of data is refused as it does.
+    pub fn new(body_in: BodyIn, body_out: BodyOut, max_len: u64) -> Self {
+        debug_assert!(!(body_in != BodyIn::Chunked && body_out == BodyOut::Dechunk));
+        Framer {
+            body_in,
+            body_out,
+            remaining: match body_in {
+                BodyIn::Length(n) => n,
+                _ => 0,
+            },
+            decoder: ChunkedDecoder::new(),
+            total: 0,
+            max_len,
+        }
+    }
+
+    /// Take the body's part of `data`. Re-framed output goes into `out`,
+    /// which is kept within one buffer: a step may consume less than all
+    /// of the body bytes in `data` when `out` is full (send it, then step
+    /// again).
+    pub fn step(&mut self, data: &[u8], out: &mut Vec<u8>) -> Result<Step, RelayError> {
+        let room = BUF_SIZE.saturating_sub(out.len() + FRAMING_SLACK);
+        let (consumed, done) = match (self.body_in, self.body_out) {
+            (BodyIn::Length(_), _) => {
+                let take = (self.remaining.min(data.len() as u64)) as usize;
+                self.remaining -= take as u64;
+                (take, self.remaining == 0)
+            }
+            (BodyIn::Chunked, BodyOut::Dechunk) => {
+                let window = &data[..data.len().min(room)];
+                let n = self
+                    .decoder
+                    .decode(window, |r| out.extend_from_slice(&window[r]))
+                    .map_err(RelayError::Framing)?;
+                (n, self.decoder.is_done())
+            }
+            (BodyIn::Chunked, _) => {
+                let n = self
+                    .decoder
+                    .decode(data, |_| {})
+                    .map_err(RelayError::Framing)?;
+                (n, self.decoder.is_done())
+            }
+            (BodyIn::UntilClose, BodyOut::Rechunk) => (data.len().min(room), false),
+            (BodyIn::UntilClose, _) => (data.len(), false),
+        };
+        if self.decoder.data_len > self.max_len {
+            return Err(RelayError::TooLarge(self.max_len));
+        }
+        self.total = match self.body_in {
+            BodyIn::Chunked => self.decoder.data_len,
+            _ => self.total + consumed as u64,
+        };
+        if self.body_out == BodyOut::Rechunk && consumed > 0 {
+            write_chunk_header(out, consumed);
+            out.extend_from_slice(&data[..consumed]);
+            out.extend_from_slice(b"\r\n");
+        }
+        Ok(Step {
+            consumed,
+            verbatim: self.body_out == BodyOut::Verbatim,
+            done,
+        })
+    }
+
+    /// The source closed. A close-delimited body ends here (its last chunk
+    /// goes into `out` when re-chunked); any other is truncated.
+    pub fn at_eof(&mut self, out: &mut Vec<u8>) -> Result<(), RelayError> {
+        if self.body_in != BodyIn::UntilClose {
+            return Err(RelayError::SrcClosed);
+        }
+        if self.body_out == BodyOut::Rechunk {
+            out.extend_from_slice(LAST_CHUNK);
+        }
+        Ok(())
+    }
+
+    /// Body bytes so far: chunk data for a chunked body, all of it for
+    /// the others.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+}
+
 /// Relay one body from `src` to `dst`.
 ///
 /// `buf` holds bytes already read from `src` (the body may start there)
@@ -147,70 +262,27 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
     body_out: BodyOut,
     t: &Bounds,
 ) -> Result<u64, RelayError> {
-    debug_assert!(!(body_in != BodyIn::Chunked && body_out == BodyOut::Dechunk));
-    let mut remaining = match body_in {
-        BodyIn::Length(n) => n,
-        _ => 0,
-    };
-    let mut decoder = ChunkedDecoder::new();
-    let mut total: u64 = 0;
+    let mut framer = Framer::new(body_in, body_out, t.max_len);
     loop {
-        let data = buf.data();
-        let room = BUF_SIZE.saturating_sub(out.len() + FRAMING_SLACK);
-        let (take, done) = match (body_in, body_out) {
-            (BodyIn::Length(_), _) => {
-                let take = (remaining.min(data.len() as u64)) as usize;
-                remaining -= take as u64;
-                (take, remaining == 0)
+        let step = framer.step(buf.data(), out)?;
+        let take = step.consumed;
+        if step.verbatim && out.len() + take <= COALESCE_BYTES {
+            out.extend_from_slice(&buf.data()[..take]);
+            buf.consume(take);
+        } else if step.verbatim {
+            // What is queued in `out` (a head, say) and this body part
+            // leave in one vectored write.
+            match monoio::time::timeout(t.write, buf.write_after(dst, out, take)).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return Err(RelayError::DstIo(e)),
+                Err(_) => return Err(RelayError::DstTimeout),
             }
-            (BodyIn::Chunked, BodyOut::Dechunk) => {
-                let window = &data[..data.len().min(room)];
-                let n = decoder
-                    .decode(window, |r| out.extend_from_slice(&window[r]))
-                    .map_err(RelayError::Framing)?;
-                (n, decoder.is_done())
-            }
-            (BodyIn::Chunked, _) => {
-                let n = decoder.decode(data, |_| {}).map_err(RelayError::Framing)?;
-                (n, decoder.is_done())
-            }
-            (BodyIn::UntilClose, BodyOut::Rechunk) => (data.len().min(room), false),
-            (BodyIn::UntilClose, _) => (data.len(), false),
-        };
-        if decoder.data_len > t.max_len {
-            return Err(RelayError::TooLarge(t.max_len));
+        } else {
+            buf.consume(take);
         }
-        total += take as u64;
-        match body_out {
-            BodyOut::Verbatim if out.len() + take <= COALESCE_BYTES => {
-                out.extend_from_slice(&data[..take]);
-                buf.consume(take);
-            }
-            BodyOut::Verbatim => {
-                // What is queued in `out` (a head, say) and this body
-                // part leave in one vectored write.
-                match monoio::time::timeout(t.write, buf.write_after(dst, out, take)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => return Err(RelayError::DstIo(e)),
-                    Err(_) => return Err(RelayError::DstTimeout),
-                }
-            }
-            BodyOut::Dechunk => buf.consume(take),
-            BodyOut::Rechunk => {
-                if take > 0 {
-                    write_chunk_header(out, take);
-                    out.extend_from_slice(&data[..take]);
-                    out.extend_from_slice(b"\r\n");
-                }
-                buf.consume(take);
-            }
-        }
-        if done {
+        if step.done {
             write_out(dst, out, t).await?;
-            if body_in == BodyIn::Chunked {
-                total = decoder.data_len;
-            }
-            return Ok(total);
+            return Ok(framer.total());
         }
         if !buf.is_empty() {
             // `out` was full: send it and go on with what is buffered.
@@ -220,14 +292,11 @@ pub async fn relay<R: AsyncReadRent, W: AsyncWriteRent>(
         // Send what we have before waiting: the peer may need it to go on.
         write_out(dst, out, t).await?;
         match t.read(src, buf).await {
-            Ok(0) if body_in == BodyIn::UntilClose => {
-                if body_out == BodyOut::Rechunk {
-                    out.extend_from_slice(LAST_CHUNK);
-                }
+            Ok(0) => {
+                framer.at_eof(out)?;
                 write_out(dst, out, t).await?;
-                return Ok(total);
+                return Ok(framer.total());
             }
-            Ok(0) => return Err(RelayError::SrcClosed),
             Ok(_) => {}
             Err(e) => return Err(e),
         }
@@ -368,6 +437,120 @@ mod tests {
             t.read(&mut Silent, &mut buf).await,
             Err(RelayError::SrcDeadline)
         ));
+    }
+
+    /// Feed `input` to a framer in pieces of `piece` bytes, as receive
+    /// completions would deliver it: the body's bytes as they leave, the
+    /// bytes left over after its end, and the body length.
+    fn frame_in_pieces(
+        input: &[u8],
+        body_in: BodyIn,
+        body_out: BodyOut,
+        piece: usize,
+    ) -> (Vec<u8>, Vec<u8>, u64) {
+        let mut framer = Framer::new(body_in, body_out, u64::MAX);
+        let mut sent = Vec::new();
+        let mut pending: Vec<u8> = Vec::new();
+        let mut fed = 0;
+        loop {
+            let mut out = Vec::new();
+            let step = framer.step(&pending, &mut out).expect("valid body");
+            if step.verbatim {
+                sent.extend_from_slice(&pending[..step.consumed]);
+            }
+            sent.extend_from_slice(&out);
+            pending.drain(..step.consumed);
+            if step.done {
+                pending.extend_from_slice(&input[fed..]);
+                return (sent, pending, framer.total());
+            }
+            if fed == input.len() {
+                let mut out = Vec::new();
+                framer.at_eof(&mut out).expect("a close-delimited body");
+                sent.extend_from_slice(&out);
+                return (sent, pending, framer.total());
+            }
+            let next = (fed + piece).min(input.len());
+            pending.extend_from_slice(&input[fed..next]);
+            fed = next;
+        }
+    }
+
+    #[test]
+    fn the_framer_gives_one_answer_whatever_the_pieces() {
+        let chunked = b"5\r\nhello\r\n3;ext=1\r\n, w\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let cases: [(&[u8], BodyIn, BodyOut, &[u8], &[u8], u64); 5] = [
+            (
+                b"helloNEXT",
+                BodyIn::Length(5),
+                BodyOut::Verbatim,
+                b"hello",
+                b"NEXT",
+                5,
+            ),
+            (
+                chunked,
+                BodyIn::Chunked,
+                BodyOut::Verbatim,
+                &chunked[..chunked.len() - 4],
+                b"NEXT",
+                8,
+            ),
+            (
+                chunked,
+                BodyIn::Chunked,
+                BodyOut::Dechunk,
+                b"hello, w",
+                b"NEXT",
+                8,
+            ),
+            (
+                b"abcdef",
+                BodyIn::UntilClose,
+                BodyOut::Verbatim,
+                b"abcdef",
+                b"",
+                6,
+            ),
+            (
+                b"abc",
+                BodyIn::UntilClose,
+                BodyOut::Rechunk,
+                b"3\r\nabc\r\n0\r\n\r\n",
+                b"",
+                3,
+            ),
+        ];
+        for (input, body_in, body_out, body, rest, total) in cases {
+            for piece in [1, 2, 3, 7, input.len()] {
+                let (sent, left, n) = frame_in_pieces(input, body_in, body_out, piece);
+                // Rechunking frames each piece as its own chunk: compare
+                // the data, not the chunk boundaries, for that case.
+                if body_out == BodyOut::Rechunk {
+                    let mut plain = Vec::new();
+                    let mut d = ChunkedDecoder::new();
+                    d.decode(&sent, |r| plain.extend_from_slice(&sent[r]))
+                        .unwrap();
+                    assert!(d.is_done(), "{body_in:?} in pieces of {piece}");
+                    assert_eq!(plain, b"abc");
+                } else {
+                    assert_eq!(sent, body, "{body_in:?}/{body_out:?} in pieces of {piece}");
+                }
+                assert_eq!(left, rest, "{body_in:?} in pieces of {piece}");
+                assert_eq!(n, total, "{body_in:?} in pieces of {piece}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_truncated_body_is_told_from_a_close_delimited_one() {
+        let mut out = Vec::new();
+        let mut f = Framer::new(BodyIn::Length(5), BodyOut::Verbatim, u64::MAX);
+        f.step(b"hel", &mut out).unwrap();
+        assert!(matches!(f.at_eof(&mut out), Err(RelayError::SrcClosed)));
+        let mut f = Framer::new(BodyIn::Chunked, BodyOut::Verbatim, u64::MAX);
+        f.step(b"5\r\nhel", &mut out).unwrap();
+        assert!(matches!(f.at_eof(&mut out), Err(RelayError::SrcClosed)));
     }
 
     #[monoio::test(enable_timer = true)]
