@@ -3,8 +3,8 @@
 //! answered by [`Completion`]s, on io_uring or, where it is blocked, epoll.
 //!
 //! Owns: the [`Driver`] (one per worker thread) and its two backends,
-//! [`uring::Ring`] and [`epoll::Poller`], and the receive buffers both
-//! deliver bytes in ([`bufs`]). Does not own: what a completion means; the
+//! [`uring::Ring`] and [`epoll::Poller`], the receive buffers both
+//! deliver bytes in ([`bufs`]), and the worker's deadlines ([`wheel`]). Does not own: what a completion means; the
 //! caller dispatches it by its `user_data`.
 //!
 //! The operations, alike on both backends:
@@ -25,6 +25,7 @@
 pub mod bufs;
 pub mod epoll;
 pub mod uring;
+pub mod wheel;
 
 use std::io;
 use std::os::fd::RawFd;
