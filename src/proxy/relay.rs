@@ -479,7 +479,9 @@ mod tests {
     #[test]
     fn the_framer_gives_one_answer_whatever_the_pieces() {
         let chunked = b"5\r\nhello\r\n3;ext=1\r\n, w\r\n0\r\nTrailer: x\r\n\r\nNEXT";
-        let cases: [(&[u8], BodyIn, BodyOut, &[u8], &[u8], u64); 5] = [
+        /// `(input, in, out, body as it leaves, bytes left after it, length)`
+        type Case<'a> = (&'a [u8], BodyIn, BodyOut, &'a [u8], &'a [u8], u64);
+        let cases: [Case<'_>; 5] = [
             (
                 b"helloNEXT",
                 BodyIn::Length(5),
