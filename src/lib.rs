@@ -11,6 +11,9 @@
 //!   handles signals and drains.
 //! - [`worker`]: one pinned thread per core with its runtime, accept loops,
 //!   drain sequence and panic isolation.
+//! - [`engine`]: a worker's event loop on the native I/O core: accepts,
+//!   completions dispatched to a connection state machine, deadlines,
+//!   control messages, drain (the built-in origin runs on it).
 //! - [`idle`]: keep-alive and first-byte deadlines of idle connections (a
 //!   slab entry each instead of a timer future) and the drain signal.
 //! - [`net`]: listeners (SO_REUSEPORT), upstream connections and their
@@ -44,6 +47,7 @@ pub mod balance;
 pub mod cli;
 pub mod config;
 pub mod control;
+pub mod engine;
 pub mod health;
 pub mod http;
 pub mod idle;

@@ -1,24 +1,26 @@
 //! The built-in origin: a small, fast HTTP/1.1 server for the demo,
-//! benchmarks and tests (`coregate origin`).
+//! benchmarks and tests (`coregate origin`), and the first service on the
+//! native I/O core (`engine`, `ring`): an explicit state machine per
+//! connection, driven by completions.
 //!
 //! Every request gets `200 OK` with a fixed body of `--body-size` bytes.
 //! A request body is read and discarded, and its size is echoed back in
-//! `X-Received-Bytes`, so tests can check what arrived. Owns: nothing the
-//! proxy uses; it shares the worker and HTTP modules.
+//! `X-Received-Bytes`, so tests can check what arrived. An idle keep-alive
+//! connection is a slab record with a receive armed and no buffer. Owns:
+//! nothing the proxy uses; it shares the worker and HTTP modules.
 
-use std::rc::Rc;
+use std::os::fd::RawFd;
 use std::time::Duration;
 
 use bytes::Bytes;
-use monoio::BufResult;
-use monoio::buf::{IoBuf, IoVecBuf};
-use monoio::io::{AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
+use slab::Slab;
 
+use crate::engine::{Io, Kind, Service, token, untoken};
 use crate::http::encode::{write_canned, write_decimal};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, Status, Version};
-use crate::net::buffer::{Buf, flush, lent_slices};
-use crate::proxy::relay::{BodyIn, BodyOut, Bounds, relay};
+use crate::proxy::relay::{BodyIn, BodyOut, Framer};
+use crate::ring::Completion;
+use crate::ring::wheel::Visit;
 use crate::worker::WorkerCtx;
 
 /// The response an origin sends, prepared once.
@@ -46,118 +48,385 @@ impl OriginBody {
     }
 }
 
-/// A writer that drops what it is given.
-struct Discard;
-
-impl AsyncWriteRent for Discard {
-    async fn write<T: IoBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        (Ok(buf.bytes_init()), buf)
-    }
-    async fn writev<T: IoVecBuf>(&mut self, buf: T) -> BufResult<usize, T> {
-        (Ok(lent_slices(&buf).map(<[u8]>::len).sum()), buf)
-    }
-    async fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-    async fn shutdown(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
-
+/// A connection idle (or silent mid-request) this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
 
-pub async fn serve(
-    ctx: Rc<WorkerCtx>,
-    mut stream: TcpStream,
-    listener_idx: usize,
-    body: Rc<OriginBody>,
-) {
-    let limits = ctx.current().snapshot.listeners[listener_idx].limits;
-    let mut buf = Buf::new(ctx.bufs.get());
-    let mut out = ctx.bufs.get();
-    let mut req = RequestHead::default();
-    let timeouts = Bounds::new(IDLE, IDLE);
-    'conn: loop {
-        let head_len = loop {
-            match head::parse_request(buf.data(), &limits, &mut req) {
-                Ok(Status::Complete(n)) => break n,
-                Ok(Status::Partial) => {}
-                Err(e) => {
-                    write_canned(&mut out, e.status(), false, Version::Http11, true, None);
-                    let _ = flush(&mut stream, &mut out).await;
-                    break 'conn;
-                }
+/// The origin's operations, as token kinds.
+const RECV: u8 = Kind::Service as u8;
+const SEND: u8 = Kind::Service as u8 + 1;
+
+/// Where a connection is in its current request.
+enum State {
+    /// Waiting for (the rest of) a request head.
+    Head,
+    /// Reading a request body to discard it.
+    Body {
+        framer: Framer,
+        keep: bool,
+        method: Method,
+    },
+    /// Sending the response; then the next request, or close.
+    Respond { keep: bool },
+}
+
+struct Conn {
+    fd: RawFd,
+    listener: usize,
+    state: State,
+    req: RequestHead,
+    /// Received and not yet used; no capacity while idle.
+    buf: Vec<u8>,
+    /// Bytes to send first (a head, `100 Continue`, an error answer)...
+    out: Vec<u8>,
+    /// ...then these (the prepared response or its body).
+    tail: Option<Bytes>,
+    /// Bytes of the piece in flight already sent.
+    sent: usize,
+    sending: bool,
+    recv_armed: bool,
+    closing: bool,
+    /// Current deadline, and the tick the wheel holds this id under.
+    deadline: u64,
+    filed: u64,
+}
+
+/// The built-in origin as an engine service.
+pub struct Origin {
+    body: OriginBody,
+    conns: Slab<Conn>,
+}
+
+impl Origin {
+    pub fn new(body: OriginBody) -> Self {
+        Origin {
+            body,
+            conns: Slab::new(),
+        }
+    }
+
+    /// Parse, read bodies and answer as far as the bytes at hand allow.
+    fn progress(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        loop {
+            let conn = &mut self.conns[id];
+            if conn.closing || conn.sending {
+                return;
             }
-            let read = monoio::select! {
-                r = monoio::time::timeout(IDLE, buf.read_from(&mut stream)) => r,
-                _ = ctx.idle.drained() => break 'conn,
-            };
-            match read {
-                Ok(Ok(n)) if n > 0 => {}
-                _ => break 'conn,
-            }
-        };
-        let (keep, method) = (req.keep_alive && !ctx.idle.is_draining(), req.method);
-        let body_in = match req.framing {
-            BodyFraming::Length(n) => Some(BodyIn::Length(n)),
-            BodyFraming::Chunked => Some(BodyIn::Chunked),
-            _ => None,
-        };
-        buf.consume(head_len);
-        let received = match body_in {
-            None => None,
-            Some(b) => {
-                if req.expect_continue && req.version == Version::Http11 && buf.is_empty() {
-                    let (r, _) = stream
-                        .write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..])
-                        .await;
-                    if r.is_err() {
-                        break;
+            match &mut conn.state {
+                State::Head => {
+                    let limits = &ctx.current().snapshot.listeners[conn.listener].limits;
+                    let n = match head::parse_request(&conn.buf, limits, &mut conn.req) {
+                        Ok(Status::Complete(n)) => n,
+                        Ok(Status::Partial) => return,
+                        Err(e) => {
+                            write_canned(
+                                &mut conn.out,
+                                e.status(),
+                                false,
+                                Version::Http11,
+                                true,
+                                None,
+                            );
+                            conn.state = State::Respond { keep: false };
+                            return self.send(io, id);
+                        }
+                    };
+                    conn.buf.drain(..n);
+                    let keep = conn.req.keep_alive && !io.draining;
+                    let method = conn.req.method;
+                    let body_in = match conn.req.framing {
+                        BodyFraming::Length(n) => BodyIn::Length(n),
+                        BodyFraming::Chunked => BodyIn::Chunked,
+                        _ => {
+                            self.respond(io, ctx, id, None, keep, method);
+                            continue;
+                        }
+                    };
+                    conn.state = State::Body {
+                        framer: Framer::new(body_in, BodyOut::Verbatim, u64::MAX),
+                        keep,
+                        method,
+                    };
+                    if conn.req.expect_continue
+                        && conn.req.version == Version::Http11
+                        && conn.buf.is_empty()
+                    {
+                        conn.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        return self.send(io, id);
                     }
                 }
-                match relay(
-                    &mut stream,
-                    &mut buf,
-                    &mut Discard,
-                    &mut out,
-                    b,
-                    BodyOut::Verbatim,
-                    &timeouts,
-                )
-                .await
-                {
-                    Ok(n) => Some(n),
-                    Err(_) => break,
+                State::Body {
+                    framer,
+                    keep,
+                    method,
+                } => {
+                    let (keep, method) = (*keep, *method);
+                    let mut discard = Vec::new();
+                    let step = match framer.step(&conn.buf, &mut discard) {
+                        Ok(step) => step,
+                        Err(_) => return self.close(io, ctx, id),
+                    };
+                    conn.buf.drain(..step.consumed);
+                    if !step.done {
+                        return;
+                    }
+                    let received = framer.total();
+                    self.respond(io, ctx, id, Some(received), keep, method);
                 }
+                State::Respond { .. } => return,
             }
-        };
-        out.clear();
-        let ok = match (received, keep, method) {
-            // The common case: one prepared write, no formatting.
-            (None, true, m) if m != Method::Head => {
-                stream.write_all(body.full.clone()).await.0.is_ok()
-            }
+        }
+    }
+
+    /// Queue the response and start sending it.
+    fn respond(
+        &mut self,
+        io: &mut Io,
+        ctx: &WorkerCtx,
+        id: usize,
+        received: Option<u64>,
+        keep: bool,
+        method: Method,
+    ) {
+        let conn = &mut self.conns[id];
+        conn.state = State::Respond { keep };
+        if conn.out.capacity() == 0 {
+            conn.out = ctx.bufs.get();
+        }
+        match (received, keep, method) {
+            // The common case: one prepared send, no formatting.
+            (None, true, m) if m != Method::Head => conn.tail = Some(self.body.full.clone()),
             _ => {
+                let out = &mut conn.out;
                 out.extend_from_slice(b"HTTP/1.1 200 OK\r\nServer: coregate-origin\r\nContent-Type: text/plain\r\nContent-Length: ");
-                write_decimal(&mut out, body.body.len() as u64);
+                write_decimal(out, self.body.body.len() as u64);
                 if let Some(n) = received {
                     out.extend_from_slice(b"\r\nX-Received-Bytes: ");
-                    write_decimal(&mut out, n);
+                    write_decimal(out, n);
                 }
                 if !keep {
                     out.extend_from_slice(b"\r\nConnection: close");
                 }
                 out.extend_from_slice(b"\r\n\r\n");
-                let head_ok = flush(&mut stream, &mut out).await.is_ok();
-                head_ok
-                    && (method == Method::Head
-                        || stream.write_all(body.body.clone()).await.0.is_ok())
+                if method != Method::Head {
+                    conn.tail = Some(self.body.body.clone());
+                }
             }
+        }
+        self.send(io, id);
+    }
+
+    /// Send the next piece waiting: `out`, then `tail`.
+    fn send(&mut self, io: &mut Io, id: usize) {
+        let conn = &mut self.conns[id];
+        let piece: &[u8] = if !conn.out.is_empty() {
+            &conn.out
+        } else if let Some(t) = &conn.tail {
+            t
+        } else {
+            return;
         };
-        if !ok || !keep {
-            break;
+        conn.sending = true;
+        // SAFETY: `out` is not touched and `tail` not dropped while
+        // `sending` is set; both live in the slab entry's heap storage (a
+        // slab that grows moves the `Conn`, not the bytes), and the entry
+        // is removed only once no send is in flight (`free`).
+        let r = unsafe {
+            io.driver
+                .send(conn.fd, &piece[conn.sent..], token(SEND, id as u64))
+        };
+        if r.is_err() {
+            conn.sending = false;
+            conn.closing = true;
         }
     }
-    ctx.bufs.put(buf.into_inner());
-    ctx.bufs.put(out);
+
+    fn sent(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        let conn = &mut self.conns[id];
+        conn.sending = false;
+        let Ok(n) = c.io_result() else {
+            return self.close(io, ctx, id);
+        };
+        if n == 0 || conn.closing {
+            return self.close(io, ctx, id);
+        }
+        conn.sent += n;
+        let len = if !conn.out.is_empty() {
+            conn.out.len()
+        } else {
+            conn.tail.as_ref().map_or(0, Bytes::len)
+        };
+        if conn.sent < len {
+            return self.send(io, id);
+        }
+        conn.sent = 0;
+        if !conn.out.is_empty() {
+            conn.out.clear();
+            if conn.tail.is_some() {
+                return self.send(io, id);
+            }
+        } else {
+            conn.tail = None;
+        }
+        match conn.state {
+            // A `100 Continue` went out: on with the body.
+            State::Body { .. } => self.progress(io, ctx, id),
+            State::Respond { keep: true } if !io.draining => {
+                conn.state = State::Head;
+                if conn.buf.is_empty() {
+                    // Idle: no buffer held while waiting.
+                    for v in [std::mem::take(&mut conn.buf), std::mem::take(&mut conn.out)] {
+                        if v.capacity() > 0 {
+                            ctx.bufs.put(v);
+                        }
+                    }
+                } else {
+                    self.progress(io, ctx, id);
+                }
+            }
+            _ => self.close(io, ctx, id),
+        }
+    }
+
+    fn received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        let conn = &mut self.conns[id];
+        if !c.more() {
+            conn.recv_armed = false;
+        }
+        match (c.buffer(), c.io_result()) {
+            (Some(bid), Ok(n)) => {
+                if conn.buf.capacity() == 0 {
+                    conn.buf = ctx.bufs.get();
+                }
+                conn.buf.extend_from_slice(io.driver.buf(bid, n));
+                io.driver.recycle(bid);
+                // Pushed back: the wheel is not touched (`ring::wheel`).
+                conn.deadline = io.wheel.tick_of(io.now + IDLE);
+            }
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !conn.closing => {
+                // Every worker buffer was in use: receive again.
+                conn.recv_armed = io
+                    .driver
+                    .recv_multi(conn.fd, token(RECV, id as u64))
+                    .is_ok();
+                return;
+            }
+            // EOF, an error, or our own cancellation.
+            _ => return self.close(io, ctx, id),
+        }
+        if self.conns[id].closing {
+            return self.close(io, ctx, id);
+        }
+        self.progress(io, ctx, id);
+    }
+
+    /// Close `id`: stop its receive, and free it once the kernel holds
+    /// nothing of it.
+    fn close(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let conn = &mut self.conns[id];
+        conn.closing = true;
+        if conn.recv_armed {
+            // Its final completion (ECANCELED) comes back here.
+            let _ = io.driver.cancel(conn.fd, token(RECV, id as u64));
+            return;
+        }
+        if conn.sending {
+            return;
+        }
+        let conn = self.conns.remove(id);
+        io.close(conn.fd);
+        for v in [conn.buf, conn.out] {
+            if v.capacity() > 0 {
+                ctx.bufs.put(v);
+            }
+        }
+        for open in [
+            &ctx.open_connections,
+            &ctx.listener_connections[conn.listener],
+        ] {
+            open.set(open.get() - 1);
+        }
+    }
+}
+
+impl Service for Origin {
+    fn accepted(&mut self, io: &mut Io, ctx: &WorkerCtx, fd: RawFd, listener: usize) {
+        let deadline = io.wheel.tick_of(io.now + IDLE);
+        let id = self.conns.insert(Conn {
+            fd,
+            listener,
+            state: State::Head,
+            req: RequestHead::default(),
+            buf: Vec::new(),
+            out: Vec::new(),
+            tail: None,
+            sent: 0,
+            sending: false,
+            recv_armed: true,
+            closing: false,
+            deadline,
+            filed: deadline,
+        });
+        for open in [&ctx.open_connections, &ctx.listener_connections[listener]] {
+            open.set(open.get() + 1);
+        }
+        io.wheel.insert(id as u32, deadline);
+        if io.driver.recv_multi(fd, token(RECV, id as u64)).is_err() {
+            self.conns[id].recv_armed = false;
+            self.close(io, ctx, id);
+        }
+    }
+
+    fn complete(&mut self, io: &mut Io, ctx: &WorkerCtx, c: Completion) {
+        let (kind, id) = untoken(c.user_data);
+        let id = id as usize;
+        if !self.conns.contains(id) {
+            return;
+        }
+        match kind {
+            RECV => self.received(io, ctx, id, &c),
+            SEND => self.sent(io, ctx, id, &c),
+            _ => {}
+        }
+    }
+
+    fn deadline(&mut self, io: &mut Io, ctx: &WorkerCtx, id: u32, tick: u64) -> Visit {
+        let Some(conn) = self.conns.get_mut(id as usize) else {
+            return Visit::Drop;
+        };
+        if conn.filed != tick {
+            return Visit::Drop;
+        }
+        if conn.deadline > tick {
+            conn.filed = conn.deadline;
+            return Visit::Later(conn.deadline);
+        }
+        if !conn.closing {
+            self.close(io, ctx, id as usize);
+        }
+        Visit::Drop
+    }
+
+    fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64) {
+        let id = untoken(user_data).1 as usize;
+        if self.conns.contains(id) {
+            // A send in flight still completes before the entry goes.
+            self.close(io, ctx, id);
+        }
+    }
+
+    fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx) {
+        let idle: Vec<usize> = self
+            .conns
+            .iter()
+            .filter(|(_, c)| matches!(c.state, State::Head) && c.buf.is_empty() && !c.sending)
+            .map(|(id, _)| id)
+            .collect();
+        for id in idle {
+            self.close(io, ctx, id);
+        }
+    }
+
+    fn open(&self) -> usize {
+        self.conns.len()
+    }
 }

@@ -16,7 +16,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use monoio::io::AsyncReadRent;
-use monoio::net::{TcpListener, TcpStream, UnixStream};
+use monoio::net::{TcpListener, UnixStream};
 
 use std::sync::mpsc::Sender;
 
@@ -29,7 +29,7 @@ use crate::http::head::HeaderSpan;
 use crate::idle::IdleSet;
 use crate::net::buffer::{BufPool, VecPool};
 use crate::net::upstream::UpstreamPool;
-use crate::origin::OriginBody;
+use crate::origin::{Origin, OriginBody};
 use crate::rules::{RuleSet, Scratch};
 use crate::stats::hub::MSG_STATS;
 use crate::stats::{self, Report, Tallies, WorkerStats};
@@ -268,6 +268,9 @@ pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
                 crate::warn!("could not pin to core {}", core.id);
             }
             let driver = spec.driver.resolve();
+            if let Role::Origin(size) = spec.role {
+                return native_main(spec, driver, size);
+            }
             let result = match driver {
                 DriverKind::Uring => monoio::RuntimeBuilder::<monoio::IoUringDriver>::new()
                     .with_entries(URING_ENTRIES)
@@ -296,6 +299,31 @@ pub fn spawn(spec: WorkerSpec) -> std::io::Result<std::thread::JoinHandle<()>> {
         })
 }
 
+/// A worker on the native core (`engine`): the built-in origin today.
+fn native_main(spec: WorkerSpec, driver: DriverKind, body_size: usize) {
+    let core = spec
+        .core
+        .map(|c| c.id.to_string())
+        .unwrap_or_else(|| "-".into());
+    let io = match crate::engine::driver(driver) {
+        Ok(io) => io,
+        Err(e) => {
+            crate::error!("cannot start the {} event loop: {e}", driver.name());
+            std::process::exit(1);
+        }
+    };
+    crate::info!(
+        "worker {} on core {} running {} (native core)",
+        spec.id,
+        core,
+        io.name()
+    );
+    let mut ctx = WorkerCtx::new(spec.id, spec.workers, spec.published.clone(), driver);
+    ctx.core = spec.core.map(|c| c.id);
+    let mut origin = Origin::new(OriginBody::new(body_size));
+    crate::engine::run(spec, &ctx, io, &mut origin);
+}
+
 async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     let core = spec
         .core
@@ -310,14 +338,10 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     let mut ctx = WorkerCtx::new(spec.id, spec.workers, spec.published, driver);
     ctx.core = spec.core.map(|c| c.id);
     let ctx = Rc::new(ctx);
-    let origin = match spec.role {
-        Role::Proxy => None,
-        Role::Origin(size) => Some(Rc::new(OriginBody::new(size))),
-    };
     for (socket, idx) in spec.listeners {
         match TcpListener::from_std(socket) {
             Ok(l) => {
-                monoio::spawn(accept_loop(ctx.clone(), l, idx, origin.clone()));
+                monoio::spawn(accept_loop(ctx.clone(), l, idx));
             }
             Err(e) => {
                 crate::error!("cannot register listener: {e}");
@@ -368,7 +392,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     }
 }
 
-fn report(ctx: &WorkerCtx) -> Report {
+pub(crate) fn report(ctx: &WorkerCtx) -> Report {
     let cur = ctx.current.borrow().clone();
     ctx.stats.report(&stats::Context {
         worker: ctx.id,
@@ -400,12 +424,7 @@ async fn housekeeping(ctx: Rc<WorkerCtx>) {
     }
 }
 
-async fn accept_loop(
-    ctx: Rc<WorkerCtx>,
-    listener: TcpListener,
-    listener_idx: usize,
-    origin: Option<Rc<OriginBody>>,
-) {
+async fn accept_loop(ctx: Rc<WorkerCtx>, listener: TcpListener, listener_idx: usize) {
     loop {
         let accepted = monoio::select! {
             r = listener.accept() => Some(r),
@@ -427,7 +446,7 @@ async fn accept_loop(
                 ctx.stats.accepted();
                 let _ = stream.set_nodelay(true);
                 ctx.open_connections.set(ctx.open_connections.get() + 1);
-                let fut = connection(ctx.clone(), stream, peer, listener_idx, origin.clone());
+                let fut = crate::proxy::serve(ctx.clone(), stream, peer, listener_idx);
                 monoio::spawn(Isolated {
                     fut,
                     peer,
@@ -440,21 +459,6 @@ async fn accept_loop(
                 monoio::time::sleep(Duration::from_millis(50)).await;
             }
         }
-    }
-}
-
-async fn connection(
-    ctx: Rc<WorkerCtx>,
-    stream: TcpStream,
-    peer: SocketAddr,
-    idx: usize,
-    origin: Option<Rc<OriginBody>>,
-) {
-    match origin {
-        None => crate::proxy::serve(ctx, stream, peer, idx).await,
-        // Boxed so the proxy's connection future does not grow to the
-        // origin's size: every idle proxy connection carries its future.
-        Some(body) => Box::pin(crate::origin::serve(ctx, stream, idx, body)).await,
     }
 }
 

@@ -11,6 +11,7 @@ mod failures;
 mod forwarding;
 mod lifecycle;
 mod nginx;
+mod origin;
 mod reload;
 mod rules;
 mod smuggling;

@@ -166,6 +166,11 @@ pub fn coregate_origin(body_size: usize) -> Proc {
         "--body-size",
         &body_size.to_string(),
     ]);
+    // The origin runs on the native core; COREGATE_TEST_DRIVER=epoll puts
+    // it on that core's epoll backend.
+    if let Ok(driver) = std::env::var("COREGATE_TEST_DRIVER") {
+        cmd.args(["--driver", &driver]);
+    }
     let mut p = start(cmd, "coregate origin listening on http://", dir);
     p.addr = p
         .addr

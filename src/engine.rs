@@ -1,0 +1,288 @@
+//! A worker's event loop on the native I/O core (`ring`): the loop every
+//! connection state machine runs under.
+//!
+//! Owns: the loop turn (one `Driver::turn`, completions dispatched by
+//! token, deadlines from the worker's wheel), the listeners' multishot
+//! accepts and the connection cap, the control socket (statistics
+//! requests, drain), the drain sequence, and panic isolation per
+//! completion. Does not own: what a connection does; that is a
+//! [`Service`] (today the built-in origin, `origin::Origin`).
+//!
+//! Tokens: the top byte of a completion's `user_data` says whose it is
+//! ([`Kind`]); the service owns every kind from [`Kind::Service`] up and
+//! the low 56 bits.
+
+use std::io;
+use std::os::fd::{AsRawFd, IntoRawFd, RawFd};
+use std::panic::AssertUnwindSafe;
+use std::time::{Duration, Instant};
+
+use crate::admission::Reason;
+use crate::ring::wheel::{Visit, Wheel};
+use crate::ring::{Completion, Driver, RingConfig};
+use crate::stats::hub::MSG_STATS;
+use crate::worker::{MSG_DRAIN, WorkerCtx, WorkerSpec};
+
+/// Whose a completion is, from the top byte of its `user_data`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// A listener's accept; the low bits are its index in the spec.
+    Accept = 1,
+    /// The control socket's receive.
+    Control = 2,
+    /// Everything from here up belongs to the service.
+    Service = 16,
+}
+
+/// `user_data` for `kind` (a raw byte from `Kind::Service` up for the
+/// service's own kinds) and `id`.
+pub fn token(kind: u8, id: u64) -> u64 {
+    debug_assert!(id < 1 << 56);
+    u64::from(kind) << 56 | id
+}
+
+/// `(kind byte, id)` of a `user_data`.
+pub fn untoken(user_data: u64) -> (u8, u64) {
+    ((user_data >> 56) as u8, user_data & ((1 << 56) - 1))
+}
+
+/// What the loop lends a service while it handles an event.
+pub struct Io {
+    pub driver: Driver,
+    pub wheel: Wheel,
+    /// The time of this loop turn (one clock read per turn).
+    pub now: Instant,
+    pub draining: bool,
+}
+
+impl Io {
+    /// Close `fd` once no operation on it is in flight.
+    pub fn close(&mut self, fd: RawFd) {
+        self.driver.forget(fd);
+        // SAFETY: the caller owns `fd` and has collected every completion
+        // of its operations; nothing uses the number after this.
+        unsafe { libc::close(fd) };
+    }
+}
+
+/// A kind of connection the loop serves: the state machine behind it.
+pub trait Service {
+    /// A new downstream connection, accepted on listener `listener`.
+    fn accepted(&mut self, io: &mut Io, ctx: &WorkerCtx, fd: RawFd, listener: usize);
+    /// A completion for one of the service's tokens.
+    fn complete(&mut self, io: &mut Io, ctx: &WorkerCtx, c: Completion);
+    /// Connection `id`'s filed tick came: what its deadline is now.
+    fn deadline(&mut self, io: &mut Io, ctx: &WorkerCtx, id: u32, tick: u64) -> Visit;
+    /// A handler for this token panicked: end what it belonged to.
+    fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64);
+    /// The worker drains: close what is idle, finish what is in flight.
+    fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx);
+    /// Connections still open.
+    fn open(&self) -> usize;
+}
+
+/// How long a turn waits at most when no deadline is nearer, so a drain's
+/// own deadline and the listeners' cap are looked at now and then.
+const MAX_WAIT: Duration = Duration::from_millis(250);
+
+/// Run `service` for the worker `spec` describes until it has drained.
+pub fn run(spec: WorkerSpec, ctx: &WorkerCtx, driver: Driver, service: &mut dyn Service) {
+    let mut io = Io {
+        driver,
+        wheel: Wheel::new(Instant::now()),
+        now: Instant::now(),
+        draining: false,
+    };
+    let mut listeners: Vec<Option<(RawFd, usize)>> = Vec::new();
+    for (i, (socket, idx)) in spec.listeners.into_iter().enumerate() {
+        let fd = socket.into_raw_fd();
+        if let Err(e) = io
+            .driver
+            .accept_multi(fd, token(Kind::Accept as u8, i as u64))
+        {
+            crate::error!("cannot accept on listener: {e}");
+            std::process::exit(1);
+        }
+        listeners.push(Some((fd, idx)));
+    }
+    let _ = spec.control.set_nonblocking(true);
+    let control = spec.control.as_raw_fd();
+    let mut control_open = io
+        .driver
+        .recv_multi(control, token(Kind::Control as u8, 0))
+        .is_ok();
+    let mut drain_deadline = None;
+    let mut done = Vec::with_capacity(256);
+    let mut due = Vec::new();
+    loop {
+        if io.draining && service.open() == 0 {
+            break;
+        }
+        if let Some(d) = drain_deadline
+            && io.now >= d
+        {
+            crate::warn!(
+                "drain timeout: closing {} connections still open",
+                service.open()
+            );
+            break;
+        }
+        let wait = io
+            .wheel
+            .next_due(io.now)
+            .map_or(MAX_WAIT, |d| d.min(MAX_WAIT));
+        if let Err(e) = io.driver.turn(Some(wait), &mut done) {
+            crate::error!("worker {}: event loop failed: {e}", ctx.id);
+            std::process::exit(1);
+        }
+        io.now = Instant::now();
+        for c in done.drain(..) {
+            let (kind, id) = untoken(c.user_data);
+            match kind {
+                k if k == Kind::Accept as u8 => {
+                    let i = id as usize;
+                    let Some(Some((fd, idx))) = listeners.get(i).copied() else {
+                        // A closed listener's last accepts: not ours now.
+                        if c.result >= 0 {
+                            io.close(c.result);
+                        }
+                        continue;
+                    };
+                    if !c.more() && !io.draining {
+                        // Ended (an error, or the kernel gave up): re-arm.
+                        let _ = io.driver.accept_multi(fd, c.user_data);
+                    }
+                    match c.io_result() {
+                        Ok(conn) => accept(&mut io, ctx, service, conn as RawFd, idx),
+                        // EMFILE and friends: counted by the kernel's
+                        // backlog; the accept stays armed.
+                        Err(e) => crate::warn!("accept failed: {e}"),
+                    }
+                }
+                k if k == Kind::Control as u8 => {
+                    let bytes = match (c.buffer(), c.io_result()) {
+                        (Some(bid), Ok(n)) => {
+                            let msg = io.driver.buf(bid, n).to_vec();
+                            io.driver.recycle(bid);
+                            msg
+                        }
+                        _ => Vec::new(),
+                    };
+                    if !c.more() {
+                        control_open = false;
+                    }
+                    // The control thread gone (EOF) drains too.
+                    if bytes.contains(&MSG_DRAIN) || (bytes.is_empty() && !c.more()) {
+                        if !io.draining {
+                            drain_deadline = Some(io.now + ctx.current().snapshot.drain_timeout);
+                            start_drain(&mut io, ctx, service, &mut listeners);
+                        }
+                    } else if bytes.contains(&MSG_STATS)
+                        && let Some(tx) = &spec.stats
+                    {
+                        // Unbounded: never blocks this worker.
+                        let _ = tx.send(crate::worker::report(ctx));
+                    }
+                    if !control_open && !io.draining {
+                        // ENOBUFS: the worker's buffers were all in use.
+                        control_open = io
+                            .driver
+                            .recv_multi(control, token(Kind::Control as u8, 0))
+                            .is_ok();
+                    }
+                }
+                _ => {
+                    let served = std::panic::catch_unwind(AssertUnwindSafe(|| {
+                        service.complete(&mut io, ctx, c)
+                    }));
+                    if served.is_err() {
+                        crate::error!("a connection's handler panicked; closed it");
+                        service.abandon(&mut io, ctx, c.user_data);
+                    }
+                }
+            }
+        }
+        io.wheel.advance(io.now, |id, tick| {
+            due.push((id, tick));
+            Visit::Drop
+        });
+        for (id, tick) in due.drain(..) {
+            if let Visit::Later(t) = service.deadline(&mut io, ctx, id, tick) {
+                io.wheel.insert(id, t);
+            }
+        }
+    }
+    if control_open {
+        let _ = io.driver.cancel(control, token(Kind::Control as u8, 0));
+    }
+    ctx.access_log.flush();
+    let rejected = ctx.rejections.summary();
+    if !rejected.is_empty() {
+        crate::info!("worker {} rejected: {rejected}", ctx.id);
+    }
+}
+
+/// A new connection: counted, capped per listener, handed to the service.
+fn accept(io: &mut Io, ctx: &WorkerCtx, service: &mut dyn Service, fd: RawFd, idx: usize) {
+    if io.draining {
+        io.close(fd);
+        return;
+    }
+    let open = &ctx.listener_connections[idx];
+    if open.get() >= ctx.current().snapshot.listeners[idx].max_connections {
+        // At the cap: close at once rather than leave it in the backlog,
+        // where it would hold a slot the kernel could give a client we can
+        // serve later.
+        ctx.rejections.count(Reason::ConnectionLimit);
+        io.close(fd);
+        return;
+    }
+    ctx.stats.accepted();
+    // SAFETY: a socket we just accepted; setsockopt reads `one` only.
+    unsafe {
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+    }
+    service.accepted(io, ctx, fd, idx);
+}
+
+/// Stop accepting (the listeners close) and let the service close what is
+/// idle.
+fn start_drain(
+    io: &mut Io,
+    ctx: &WorkerCtx,
+    service: &mut dyn Service,
+    listeners: &mut [Option<(RawFd, usize)>],
+) {
+    io.draining = true;
+    ctx.idle.start_drain();
+    for (i, l) in listeners.iter_mut().enumerate() {
+        if let Some((fd, _)) = l.take() {
+            let _ = io.driver.cancel(fd, token(Kind::Accept as u8, i as u64));
+            // The cancellation's completion comes back with the listener
+            // slot empty and is dropped; closing now frees the port for a
+            // new process at once.
+            io.driver.forget(fd);
+            // SAFETY: our listener fd; the accept on it is cancelled and
+            // takes no memory of ours.
+            unsafe { libc::close(fd) };
+        }
+    }
+    service.drain(io, ctx);
+}
+
+/// A driver for `kind`, with the worker's buffer sizes.
+pub fn driver(kind: crate::worker::DriverKind) -> io::Result<Driver> {
+    let config = RingConfig::default();
+    match kind {
+        crate::worker::DriverKind::Epoll => Driver::epoll(config),
+        _ => Driver::uring(config),
+    }
+}
