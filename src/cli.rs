@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::worker::DriverKind;
+use crate::ring::DriverKind;
 
 #[derive(Debug, Parser)]
 #[command(

@@ -17,9 +17,11 @@ use anyhow::{Context, bail};
 
 use crate::admin::Reloader;
 use crate::config::epoch::Published;
+use crate::context::MSG_DRAIN;
 use crate::net::listener::bind_reuseport;
+use crate::ring::DriverKind;
 use crate::stats::hub::Hub;
-use crate::worker::{self, DriverKind, MSG_DRAIN, Role, WorkerSpec};
+use crate::worker::{self, Role, WorkerSpec};
 
 /// How to lay workers out on the machine.
 #[derive(Clone, Debug)]

@@ -18,10 +18,12 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use crate::admission::Reason;
+use crate::context::{MSG_DRAIN, WorkerCtx};
+use crate::ring::DriverKind;
 use crate::ring::wheel::{Visit, Wheel};
 use crate::ring::{Completion, Driver, RingConfig};
+use crate::stats::Report;
 use crate::stats::hub::MSG_STATS;
-use crate::worker::{MSG_DRAIN, WorkerCtx, WorkerSpec};
 
 /// Whose a completion is, from the top byte of its `user_data`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,8 +88,17 @@ pub trait Service {
 /// own deadline and the listeners' cap are looked at now and then.
 const MAX_WAIT: Duration = Duration::from_millis(250);
 
-/// Run `service` for the worker `spec` describes until it has drained.
-pub fn run(spec: WorkerSpec, ctx: &WorkerCtx, driver: Driver, service: &mut dyn Service) {
+/// A worker's ways in: its listeners, its control socket, and where its
+/// statistics go.
+pub struct Endpoints {
+    /// `(socket, index into snapshot.listeners)`
+    pub listeners: Vec<(std::net::TcpListener, usize)>,
+    pub control: std::os::unix::net::UnixStream,
+    pub stats: Option<std::sync::mpsc::Sender<Report>>,
+}
+
+/// Serve `service` on `spec`'s listeners until the worker has drained.
+pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn Service) {
     let mut io = Io {
         driver,
         wheel: Wheel::new(Instant::now()),
@@ -182,7 +193,7 @@ pub fn run(spec: WorkerSpec, ctx: &WorkerCtx, driver: Driver, service: &mut dyn 
                         && let Some(tx) = &spec.stats
                     {
                         // Unbounded: never blocks this worker.
-                        let _ = tx.send(crate::worker::report(ctx));
+                        let _ = tx.send(ctx.report());
                     }
                     if !control_open && !io.draining {
                         // ENOBUFS: the worker's buffers were all in use.
@@ -279,10 +290,10 @@ fn start_drain(
 }
 
 /// A driver for `kind`, with the worker's buffer sizes.
-pub fn driver(kind: crate::worker::DriverKind) -> io::Result<Driver> {
+pub fn driver(kind: DriverKind) -> io::Result<Driver> {
     let config = RingConfig::default();
     match kind {
-        crate::worker::DriverKind::Epoll => Driver::epoll(config),
+        DriverKind::Epoll => Driver::epoll(config),
         _ => Driver::uring(config),
     }
 }

@@ -148,14 +148,6 @@ impl Drop for IdleWait<'_> {
     }
 }
 
-/// Expire deadlines every tick until the worker drains.
-pub async fn sweep(ctx: std::rc::Rc<crate::worker::WorkerCtx>) {
-    while !ctx.idle.is_draining() {
-        monoio::time::sleep(IDLE_TICK).await;
-        ctx.idle.expire(Instant::now());
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -7,6 +7,8 @@
 //! - [`config`]: TOML file → validated [`config::Snapshot`]; errors carry
 //!   file, line and key. `config::epoch` is where workers find the
 //!   current snapshot.
+//! - [`context`]: what a worker owns and its connections share: the
+//!   configuration handle, pools, counters; the control messages.
 //! - [`control`]: the control thread: binds listeners, starts workers,
 //!   handles signals and drains.
 //! - [`worker`]: one pinned thread per core with its runtime, accept loops,
@@ -46,6 +48,7 @@ pub mod admission;
 pub mod balance;
 pub mod cli;
 pub mod config;
+pub mod context;
 pub mod control;
 pub mod engine;
 pub mod health;

@@ -15,13 +15,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use slab::Slab;
 
+use crate::context::WorkerCtx;
 use crate::engine::{Io, Kind, Service, token, untoken};
 use crate::http::encode::{write_canned, write_decimal};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, Status, Version};
 use crate::proxy::relay::{BodyIn, BodyOut, Framer};
 use crate::ring::Completion;
 use crate::ring::wheel::Visit;
-use crate::worker::WorkerCtx;
 
 /// The response an origin sends, prepared once.
 pub struct OriginBody {

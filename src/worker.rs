@@ -1,11 +1,13 @@
-//! Workers: one OS thread per selected core, pinned, each running its own
-//! monoio runtime with its own listeners, buffers and upstream pools.
+//! Workers: one OS thread per selected core, pinned, each with its own
+//! event loop, listeners, buffers and upstream pools. Proxy workers run a
+//! monoio runtime; origin workers already run the native core (`engine`),
+//! which proxy workers move onto next (docs/design.md).
 //!
-//! Owns: the thread, the runtime (io_uring or epoll), the accept loops, the
-//! drain sequence, and panic isolation per connection. Does not own: what a
+//! Owns: the thread, the proxy's monoio runtime (io_uring or epoll), its
+//! accept loops, drain sequence and panic isolation per connection. Does
+//! not own: what a worker shares with its connections (`context`), what a
 //! connection does (`proxy`, `origin`) or when to drain (`control`).
 
-use std::cell::{Cell, RefCell};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -20,47 +22,13 @@ use monoio::net::{TcpListener, UnixStream};
 
 use std::sync::mpsc::Sender;
 
-use crate::access_log::AccessLog;
-use crate::admission::{Admission, Reason, Rejections};
-use crate::balance::GroupView;
-use crate::config::Snapshot;
+use crate::admission::Reason;
 use crate::config::epoch::Published;
-use crate::http::head::HeaderSpan;
-use crate::idle::IdleSet;
-use crate::net::buffer::{BufPool, VecPool};
-use crate::net::upstream::UpstreamPool;
+use crate::context::{MSG_DRAIN, WorkerCtx};
 use crate::origin::{Origin, OriginBody};
-use crate::rules::{RuleSet, Scratch};
+use crate::ring::DriverKind;
+use crate::stats::Report;
 use crate::stats::hub::MSG_STATS;
-use crate::stats::{self, Report, Tallies, WorkerStats};
-
-/// Which event loop a worker runs on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
-pub enum DriverKind {
-    /// io_uring when the kernel allows it, epoll otherwise.
-    Auto,
-    Uring,
-    Epoll,
-}
-
-impl DriverKind {
-    /// Resolve `Auto` against what this kernel (or container) permits.
-    pub fn resolve(self) -> DriverKind {
-        match self {
-            DriverKind::Auto if monoio::utils::detect_uring() => DriverKind::Uring,
-            DriverKind::Auto => DriverKind::Epoll,
-            other => other,
-        }
-    }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            DriverKind::Auto => "auto",
-            DriverKind::Uring => "io_uring",
-            DriverKind::Epoll => "epoll",
-        }
-    }
-}
 
 /// What the worker's connections do.
 #[derive(Clone)]
@@ -70,152 +38,6 @@ pub enum Role {
     /// body of this many bytes.
     Origin(usize),
 }
-
-/// Control messages, one byte each, over the worker's socketpair.
-pub const MSG_DRAIN: u8 = b'D';
-
-/// The configuration a worker runs on: a published snapshot and the
-/// worker's own clone of its rules (own regex scratch space).
-pub struct Current {
-    pub epoch: u64,
-    pub snapshot: Arc<Snapshot>,
-    pub rules: RuleSet,
-    /// This worker's buckets, inflight counts and queues for the
-    /// snapshot's admission policies.
-    pub admission: Admission,
-    /// Requests per route and upstream counts per backend.
-    pub tallies: Tallies,
-    /// This worker's view of each upstream group (`balance`).
-    pub groups: Vec<GroupView>,
-}
-
-impl Current {
-    fn new(
-        epoch: u64,
-        snapshot: Arc<Snapshot>,
-        workers: usize,
-        tallies: Tallies,
-        groups: Vec<GroupView>,
-    ) -> Self {
-        Current {
-            epoch,
-            rules: snapshot.rules.clone(),
-            admission: Admission::new(&snapshot.policies, workers),
-            tallies,
-            groups,
-            snapshot,
-        }
-    }
-}
-
-/// Everything one worker owns. Shared by its tasks through `Rc`: no
-/// locks, and one atomic load per request (the config epoch).
-pub struct WorkerCtx {
-    pub id: usize,
-    /// The core it is pinned to, if any.
-    pub core: Option<usize>,
-    /// How many workers share the configured rates.
-    pub workers: usize,
-    published: Arc<Published>,
-    current: RefCell<Rc<Current>>,
-    /// Rule evaluation scratch, borrowed for one evaluation at a time.
-    pub scratch: RefCell<Scratch>,
-    pub bufs: BufPool,
-    /// Header offset arrays for request and response heads in flight.
-    pub header_vecs: VecPool<HeaderSpan>,
-    pub upstreams: UpstreamPool,
-    /// Deadlines of idle connections and the drain signal (see `idle`).
-    pub idle: IdleSet,
-    pub open_connections: Cell<usize>,
-    /// Open connections per listener (index into the snapshot's).
-    pub listener_connections: Vec<Cell<usize>>,
-    /// `rejected_total{reason}` of this worker.
-    pub rejections: Rejections,
-    pub stats: WorkerStats,
-    pub access_log: AccessLog,
-    pub driver: DriverKind,
-}
-
-impl WorkerCtx {
-    pub fn new(id: usize, workers: usize, published: Arc<Published>, driver: DriverKind) -> Self {
-        let (epoch, snapshot) = published.load();
-        let tallies = Tallies::new(&snapshot);
-        let groups = snapshot
-            .upstreams
-            .iter()
-            .map(|g| GroupView::new(g, id))
-            .collect();
-        WorkerCtx {
-            id,
-            core: None,
-            workers,
-            upstreams: UpstreamPool::new(&snapshot),
-            access_log: AccessLog::new(snapshot.access_log.as_deref()),
-            // Listen addresses cannot change on reload (`admin`), so
-            // neither does their number.
-            listener_connections: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
-            rejections: Rejections::default(),
-            stats: WorkerStats::default(),
-            current: RefCell::new(Rc::new(Current::new(
-                epoch, snapshot, workers, tallies, groups,
-            ))),
-            published,
-            scratch: RefCell::new(Scratch::default()),
-            bufs: BufPool::new(),
-            header_vecs: VecPool::with_capacity(HEADER_VEC_CAPACITY),
-            idle: IdleSet::default(),
-            open_connections: Cell::new(0),
-            driver,
-        }
-    }
-
-    /// The configuration to serve the next request with. Called once per
-    /// request: one relaxed atomic load, and a switch to the newly
-    /// published snapshot when the epoch moved. Requests in flight keep
-    /// the `Current` they started with, so none sees a mix of two configs.
-    pub fn current(&self) -> Rc<Current> {
-        {
-            let cur = self.current.borrow();
-            if cur.epoch == self.published.epoch() {
-                return cur.clone();
-            }
-        }
-        self.switch()
-    }
-
-    #[cold]
-    fn switch(&self) -> Rc<Current> {
-        let (epoch, snapshot) = self.published.load();
-        let old = self.current.borrow().clone();
-        // Pooled upstream connections follow their backend by group name
-        // and address; the others are closed.
-        self.upstreams.remap(&old.snapshot, &snapshot);
-        self.access_log.retarget(snapshot.access_log.as_deref());
-        let tallies = Tallies::carry(&old.snapshot, &old.tallies, &snapshot);
-        // What this worker learned of backends (latency, ejections)
-        // follows them by group name and label.
-        let groups = snapshot
-            .upstreams
-            .iter()
-            .map(
-                |g| match old.snapshot.upstreams.iter().position(|o| o.name == g.name) {
-                    Some(i) => {
-                        GroupView::carry(&old.snapshot.upstreams[i], &old.groups[i], g, self.id)
-                    }
-                    None => GroupView::new(g, self.id),
-                },
-            )
-            .collect();
-        let next = Rc::new(Current::new(epoch, snapshot, self.workers, tallies, groups));
-        *self.current.borrow_mut() = next.clone();
-        crate::debug!("worker {} now on config epoch {epoch}", self.id);
-        next
-    }
-}
-
-/// Header slots a pooled header array starts with: typical requests carry
-/// 10-20 fields, so growth is rare.
-const HEADER_VEC_CAPACITY: usize = 32;
 
 /// What the control thread hands a worker thread.
 pub struct WorkerSpec {
@@ -321,7 +143,16 @@ fn native_main(spec: WorkerSpec, driver: DriverKind, body_size: usize) {
     let mut ctx = WorkerCtx::new(spec.id, spec.workers, spec.published.clone(), driver);
     ctx.core = spec.core.map(|c| c.id);
     let mut origin = Origin::new(OriginBody::new(body_size));
-    crate::engine::run(spec, &ctx, io, &mut origin);
+    crate::engine::run(
+        crate::engine::Endpoints {
+            listeners: spec.listeners,
+            control: spec.control,
+            stats: spec.stats,
+        },
+        &ctx,
+        io,
+        &mut origin,
+    );
 }
 
 async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
@@ -350,7 +181,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
         }
     }
     monoio::spawn(housekeeping(ctx.clone()));
-    monoio::spawn(crate::idle::sweep(ctx.clone()));
+    monoio::spawn(sweep_idle(ctx.clone()));
     // The control socket closing (control thread gone) drains too. It must
     // be non-blocking: the epoll driver tries a read before waiting for
     // readiness, and a blocking read would stop the whole worker until the
@@ -367,7 +198,7 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
                         && let Some(tx) = &spec.stats
                     {
                         // Unbounded: never blocks this worker.
-                        let _ = tx.send(report(&ctx));
+                        let _ = tx.send(ctx.report());
                     }
                 }
                 _ => break,
@@ -392,20 +223,12 @@ async fn worker_main(spec: WorkerSpec, driver: DriverKind) {
     }
 }
 
-pub(crate) fn report(ctx: &WorkerCtx) -> Report {
-    let cur = ctx.current.borrow().clone();
-    ctx.stats.report(&stats::Context {
-        worker: ctx.id,
-        core: ctx.core,
-        driver: ctx.driver.name(),
-        epoch: cur.epoch,
-        snapshot: &cur.snapshot,
-        tallies: &cur.tallies,
-        rejections: &ctx.rejections,
-        connections_open: ctx.open_connections.get() as u64,
-        buffers_free: ctx.bufs.free_count() as u64,
-        upstream_idle: ctx.upstreams.idle_count() as u64,
-    })
+/// Expire idle deadlines every tick until the worker drains.
+async fn sweep_idle(ctx: Rc<WorkerCtx>) {
+    while !ctx.idle.is_draining() {
+        monoio::time::sleep(crate::idle::IDLE_TICK).await;
+        ctx.idle.expire(Instant::now());
+    }
 }
 
 /// How often the worker writes out access log lines and checks idle

@@ -33,6 +33,7 @@ use crate::admission::{Admit, Ask, DecodeGuard, PolicyState, Readiness, Reason, 
 use crate::balance::{self, GroupView, HashKey, Outcome};
 use crate::config::UpstreamGroup;
 use crate::config::snapshot::strip_port;
+use crate::context::{Current, WorkerCtx};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::encode::{self, Forwarded, OutFraming};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, ResponseHead, Status, Version};
@@ -41,7 +42,6 @@ use crate::net::upstream::{self, ConnectError, UpStream};
 use crate::rules::matcher::{needs_normalizing, normalize_path};
 use crate::rules::{Action, Decision, HeaderPlan, RequestView, Rewrite};
 use crate::stats::Stamp;
-use crate::worker::{Current, WorkerCtx};
 use relay::{BodyIn, BodyOut, Bounds, RelayError, relay};
 
 /// Largest upstream response head accepted (nginx's proxy_buffer_size is

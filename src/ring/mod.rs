@@ -79,6 +79,34 @@ impl Completion {
     }
 }
 
+/// Which event loop a worker runs on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum DriverKind {
+    /// io_uring when the kernel allows it, epoll otherwise.
+    Auto,
+    Uring,
+    Epoll,
+}
+
+impl DriverKind {
+    /// Resolve `Auto` against what this kernel (or container) permits.
+    pub fn resolve(self) -> DriverKind {
+        match self {
+            DriverKind::Auto if Ring::available() => DriverKind::Uring,
+            DriverKind::Auto => DriverKind::Epoll,
+            other => other,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DriverKind::Auto => "auto",
+            DriverKind::Uring => "io_uring",
+            DriverKind::Epoll => "epoll",
+        }
+    }
+}
+
 /// A worker's I/O core on one of the two backends.
 // One per worker: boxing the larger variant would only add an indirection
 // to every operation.

@@ -1,0 +1,190 @@
+//! What a worker owns, shared by every connection it serves: its handle
+//! on the published configuration ([`Current`]), buffer and header pools,
+//! upstream pools, idle deadlines, counters and statistics.
+//!
+//! Owns: [`WorkerCtx`] and [`Current`], and the one-byte control messages
+//! a worker reads from its socketpair. Does not own: the thread, its event
+//! loop or what a connection does (`worker`, `engine`, `proxy`,
+//! `origin`): all of those use this, and it uses none of them.
+
+use std::cell::{Cell, RefCell};
+use std::rc::Rc;
+use std::sync::Arc;
+
+use crate::access_log::AccessLog;
+use crate::admission::{Admission, Rejections};
+use crate::balance::GroupView;
+use crate::config::Snapshot;
+use crate::config::epoch::Published;
+use crate::http::head::HeaderSpan;
+use crate::idle::IdleSet;
+use crate::net::buffer::{BufPool, VecPool};
+use crate::net::upstream::UpstreamPool;
+use crate::ring::DriverKind;
+use crate::rules::{RuleSet, Scratch};
+use crate::stats::{self, Report, Tallies, WorkerStats};
+
+/// Control messages, one byte each, over the worker's socketpair.
+pub const MSG_DRAIN: u8 = b'D';
+
+/// The configuration a worker runs on: a published snapshot and the
+/// worker's own clone of its rules (own regex scratch space).
+pub struct Current {
+    pub epoch: u64,
+    pub snapshot: Arc<Snapshot>,
+    pub rules: RuleSet,
+    /// This worker's buckets, inflight counts and queues for the
+    /// snapshot's admission policies.
+    pub admission: Admission,
+    /// Requests per route and upstream counts per backend.
+    pub tallies: Tallies,
+    /// This worker's view of each upstream group (`balance`).
+    pub groups: Vec<GroupView>,
+}
+
+impl Current {
+    fn new(
+        epoch: u64,
+        snapshot: Arc<Snapshot>,
+        workers: usize,
+        tallies: Tallies,
+        groups: Vec<GroupView>,
+    ) -> Self {
+        Current {
+            epoch,
+            rules: snapshot.rules.clone(),
+            admission: Admission::new(&snapshot.policies, workers),
+            tallies,
+            groups,
+            snapshot,
+        }
+    }
+}
+
+/// Everything one worker owns. Shared by its tasks through `Rc`: no
+/// locks, and one atomic load per request (the config epoch).
+pub struct WorkerCtx {
+    pub id: usize,
+    /// The core it is pinned to, if any.
+    pub core: Option<usize>,
+    /// How many workers share the configured rates.
+    pub workers: usize,
+    published: Arc<Published>,
+    current: RefCell<Rc<Current>>,
+    /// Rule evaluation scratch, borrowed for one evaluation at a time.
+    pub scratch: RefCell<Scratch>,
+    pub bufs: BufPool,
+    /// Header offset arrays for request and response heads in flight.
+    pub header_vecs: VecPool<HeaderSpan>,
+    pub upstreams: UpstreamPool,
+    /// Deadlines of idle connections and the drain signal (see `idle`).
+    pub idle: IdleSet,
+    pub open_connections: Cell<usize>,
+    /// Open connections per listener (index into the snapshot's).
+    pub listener_connections: Vec<Cell<usize>>,
+    /// `rejected_total{reason}` of this worker.
+    pub rejections: Rejections,
+    pub stats: WorkerStats,
+    pub access_log: AccessLog,
+    pub driver: DriverKind,
+}
+
+impl WorkerCtx {
+    pub fn new(id: usize, workers: usize, published: Arc<Published>, driver: DriverKind) -> Self {
+        let (epoch, snapshot) = published.load();
+        let tallies = Tallies::new(&snapshot);
+        let groups = snapshot
+            .upstreams
+            .iter()
+            .map(|g| GroupView::new(g, id))
+            .collect();
+        WorkerCtx {
+            id,
+            core: None,
+            workers,
+            upstreams: UpstreamPool::new(&snapshot),
+            access_log: AccessLog::new(snapshot.access_log.as_deref()),
+            // Listen addresses cannot change on reload (`admin`), so
+            // neither does their number.
+            listener_connections: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
+            rejections: Rejections::default(),
+            stats: WorkerStats::default(),
+            current: RefCell::new(Rc::new(Current::new(
+                epoch, snapshot, workers, tallies, groups,
+            ))),
+            published,
+            scratch: RefCell::new(Scratch::default()),
+            bufs: BufPool::new(),
+            header_vecs: VecPool::with_capacity(HEADER_VEC_CAPACITY),
+            idle: IdleSet::default(),
+            open_connections: Cell::new(0),
+            driver,
+        }
+    }
+
+    /// The configuration to serve the next request with. Called once per
+    /// request: one relaxed atomic load, and a switch to the newly
+    /// published snapshot when the epoch moved. Requests in flight keep
+    /// the `Current` they started with, so none sees a mix of two configs.
+    pub fn current(&self) -> Rc<Current> {
+        {
+            let cur = self.current.borrow();
+            if cur.epoch == self.published.epoch() {
+                return cur.clone();
+            }
+        }
+        self.switch()
+    }
+
+    #[cold]
+    fn switch(&self) -> Rc<Current> {
+        let (epoch, snapshot) = self.published.load();
+        let old = self.current.borrow().clone();
+        // Pooled upstream connections follow their backend by group name
+        // and address; the others are closed.
+        self.upstreams.remap(&old.snapshot, &snapshot);
+        self.access_log.retarget(snapshot.access_log.as_deref());
+        let tallies = Tallies::carry(&old.snapshot, &old.tallies, &snapshot);
+        // What this worker learned of backends (latency, ejections)
+        // follows them by group name and label.
+        let groups = snapshot
+            .upstreams
+            .iter()
+            .map(
+                |g| match old.snapshot.upstreams.iter().position(|o| o.name == g.name) {
+                    Some(i) => {
+                        GroupView::carry(&old.snapshot.upstreams[i], &old.groups[i], g, self.id)
+                    }
+                    None => GroupView::new(g, self.id),
+                },
+            )
+            .collect();
+        let next = Rc::new(Current::new(epoch, snapshot, self.workers, tallies, groups));
+        *self.current.borrow_mut() = next.clone();
+        crate::debug!("worker {} now on config epoch {epoch}", self.id);
+        next
+    }
+}
+
+/// Header slots a pooled header array starts with: typical requests carry
+/// 10-20 fields, so growth is rare.
+const HEADER_VEC_CAPACITY: usize = 32;
+
+impl WorkerCtx {
+    /// This worker's statistics, for the control thread.
+    pub fn report(&self) -> Report {
+        let cur = self.current.borrow().clone();
+        self.stats.report(&stats::Context {
+            worker: self.id,
+            core: self.core,
+            driver: self.driver.name(),
+            epoch: cur.epoch,
+            snapshot: &cur.snapshot,
+            tallies: &cur.tallies,
+            rejections: &self.rejections,
+            connections_open: self.open_connections.get() as u64,
+            buffers_free: self.bufs.free_count() as u64,
+            upstream_idle: self.upstreams.idle_count() as u64,
+        })
+    }
+}
