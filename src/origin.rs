@@ -113,6 +113,9 @@ impl Origin {
             }
             match &mut conn.state {
                 State::Head => {
+                    if conn.req.headers.capacity() == 0 {
+                        conn.req.headers = ctx.header_vecs.get();
+                    }
                     let limits = &ctx.current().snapshot.listeners[conn.listener].limits;
                     let n = match head::parse_request(&conn.buf, limits, &mut conn.req) {
                         Ok(Status::Complete(n)) => n,
@@ -273,12 +276,15 @@ impl Origin {
             State::Respond { keep: true } if !io.draining => {
                 conn.state = State::Head;
                 if conn.buf.is_empty() {
-                    // Idle: no buffer held while waiting.
+                    // Idle: no buffer or header array held while waiting.
                     for v in [std::mem::take(&mut conn.buf), std::mem::take(&mut conn.out)] {
                         if v.capacity() > 0 {
                             ctx.bufs.put(v);
                         }
                     }
+                    ctx.header_vecs.put(std::mem::take(&mut conn.req.headers));
+                    // Rarely used (Connection listing other fields): freed.
+                    conn.req.connection_names = Vec::new();
                 } else {
                     self.progress(io, ctx, id);
                 }
@@ -334,6 +340,9 @@ impl Origin {
         }
         let conn = self.conns.remove(id);
         io.close(conn.fd);
+        if conn.req.headers.capacity() > 0 {
+            ctx.header_vecs.put(conn.req.headers);
+        }
         for v in [conn.buf, conn.out] {
             if v.capacity() > 0 {
                 ctx.bufs.put(v);
