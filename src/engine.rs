@@ -84,6 +84,10 @@ pub trait Service {
     fn open(&self) -> usize;
 }
 
+/// How long a listener whose accept failed (EMFILE, say) rests before it
+/// accepts again.
+const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
 /// How long a turn waits at most when no deadline is nearer, so a drain's
 /// own deadline and the listeners' cap are looked at now and then.
 const MAX_WAIT: Duration = Duration::from_millis(250);
@@ -126,7 +130,20 @@ pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn S
     let mut drain_deadline = None;
     let mut done = Vec::with_capacity(256);
     let mut due = Vec::new();
+    // Listeners whose accept failed, re-armed at the time given.
+    let mut paused: Vec<(Instant, usize)> = Vec::new();
     loop {
+        paused.retain(|&(at, i)| {
+            if at > io.now {
+                return true;
+            }
+            if let Some(Some((fd, _))) = listeners.get(i) {
+                let _ = io
+                    .driver
+                    .accept_multi(*fd, token(Kind::Accept as u8, i as u64));
+            }
+            false
+        });
         if io.draining && service.open() == 0 {
             break;
         }
@@ -160,43 +177,49 @@ pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn S
                         }
                         continue;
                     };
-                    if !c.more() && !io.draining {
-                        // Ended (an error, or the kernel gave up): re-arm.
-                        let _ = io.driver.accept_multi(fd, c.user_data);
-                    }
                     match c.io_result() {
                         Ok(conn) => accept(&mut io, ctx, service, conn as RawFd, idx),
-                        // EMFILE and friends: counted by the kernel's
-                        // backlog; the accept stays armed.
-                        Err(e) => crate::warn!("accept failed: {e}"),
+                        // EMFILE and friends: logged, and the accept
+                        // re-armed after a pause instead of spinning.
+                        Err(e) => {
+                            crate::warn!("accept failed: {e}");
+                            if !c.more() {
+                                paused.push((io.now + ACCEPT_PAUSE, i));
+                                continue;
+                            }
+                        }
+                    }
+                    if !c.more() && !io.draining {
+                        // The kernel ended the multishot accept: re-arm.
+                        let _ = io.driver.accept_multi(fd, c.user_data);
                     }
                 }
                 k if k == Kind::Control as u8 => {
-                    let bytes = match (c.buffer(), c.io_result()) {
-                        (Some(bid), Ok(n)) => {
-                            let msg = io.driver.buf(bid, n).to_vec();
-                            io.driver.recycle(bid);
-                            msg
-                        }
-                        _ => Vec::new(),
-                    };
                     if !c.more() {
                         control_open = false;
                     }
-                    // The control thread gone (EOF) drains too.
-                    if bytes.contains(&MSG_DRAIN) || (bytes.is_empty() && !c.more()) {
-                        if !io.draining {
-                            drain_deadline = Some(io.now + ctx.current().snapshot.drain_timeout);
-                            start_drain(&mut io, ctx, service, &mut listeners);
+                    let (drain, stats) = match (c.buffer(), c.result) {
+                        (Some(bid), n) => {
+                            let msg = io.driver.buf(bid, n as usize);
+                            let seen = (msg.contains(&MSG_DRAIN), msg.contains(&MSG_STATS));
+                            io.driver.recycle(bid);
+                            seen
                         }
-                    } else if bytes.contains(&MSG_STATS)
-                        && let Some(tx) = &spec.stats
-                    {
-                        // Unbounded: never blocks this worker.
+                        // Every worker buffer was in use: receive again.
+                        (None, r) if r == -libc::ENOBUFS => (false, false),
+                        // EOF or an error: the control thread is gone,
+                        // which drains too.
+                        _ => (true, false),
+                    };
+                    if drain && !io.draining {
+                        drain_deadline = Some(io.now + ctx.current().snapshot.drain_timeout);
+                        start_drain(&mut io, ctx, service, &mut listeners);
+                    } else if stats && let Some(tx) = &spec.stats {
+                        // Several requests read at once get one answer;
+                        // unbounded: never blocks this worker.
                         let _ = tx.send(ctx.report());
                     }
                     if !control_open && !io.draining {
-                        // ENOBUFS: the worker's buffers were all in use.
                         control_open = io
                             .driver
                             .recv_multi(control, token(Kind::Control as u8, 0))

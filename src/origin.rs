@@ -329,13 +329,19 @@ impl Origin {
     /// nothing of it.
     fn close(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
         let conn = &mut self.conns[id];
+        let first = !conn.closing;
         conn.closing = true;
-        if conn.recv_armed {
-            // Its final completion (ECANCELED) comes back here.
-            let _ = io.driver.cancel(conn.fd, token(RECV, id as u64));
-            return;
-        }
-        if conn.sending {
+        if conn.recv_armed || conn.sending {
+            if first {
+                // Their final completions come back here; a send to a
+                // client that stopped reading would otherwise never end.
+                if conn.recv_armed {
+                    let _ = io.driver.cancel(conn.fd, token(RECV, id as u64));
+                }
+                if conn.sending {
+                    let _ = io.driver.cancel(conn.fd, token(SEND, id as u64));
+                }
+            }
             return;
         }
         let conn = self.conns.remove(id);
