@@ -41,7 +41,6 @@ use coregate::http::head::{
 use coregate::net::buffer::BufPool;
 use coregate::ring::{Completion, Ring, RingConfig};
 use coregate::rules::HeaderPlan;
-use io_uring::{opcode, types};
 use slab::Slab;
 
 const MAX_UPSTREAM_HEAD: usize = 32 * 1024;
@@ -181,11 +180,8 @@ fn untoken(user_data: u64) -> (Op, usize) {
 /// completes.
 unsafe fn push_send(ring: &mut Ring, fd: RawFd, buf: &[u8], from: usize, ud: u64) {
     let rest = &buf[from..];
-    let sqe = opcode::Send::new(types::Fd(fd), rest.as_ptr(), rest.len() as u32)
-        .build()
-        .user_data(ud);
     // SAFETY: the caller keeps `buf` in place until the completion.
-    unsafe { ring.push(&sqe) }.expect("push send");
+    unsafe { ring.send(fd, rest.as_ptr(), rest.len(), ud) }.expect("push send");
 }
 
 /// A non-blocking TCP socket for an upstream connection.
@@ -201,11 +197,8 @@ fn upstream_socket() -> io::Result<RawFd> {
 /// # Safety
 /// `addr` stays in place until the connect completes.
 unsafe fn push_connect(ring: &mut Ring, fd: RawFd, addr: &socket2::SockAddr, ud: u64) {
-    let sqe = opcode::Connect::new(types::Fd(fd), addr.as_ptr().cast(), addr.len())
-        .build()
-        .user_data(ud);
     // SAFETY: the caller keeps `addr` in place until the completion.
-    unsafe { ring.push(&sqe) }.expect("push connect");
+    unsafe { ring.connect(fd, addr, ud) }.expect("push connect");
 }
 
 fn close_fd(fd: RawFd) {

@@ -29,7 +29,7 @@ use crate::stats::hub::MSG_STATS;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
-    /// A listener's accept; the low bits are its index in the spec.
+    /// A listener's accept; the low bits are its index in `Endpoints`.
     Accept = 1,
     /// The control socket's receive.
     Control = 2,
@@ -101,8 +101,8 @@ pub struct Endpoints {
     pub stats: Option<std::sync::mpsc::Sender<Report>>,
 }
 
-/// Serve `service` on `spec`'s listeners until the worker has drained.
-pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn Service) {
+/// Serve `service` on `endpoints`' listeners until the worker has drained.
+pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn Service) {
     let mut io = Io {
         driver,
         wheel: Wheel::new(Instant::now()),
@@ -110,7 +110,7 @@ pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn S
         draining: false,
     };
     let mut listeners: Vec<Option<(RawFd, usize)>> = Vec::new();
-    for (i, (socket, idx)) in spec.listeners.into_iter().enumerate() {
+    for (i, (socket, idx)) in endpoints.listeners.into_iter().enumerate() {
         let fd = socket.into_raw_fd();
         if let Err(e) = io
             .driver
@@ -121,8 +121,8 @@ pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn S
         }
         listeners.push(Some((fd, idx)));
     }
-    let _ = spec.control.set_nonblocking(true);
-    let control = spec.control.as_raw_fd();
+    let _ = endpoints.control.set_nonblocking(true);
+    let control = endpoints.control.as_raw_fd();
     let mut control_open = io
         .driver
         .recv_multi(control, token(Kind::Control as u8, 0))
@@ -156,10 +156,13 @@ pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn S
             );
             break;
         }
-        let wait = io
+        let mut wait = io
             .wheel
             .next_due(io.now)
             .map_or(MAX_WAIT, |d| d.min(MAX_WAIT));
+        if !paused.is_empty() {
+            wait = wait.min(ACCEPT_PAUSE);
+        }
         if let Err(e) = io.driver.turn(Some(wait), &mut done) {
             crate::error!("worker {}: event loop failed: {e}", ctx.id);
             std::process::exit(1);
@@ -214,7 +217,7 @@ pub fn run(spec: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut dyn S
                     if drain && !io.draining {
                         drain_deadline = Some(io.now + ctx.current().snapshot.drain_timeout);
                         start_drain(&mut io, ctx, service, &mut listeners);
-                    } else if stats && let Some(tx) = &spec.stats {
+                    } else if stats && let Some(tx) = &endpoints.stats {
                         // Several requests read at once get one answer;
                         // unbounded: never blocks this worker.
                         let _ = tx.send(ctx.report());
