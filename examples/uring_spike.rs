@@ -23,6 +23,10 @@
 //! cargo build --release --examples
 //! target/release/examples/uring_spike --mode sm --listen 127.0.0.1:8080 --upstream 127.0.0.1:9000
 //! ```
+//!
+//! `--setup defer|coop|plain` picks the ring setup to try first and
+//! `--no-register-fd` leaves the ring fd unregistered, to measure what the
+//! core's defaults buy.
 
 use std::cell::RefCell;
 use std::collections::VecDeque;
@@ -39,7 +43,7 @@ use coregate::http::head::{
     self, BodyFraming, HeadLimits, Method, RequestHead, ResponseHead, Status,
 };
 use coregate::net::buffer::BufPool;
-use coregate::ring::{Completion, Ring, RingConfig};
+use coregate::ring::{Completion, Ring, RingConfig, Setup};
 use coregate::rules::HeaderPlan;
 use slab::Slab;
 
@@ -56,7 +60,10 @@ fn main() {
     let (Some(mode), Some(listen), Some(upstream)) =
         (get("--mode"), get("--listen"), get("--upstream"))
     else {
-        eprintln!("usage: uring_spike --mode sm|task --listen ADDR --upstream ADDR");
+        eprintln!(
+            "usage: uring_spike --mode sm|task --listen ADDR --upstream ADDR \
+             [--setup defer|coop|plain] [--no-register-fd]"
+        );
         std::process::exit(2);
     };
     let upstream: SocketAddr = upstream.parse().expect("--upstream is host:port");
@@ -74,7 +81,26 @@ fn main() {
         })
         .expect("listen");
     stop_on_signals();
-    let ring = Ring::new(RingConfig::default()).expect("io_uring");
+    // `--setup defer|coop|plain` and `--no-register-fd` measure what the
+    // core's defaults buy.
+    let setup = match get("--setup").as_deref() {
+        None | Some("defer") => Setup::Deferred,
+        Some("coop") => Setup::Cooperative,
+        Some("plain") => Setup::Plain,
+        Some(other) => {
+            eprintln!("unknown --setup {other}: defer, coop or plain");
+            std::process::exit(2);
+        }
+    };
+    let config = RingConfig {
+        setup,
+        register_fd: !args.iter().any(|a| a == "--no-register-fd"),
+        ..RingConfig::default()
+    };
+    let ring = Ring::new(config).expect("io_uring");
+    if ring.setup() != setup {
+        eprintln!("uring_spike: the kernel refused {}", setup.name());
+    }
     let result = match mode.as_str() {
         "sm" => sm::run(ring, listener, upstream),
         "task" => task::run(ring, listener, upstream),

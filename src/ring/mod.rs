@@ -243,6 +243,8 @@ mod tests {
         entries: 64,
         buffers: 8,
         buffer_size: 64,
+        setup: Setup::Deferred,
+        register_fd: true,
     };
 
     /// Both backends where the kernel allows them.

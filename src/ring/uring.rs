@@ -56,6 +56,11 @@ pub struct RingConfig {
     pub buffers: u16,
     /// Bytes per provided buffer.
     pub buffer_size: u32,
+    /// The cheapest setup to try first (`Deferred` tries all three); a
+    /// cheaper one is only asked for to measure it against.
+    pub setup: Setup,
+    /// Register the ring fd, so an enter skips the fd table lookup.
+    pub register_fd: bool,
 }
 
 impl Default for RingConfig {
@@ -64,6 +69,8 @@ impl Default for RingConfig {
             entries: 4096,
             buffers: 512,
             buffer_size: 16 * 1024,
+            setup: Setup::Deferred,
+            register_fd: true,
         }
     }
 }
@@ -135,7 +142,11 @@ impl Ring {
             (Setup::Plain, |_| {}),
         ];
         let mut last = None;
-        for (setup, flags) in attempts {
+        let first = attempts
+            .iter()
+            .position(|(s, _)| *s == config.setup)
+            .expect("every setup is among the attempts");
+        for (setup, flags) in attempts.into_iter().skip(first) {
             let mut builder = IoUring::builder();
             // Multishot receives can post many completions per submission:
             // a larger completion queue keeps them from overflowing.
@@ -152,7 +163,9 @@ impl Ring {
                         unsubmitted: 0,
                         enters: 0,
                     };
-                    ring.registered = ring.register_ring_fd().ok();
+                    if config.register_fd {
+                        ring.registered = ring.register_ring_fd().ok();
+                    }
                     return Ok(ring);
                 }
                 Err(e) => last = Some(e),
@@ -434,6 +447,7 @@ mod tests {
             entries: 8,
             buffers: 2,
             buffer_size: 64,
+            ..RingConfig::default()
         })
         .expect("ring");
         let before = ring.enters();
