@@ -154,6 +154,20 @@ enum Plan {
     Probe { status: u16, body: &'static str },
 }
 
+/// What `Conn::decide` made of a parsed request.
+struct Decided<'c> {
+    plan: Plan,
+    decision: Decision<'c>,
+    /// Admission under the listener's policy, then the route's.
+    asks: [Option<(Rc<PolicyState>, Ask)>; 2],
+    bounds: BodyBounds,
+    /// Refused before admission was asked (an undecodable body coding).
+    refused: Option<Refusal>,
+    /// When the request started and what the access log will need, for a
+    /// logged request.
+    logged: Option<(Instant, access_log::Request)>,
+}
+
 /// `/healthz` (liveness: the worker answers) and `/readyz` (readiness of
 /// this worker under its listener's limits), when `path` is one of them.
 fn probe(
@@ -490,9 +504,11 @@ impl Conn {
         }
     }
 
-    /// Ask the rules what to do with the parsed request, and do it.
-    async fn handle(&mut self, deadline: monoio::time::Instant) -> Next {
-        let cur = self.cur.clone();
+    /// The request's plan, decided while its head is still in the buffer:
+    /// probes, rule evaluation, what admission will be asked, the body's
+    /// bounds, and the upstream head or the rule's fixed response written
+    /// into `out`. Nothing here waits.
+    fn decide<'c>(&mut self, cur: &'c Current, deadline: monoio::time::Instant) -> Decided<'c> {
         let mut decision = Decision::default();
         let mut logged = None;
         // Admission under the listener's policy, then the route's.
@@ -537,7 +553,7 @@ impl Conn {
                 client: self.client,
             };
             let listener = &cur.snapshot.listeners[self.listener_idx];
-            if let Some(probe) = probe(&cur, listener, path, self.ctx.idle.is_draining()) {
+            if let Some(probe) = probe(cur, listener, path, self.ctx.idle.is_draining()) {
                 break 'plan probe;
             }
             cur.rules
@@ -680,6 +696,27 @@ impl Conn {
                 }
             }
         };
+        Decided {
+            plan,
+            decision,
+            asks,
+            bounds,
+            refused,
+            logged,
+        }
+    }
+
+    /// Ask the rules what to do with the parsed request, and do it.
+    async fn handle(&mut self, deadline: monoio::time::Instant) -> Next {
+        let cur = self.cur.clone();
+        let Decided {
+            plan,
+            decision,
+            asks,
+            bounds,
+            mut refused,
+            logged,
+        } = self.decide(&cur, deadline);
         let head_len = self.req.len;
         self.received = head_len as u64;
         self.buf.consume(head_len);
