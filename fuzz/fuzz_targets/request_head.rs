@@ -3,7 +3,7 @@
 //! CR or LF.
 #![no_main]
 
-use coregate::http::head::{parse_request, BodyFraming, HeadLimits, RequestHead, Status};
+use coregate::http::head::{BodyFraming, HeadLimits, RequestHead, Status, parse_request};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
@@ -25,7 +25,11 @@ fuzz_target!(|data: &[u8]| {
         for h in &head.headers {
             let _ = (h.name.get(rest), h.value.get(rest));
         }
-        let _ = (head.target.get(rest), head.routing_path(rest), head.routing_host(rest));
+        let _ = (
+            head.target.get(rest),
+            head.routing_path(rest),
+            head.routing_host(rest),
+        );
         // Accepted framing is never ambiguous.
         if let BodyFraming::Length(len) = head.framing {
             assert!(len > 0);

@@ -1,7 +1,7 @@
 //! Any bytes into the upstream response parser: no panic, offsets in range.
 #![no_main]
 
-use coregate::http::head::{parse_response, Method, ResponseHead, Status};
+use coregate::http::head::{Method, ResponseHead, Status, parse_response};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
