@@ -324,7 +324,8 @@ fn decode_guard_refuses_a_gzip_bomb_and_forwards_honest_bodies_untouched() {
     assert_eq!(status, 400);
     let line = rejected_line(&mut proxy);
     assert!(line.contains("decoded_too_large=1"), "{line}");
-    assert!(line.contains("bad_encoding=2"), "{line}");
+    assert!(line.contains("unsupported_encoding=1"), "{line}");
+    assert!(line.contains("bad_encoding=1"), "{line}");
 }
 
 #[test]

@@ -125,10 +125,33 @@ impl Policy {
     }
 }
 
+/// Whose doing a refusal is: the client's request, the upstream side, or
+/// this worker's own limits.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Side {
+    Downstream,
+    Upstream,
+    Internal,
+}
+
+/// What becomes of the downstream connection after a refusal's answer.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum After {
+    /// Closed: the stream's state is unknown (a framing error, a timeout
+    /// mid-head or mid-body), or the connection was never served.
+    Close,
+    /// Kept alive when the request's body was read to its end (or it had
+    /// none) and the client asked for keep-alive; closed otherwise, since
+    /// the unread body would be taken for the next request.
+    KeepIfBodyRead,
+}
+
 macro_rules! reasons {
-    ($($variant:ident => $name:literal,)*) => {
+    ($($variant:ident => $name:literal, $status:literal, $side:ident, $after:ident;)*) => {
         /// Why a request or connection was refused: the `reason` label of
-        /// `rejected_total`.
+        /// `rejected_total`, and through [`Reason::status`],
+        /// [`Reason::side`] and [`Reason::after`] the one table every
+        /// refusal is answered by.
         #[derive(Clone, Copy, Debug, PartialEq, Eq)]
         pub enum Reason { $($variant,)* }
 
@@ -138,29 +161,46 @@ macro_rules! reasons {
             pub fn name(self) -> &'static str {
                 match self { $(Reason::$variant => $name,)* }
             }
+
+            /// The status a refusal for this reason is answered with.
+            pub fn status(self) -> u16 {
+                match self { $(Reason::$variant => $status,)* }
+            }
+
+            pub fn side(self) -> Side {
+                match self { $(Reason::$variant => Side::$side,)* }
+            }
+
+            pub fn after(self) -> After {
+                match self { $(Reason::$variant => After::$after,)* }
+            }
         }
     };
 }
 
+// The refusal table (docs/design.md, "Errors and status codes"):
+// reason => metric label, status, side, what becomes of the connection.
 reasons! {
-    BadRequest => "bad_request",
-    HeadTooLarge => "head_too_large",
-    UriTooLong => "uri_too_long",
-    HeaderTimeout => "header_timeout",
-    BodyTimeout => "body_timeout",
-    RequestTimeout => "request_timeout",
-    BodyTooLarge => "body_too_large",
-    DecodedTooLarge => "decoded_too_large",
-    BadEncoding => "bad_encoding",
-    RateLimited => "rate_limited",
-    Inflight => "inflight",
-    WritesShed => "writes_shed",
-    QueueFull => "queue_full",
-    QueueTimeout => "queue_timeout",
-    NoRoute => "no_route",
-    Dropped => "dropped",
-    NoBackend => "no_backend",
-    ConnectionLimit => "connection_limit",
+    BadRequest => "bad_request", 400, Downstream, Close;
+    HeadTooLarge => "head_too_large", 431, Downstream, Close;
+    UriTooLong => "uri_too_long", 414, Downstream, Close;
+    HeaderTimeout => "header_timeout", 408, Downstream, Close;
+    BodyTimeout => "body_timeout", 408, Downstream, Close;
+    RequestTimeout => "request_timeout", 408, Downstream, Close;
+    BodyTooLarge => "body_too_large", 413, Downstream, KeepIfBodyRead;
+    DecodedTooLarge => "decoded_too_large", 413, Downstream, KeepIfBodyRead;
+    BadEncoding => "bad_encoding", 400, Downstream, KeepIfBodyRead;
+    UnsupportedEncoding => "unsupported_encoding", 415, Downstream, KeepIfBodyRead;
+    RateLimited => "rate_limited", 429, Downstream, KeepIfBodyRead;
+    Inflight => "inflight", 503, Internal, KeepIfBodyRead;
+    WritesShed => "writes_shed", 503, Internal, KeepIfBodyRead;
+    QueueFull => "queue_full", 503, Internal, KeepIfBodyRead;
+    QueueTimeout => "queue_timeout", 503, Internal, KeepIfBodyRead;
+    NoRoute => "no_route", 404, Downstream, KeepIfBodyRead;
+    Dropped => "dropped", 403, Downstream, KeepIfBodyRead;
+    NoBackend => "no_backend", 503, Upstream, KeepIfBodyRead;
+    // Closed at accept, before a byte is read: the status is never sent.
+    ConnectionLimit => "connection_limit", 503, Internal, Close;
 }
 
 /// Per-worker `rejected_total{reason}`.
@@ -188,29 +228,31 @@ impl Rejections {
     }
 }
 
-/// A refusal: the status to answer, Retry-After when known, and why.
+/// A refusal: why, and Retry-After when known; the status and what becomes
+/// of the connection come from the reason's row in the table.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Refusal {
-    pub status: u16,
     pub retry_after: Option<u32>,
     pub reason: Reason,
 }
 
 impl Refusal {
-    pub fn new(status: u16, reason: Reason) -> Self {
+    pub fn of(reason: Reason) -> Self {
         Refusal {
-            status,
             retry_after: None,
             reason,
         }
     }
 
-    fn retry(status: u16, seconds: u32, reason: Reason) -> Self {
+    fn retry(reason: Reason, seconds: u32) -> Self {
         Refusal {
-            status,
             retry_after: Some(seconds),
             reason,
         }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.reason.status()
     }
 }
 
@@ -332,29 +374,29 @@ impl PolicyState {
         if let (Some(max), Some(len)) = (self.policy.max_body, ask.content_length)
             && len > max
         {
-            return Admit::Refuse(Refusal::new(413, Reason::BodyTooLarge));
+            return Admit::Refuse(Refusal::of(Reason::BodyTooLarge));
         }
         if let Some(buckets) = &self.buckets
             && let Err(seconds) = buckets.borrow_mut().take(ask.principal, Instant::now())
         {
-            return Admit::Refuse(Refusal::retry(429, seconds, Reason::RateLimited));
+            return Admit::Refuse(Refusal::retry(Reason::RateLimited, seconds));
         }
         let Some(gate) = &self.gate else {
             return Admit::Go(None);
         };
         if ask.write && gate.inflight() >= self.policy.write_limit {
-            return Admit::Refuse(Refusal::retry(503, 1, Reason::WritesShed));
+            return Admit::Refuse(Refusal::retry(Reason::WritesShed, 1));
         }
         if gate.try_take(ask.tenant) {
             return Admit::Go(Some(Slot(gate.clone())));
         }
         let Some(q) = &self.policy.queue else {
-            return Admit::Refuse(Refusal::retry(503, 1, Reason::Inflight));
+            return Admit::Refuse(Refusal::retry(Reason::Inflight, 1));
         };
         match gate.enqueue(ask.tenant, ask.weight, q.depth) {
             Ok(ticket) => Admit::Wait(ticket),
-            Err(Full::QueueFull) => Admit::Refuse(Refusal::retry(503, 1, Reason::QueueFull)),
-            Err(Full::Inflight) => Admit::Refuse(Refusal::retry(503, 1, Reason::Inflight)),
+            Err(Full::QueueFull) => Admit::Refuse(Refusal::retry(Reason::QueueFull, 1)),
+            Err(Full::Inflight) => Admit::Refuse(Refusal::retry(Reason::Inflight, 1)),
         }
     }
 
@@ -369,7 +411,7 @@ impl PolicyState {
         // A grant and the deadline can land in the same turn: a granted
         // slot is used rather than wasted.
         if timed_out && !ticket.is_granted() {
-            return Err(Refusal::retry(503, 1, Reason::QueueTimeout));
+            return Err(Refusal::retry(Reason::QueueTimeout, 1));
         }
         ticket.take();
         Ok(Slot(gate.clone()))
@@ -461,20 +503,34 @@ mod tests {
     }
 
     #[test]
+    fn the_refusal_table_has_one_label_and_an_error_status_per_reason() {
+        let mut labels: Vec<&str> = Reason::ALL.iter().map(|r| r.name()).collect();
+        labels.sort();
+        labels.dedup();
+        assert_eq!(labels.len(), Reason::ALL.len(), "labels are unique");
+        for r in Reason::ALL {
+            assert!((400..600).contains(&r.status()), "{r:?}");
+            // What fails mid-head or mid-body leaves the stream unknown.
+            if matches!(
+                r,
+                Reason::BadRequest | Reason::HeaderTimeout | Reason::BodyTimeout
+            ) {
+                assert_eq!(r.after(), After::Close, "{r:?}");
+            }
+        }
+    }
+
+    #[test]
     fn body_cap_goes_first() {
         let s = PolicyState::new(policy(1, 1, None), 1);
         let big = Ask {
             content_length: Some(101),
             ..ask(true)
         };
-        assert!(matches!(
-            s.admit(&big),
-            Admit::Refuse(Refusal {
-                status: 413,
-                reason: Reason::BodyTooLarge,
-                ..
-            })
-        ));
+        let Admit::Refuse(r) = s.admit(&big) else {
+            panic!("the body cap refuses first");
+        };
+        assert_eq!((r.status(), r.reason), (413, Reason::BodyTooLarge));
         let fits = Ask {
             content_length: Some(100),
             ..ask(false)
@@ -490,7 +546,7 @@ mod tests {
         assert!(matches!((&a, &b), (Admit::Go(Some(_)), Admit::Go(Some(_)))));
         assert_eq!(Readiness::of(&s, false), Readiness::NotReadyForWrites);
         match s.admit(&ask(true)) {
-            Admit::Refuse(r) => assert_eq!((r.status, r.reason), (503, Reason::WritesShed)),
+            Admit::Refuse(r) => assert_eq!((r.status(), r.reason), (503, Reason::WritesShed)),
             _ => panic!("a write at the write limit is shed"),
         }
         let c = s.admit(&ask(false));
@@ -498,7 +554,7 @@ mod tests {
         assert!(matches!((&c, &d), (Admit::Go(Some(_)), Admit::Go(Some(_)))));
         assert_eq!(Readiness::of(&s, false), Readiness::Overloaded);
         match s.admit(&ask(false)) {
-            Admit::Refuse(r) => assert_eq!((r.status, r.reason), (503, Reason::Inflight)),
+            Admit::Refuse(r) => assert_eq!((r.status(), r.reason), (503, Reason::Inflight)),
             _ => panic!("a read beyond the cap is refused"),
         }
         drop((a, b, c, d));
@@ -548,7 +604,7 @@ mod tests {
         ));
         let refused = s.wait(ticket).await.expect_err("nobody released");
         assert_eq!(
-            (refused.status, refused.reason),
+            (refused.status(), refused.reason),
             (503, Reason::QueueTimeout)
         );
         drop(held);

@@ -29,7 +29,9 @@ use monoio::net::TcpStream;
 use crate::access_log;
 use crate::admission;
 use crate::admission::decode::{self, Coding, DecodeError, DecodeLimits};
-use crate::admission::{Admit, Ask, DecodeGuard, PolicyState, Readiness, Reason, Refusal, Slot};
+use crate::admission::{
+    Admit, After, Ask, DecodeGuard, PolicyState, Readiness, Reason, Refusal, Slot,
+};
 use crate::balance::{self, GroupView, HashKey, Outcome};
 use crate::config::UpstreamGroup;
 use crate::config::snapshot::strip_port;
@@ -133,8 +135,8 @@ impl UpstreamFailure {
 enum Plan {
     /// Close without answering (a `drop = "close"` rule).
     Close,
-    /// Answer with a canned response (404 without a route, 403 to drop).
-    Reject(u16),
+    /// Refuse with a canned response (no route, or a drop rule).
+    Refuse(Reason),
     /// A rule's own response: `fields` then the body.
     Fixed {
         status: u16,
@@ -358,6 +360,10 @@ impl Conn {
         let deadline = monoio::time::Instant::now() + listener!(self).request_timeout;
         let next = match self.read_head(deadline).await {
             Ok(()) => self.handle(deadline).await,
+            // A head that failed says nothing of a body: closed (the
+            // table's rows for head errors close anyway).
+            // A head that failed says nothing of a body: closed (the
+            // table's rows for head errors close anyway).
             Err(Some(refusal)) => self.refuse(refusal, false).await,
             Err(None) => Next::Close,
         };
@@ -416,9 +422,9 @@ impl Conn {
     async fn read_head(&mut self, deadline: monoio::time::Instant) -> Result<(), Option<Refusal>> {
         let header_deadline = monoio::time::Instant::now() + listener!(self).header_timeout;
         let late = if deadline < header_deadline {
-            Refusal::new(408, Reason::RequestTimeout)
+            Refusal::of(Reason::RequestTimeout)
         } else {
-            Refusal::new(408, Reason::HeaderTimeout)
+            Refusal::of(Reason::HeaderTimeout)
         };
         let deadline = deadline.min(header_deadline);
         loop {
@@ -433,11 +439,11 @@ impl Conn {
                         431 => Reason::HeadTooLarge,
                         _ => Reason::BadRequest,
                     };
-                    return Err(Some(Refusal::new(e.status(), reason)));
+                    return Err(Some(Refusal::of(reason)));
                 }
             }
             if self.buf.is_full() {
-                return Err(Some(Refusal::new(431, Reason::HeadTooLarge)));
+                return Err(Some(Refusal::of(Reason::HeadTooLarge)));
             }
             let had_bytes = !self.buf.is_empty();
             match monoio::time::timeout_at(deadline, self.buf.read_from(&mut self.stream)).await {
@@ -457,10 +463,16 @@ impl Conn {
         self.canned(status, keep_alive, None).await
     }
 
-    /// Refuse a request admission turned away, and count why.
-    async fn refuse(&mut self, r: Refusal, keep_alive: bool) -> Next {
+    /// Refuse a request, count why, and keep the connection or close it
+    /// as the reason's row in the refusal table says (`body_read`: the
+    /// request's body, if any, was read to its end).
+    async fn refuse(&mut self, r: Refusal, body_read: bool) -> Next {
         self.ctx.rejections.count(r.reason);
-        self.canned(r.status, keep_alive, r.retry_after).await
+        let keep = match r.reason.after() {
+            After::Close => false,
+            After::KeepIfBodyRead => body_read && self.req.keep_alive,
+        };
+        self.canned(r.status(), keep, r.retry_after).await
     }
 
     async fn canned(&mut self, status: u16, keep_alive: bool, retry_after: Option<u32>) -> Next {
@@ -591,7 +603,7 @@ impl Conn {
                 match content_codings(&view) {
                     Ok(codings) if codings.is_empty() => {}
                     Ok(codings) => bounds.decode = Some((guard, codings)),
-                    Err(()) => refused = Some(Refusal::new(415, Reason::BadEncoding)),
+                    Err(()) => refused = Some(Refusal::of(Reason::UnsupportedEncoding)),
                 }
             }
             // Only a logged request reads the clock (latency is its field).
@@ -603,9 +615,9 @@ impl Conn {
             }
             let path_changed = path != raw_path;
             match decision.route.and_then(|r| r.action.as_ref()) {
-                None => Plan::Reject(404),
+                None => Plan::Refuse(Reason::NoRoute),
                 Some(Action::Drop { close: true }) => Plan::Close,
-                Some(Action::Drop { close: false }) => Plan::Reject(403),
+                Some(Action::Drop { close: false }) => Plan::Refuse(Reason::Dropped),
                 Some(Action::Respond {
                     status,
                     headers,
@@ -720,8 +732,10 @@ impl Conn {
         let head_len = self.req.len;
         self.received = head_len as u64;
         self.buf.consume(head_len);
-        // Without reading the body we cannot find the next request.
-        let keep_if_bodyless = self.req.keep_alive && self.req.framing == BodyFraming::None;
+        // Without reading the body we cannot find the next request: an
+        // answer before it keeps the connection only when there is none.
+        let bodyless = self.req.framing == BodyFraming::None;
+        let keep_if_bodyless = self.req.keep_alive && bodyless;
         let mut upstream = None;
         // Work a route does passes admission; probes, 404s and drops cost
         // less than the checks would. The slots are held to the end of
@@ -739,20 +753,13 @@ impl Conn {
             }
         }
         let next = match (refused, plan) {
-            (Some(r), _) => self.refuse(r, keep_if_bodyless).await,
+            (Some(r), _) => self.refuse(r, bodyless).await,
             (None, Plan::Close) => {
                 self.ctx.rejections.count(Reason::Dropped);
                 self.status = 0;
                 Next::Close
             }
-            (None, Plan::Reject(status)) => {
-                self.ctx.rejections.count(if status == 404 {
-                    Reason::NoRoute
-                } else {
-                    Reason::Dropped
-                });
-                self.reject(status, keep_if_bodyless).await
-            }
+            (None, Plan::Refuse(reason)) => self.refuse(Refusal::of(reason), bodyless).await,
             (None, Plan::Probe { status, body }) => {
                 let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
                 let with_body = self.req.method != Method::Head;
@@ -790,10 +797,7 @@ impl Conn {
                 );
                 self.send_out(status, keep).await
             }
-            (None, Plan::NoBackend) => {
-                self.refuse(Refusal::new(503, Reason::NoBackend), keep_if_bodyless)
-                    .await
-            }
+            (None, Plan::NoBackend) => self.refuse(Refusal::of(Reason::NoBackend), bodyless).await,
             (
                 None,
                 Plan::Proxy {
@@ -1178,17 +1182,17 @@ impl Conn {
     /// and answered when there is someone to answer.
     fn body_failure(&self, e: RelayError) -> Fail {
         crate::debug!("request body from {}: {e}", self.client);
-        let (status, reason) = match e {
-            RelayError::SrcTimeout => (408, Reason::BodyTimeout),
-            RelayError::SrcDeadline => (408, Reason::RequestTimeout),
-            RelayError::TooLarge(_) => (413, Reason::BodyTooLarge),
-            RelayError::Framing(_) => (400, Reason::BadRequest),
+        let reason = match e {
+            RelayError::SrcTimeout => Reason::BodyTimeout,
+            RelayError::SrcDeadline => Reason::RequestTimeout,
+            RelayError::TooLarge(_) => Reason::BodyTooLarge,
+            RelayError::Framing(_) => Reason::BadRequest,
             // The client went away mid-body: nobody to answer.
             _ => return Fail::Close,
         };
         self.ctx.rejections.count(reason);
         Fail::Respond {
-            status,
+            status: reason.status(),
             body_consumed: false,
         }
     }
@@ -1283,13 +1287,13 @@ impl Conn {
             Ok(_) => Ok(()),
             Err(e) => {
                 crate::debug!("request body from {}: {e}", self.client);
-                let (status, reason) = match e {
-                    DecodeError::TooLarge { .. } => (413, Reason::DecodedTooLarge),
-                    DecodeError::Corrupt(_) => (400, Reason::BadEncoding),
+                let reason = match e {
+                    DecodeError::TooLarge { .. } => Reason::DecodedTooLarge,
+                    DecodeError::Corrupt(_) => Reason::BadEncoding,
                 };
                 self.ctx.rejections.count(reason);
                 Err(Fail::Respond {
-                    status,
+                    status: reason.status(),
                     body_consumed: false,
                 })
             }
