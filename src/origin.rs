@@ -51,6 +51,10 @@ impl OriginBody {
 /// A connection idle (or silent mid-request) this long is closed.
 const IDLE: Duration = Duration::from_secs(60);
 
+/// Received bytes a connection may hold unparsed before its receive is
+/// paused (four pooled buffers' worth).
+const MAX_BUFFERED: usize = 4 * crate::net::buffer::BUF_SIZE;
+
 /// The origin's operations, as token kinds.
 const RECV: u8 = Kind::Service as u8;
 const SEND: u8 = Kind::Service as u8 + 1;
@@ -85,6 +89,8 @@ struct Conn {
     sending: bool,
     recv_armed: bool,
     closing: bool,
+    /// Receiving is stopped until the backlog in `buf` is worked off.
+    paused: bool,
     /// Current deadline, and the tick the wheel holds this id under.
     deadline: u64,
     filed: u64,
@@ -244,6 +250,13 @@ impl Origin {
     }
 
     fn sent(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        self.send_done(io, ctx, id, c);
+        if self.conns.contains(id) {
+            self.resume(io, id);
+        }
+    }
+
+    fn send_done(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
         let conn = &mut self.conns[id];
         conn.sending = false;
         let Ok(n) = c.io_result() else {
@@ -316,13 +329,45 @@ impl Origin {
                     .is_ok();
                 return;
             }
+            // The receive this connection paused (below) has ended.
+            (None, Err(e))
+                if e.raw_os_error() == Some(libc::ECANCELED) && conn.paused && !conn.closing =>
+            {
+                return self.resume(io, id);
+            }
             // EOF, an error, or our own cancellation.
             _ => return self.close(io, ctx, id),
         }
-        if self.conns[id].closing {
+        let conn = &mut self.conns[id];
+        if conn.closing {
             return self.close(io, ctx, id);
         }
+        if conn.buf.len() > MAX_BUFFERED && conn.recv_armed && !conn.paused {
+            // A client that sends faster than it reads answers (a flood of
+            // pipelined requests): a multishot receive has no flow control
+            // of its own, so stop receiving until the backlog is worked
+            // off, and let TCP push back on the client.
+            conn.paused = true;
+            let _ = io.driver.cancel(conn.fd, token(RECV, id as u64));
+        }
         self.progress(io, ctx, id);
+    }
+
+    /// Receive again on a paused connection once its backlog is down to
+    /// half the cap and its receive has ended.
+    fn resume(&mut self, io: &mut Io, id: usize) {
+        let conn = &mut self.conns[id];
+        if !conn.paused || conn.recv_armed || conn.closing || conn.buf.len() > MAX_BUFFERED / 2 {
+            return;
+        }
+        conn.paused = false;
+        conn.recv_armed = io
+            .driver
+            .recv_multi(conn.fd, token(RECV, id as u64))
+            .is_ok();
+        if !conn.recv_armed {
+            conn.closing = true;
+        }
     }
 
     /// Close `id`: stop its receive, and free it once the kernel holds
@@ -378,6 +423,7 @@ impl Service for Origin {
             sending: false,
             recv_armed: true,
             closing: false,
+            paused: false,
             deadline,
             filed: deadline,
         });

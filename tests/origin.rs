@@ -133,3 +133,68 @@ fn sigterm_closes_idle_keep_alive_connections_and_exits() {
         assert_eq!(s.read(&mut byte).unwrap_or(0), 0, "closed, nothing sent");
     }
 }
+
+/// More than the origin holds unparsed before it pauses its receive
+/// (`origin::MAX_BUFFERED`, 320 KiB).
+const MAX_HELD: usize = 320 * 1024;
+
+#[test]
+fn a_flood_of_pipelined_requests_is_answered_whole_while_the_client_reads_late() {
+    let origin = coregate_origin(6);
+    let stream = TcpStream::connect(&origin.addr).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut writer = stream.try_clone().unwrap();
+    // About 2 MiB of requests, several times what a connection may hold
+    // unparsed: its receive pauses and resumes as the answers drain.
+    const N: usize = 70_000;
+    let written = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let progress = written.clone();
+    let sender = std::thread::spawn(move || {
+        let request = b"GET / HTTP/1.1\r\nHost: a\r\n\r\n";
+        let mut batch = Vec::new();
+        for _ in 0..1000 {
+            batch.extend_from_slice(request);
+        }
+        for _ in 0..N / 1000 {
+            writer.write_all(&batch).unwrap();
+            progress.fetch_add(batch.len(), std::sync::atomic::Ordering::Relaxed);
+        }
+    });
+    // Read only once the client has sent a good part (or could send no
+    // more: the origin stopped reading and TCP pushed back), so the
+    // answers pile up unread.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let mut last = 0;
+    while written.load(std::sync::atomic::Ordering::Relaxed) < 1 << 20
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(Duration::from_millis(10));
+        let now = written.load(std::sync::atomic::Ordering::Relaxed);
+        if now == last && now > MAX_HELD {
+            break;
+        }
+        last = now;
+    }
+    let mut reader = stream;
+    let mut seen = 0;
+    let mut tail = Vec::new();
+    let mut chunk = vec![0u8; 1 << 16];
+    let status = b"HTTP/1.1 200 OK";
+    while seen < N {
+        let n = reader.read(&mut chunk).expect("answers keep coming");
+        assert!(n > 0, "closed after {seen} answers");
+        tail.extend_from_slice(&chunk[..n]);
+        let mut last = 0;
+        let mut i = 0;
+        while let Some(p) = tail[i..].windows(status.len()).position(|w| w == status) {
+            seen += 1;
+            i += p + status.len();
+            last = i;
+        }
+        tail.drain(..last);
+    }
+    sender.join().unwrap();
+    assert_eq!(seen, N);
+}
