@@ -73,12 +73,13 @@ enum State {
     Respond { keep: bool },
 }
 
-struct Conn {
-    fd: RawFd,
-    listener: usize,
+/// What a connection holds only while it has a request under way: taken
+/// from the origin's free list when bytes arrive on an idle connection,
+/// given back (with its header array) when it goes idle again.
+struct Exchange {
     state: State,
     req: RequestHead,
-    /// Received and not yet used; no capacity while idle.
+    /// Received and not yet used.
     buf: Vec<u8>,
     /// Bytes to send first (a head, `100 Continue`, an error answer)...
     out: Vec<u8>,
@@ -86,6 +87,27 @@ struct Conn {
     tail: Option<Bytes>,
     /// Bytes of the piece in flight already sent.
     sent: usize,
+}
+
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            state: State::Head,
+            req: RequestHead::default(),
+            buf: Vec::new(),
+            out: Vec::new(),
+            tail: None,
+            sent: 0,
+        }
+    }
+}
+
+/// One connection's record. An idle keep-alive connection is this and
+/// nothing more (40 bytes): its receive is armed, and it holds no buffer,
+/// no header array and no request state.
+struct Conn {
+    fd: RawFd,
+    listener: u32,
     sending: bool,
     recv_armed: bool,
     closing: bool,
@@ -94,12 +116,21 @@ struct Conn {
     /// Current deadline, and the tick the wheel holds this id under.
     deadline: u64,
     filed: u64,
+    /// The request under way; `None` while idle. Never given back while
+    /// a send from it is in flight.
+    ex: Option<Box<Exchange>>,
 }
 
 /// The built-in origin as an engine service.
 pub struct Origin {
     body: OriginBody,
     conns: Slab<Conn>,
+    /// Exchanges of connections gone idle, reused (no allocation per
+    /// request once the worker has seen its peak concurrency). Boxed on
+    /// purpose: an exchange moves between this list and a connection as
+    /// one pointer, never copied and never reallocated.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<Exchange>>,
 }
 
 impl Origin {
@@ -107,6 +138,7 @@ impl Origin {
         Origin {
             body,
             conns: Slab::new(),
+            spare: Vec::new(),
         }
     }
 
@@ -117,32 +149,36 @@ impl Origin {
             if conn.closing || conn.sending {
                 return;
             }
-            match &mut conn.state {
+            let listener = conn.listener as usize;
+            let Some(ex) = conn.ex.as_deref_mut() else {
+                return;
+            };
+            match &mut ex.state {
                 State::Head => {
-                    if conn.req.headers.capacity() == 0 {
-                        conn.req.headers = ctx.header_vecs.get();
+                    if ex.req.headers.capacity() == 0 {
+                        ex.req.headers = ctx.header_vecs.get();
                     }
-                    let limits = &ctx.current().snapshot.listeners[conn.listener].limits;
-                    let n = match head::parse_request(&conn.buf, limits, &mut conn.req) {
+                    let limits = &ctx.current().snapshot.listeners[listener].limits;
+                    let n = match head::parse_request(&ex.buf, limits, &mut ex.req) {
                         Ok(Status::Complete(n)) => n,
                         Ok(Status::Partial) => return,
                         Err(e) => {
                             write_canned(
-                                &mut conn.out,
+                                &mut ex.out,
                                 e.status(),
                                 false,
                                 Version::Http11,
                                 true,
                                 None,
                             );
-                            conn.state = State::Respond { keep: false };
+                            ex.state = State::Respond { keep: false };
                             return self.send(io, id);
                         }
                     };
-                    conn.buf.drain(..n);
-                    let keep = conn.req.keep_alive && !io.draining;
-                    let method = conn.req.method;
-                    let body_in = match conn.req.framing {
+                    ex.buf.drain(..n);
+                    let keep = ex.req.keep_alive && !io.draining;
+                    let method = ex.req.method;
+                    let body_in = match ex.req.framing {
                         BodyFraming::Length(n) => BodyIn::Length(n),
                         BodyFraming::Chunked => BodyIn::Chunked,
                         _ => {
@@ -150,16 +186,16 @@ impl Origin {
                             continue;
                         }
                     };
-                    conn.state = State::Body {
+                    ex.state = State::Body {
                         framer: Framer::new(body_in, BodyOut::Verbatim, u64::MAX),
                         keep,
                         method,
                     };
-                    if conn.req.expect_continue
-                        && conn.req.version == Version::Http11
-                        && conn.buf.is_empty()
+                    if ex.req.expect_continue
+                        && ex.req.version == Version::Http11
+                        && ex.buf.is_empty()
                     {
-                        conn.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                        ex.out.extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
                         return self.send(io, id);
                     }
                 }
@@ -170,11 +206,11 @@ impl Origin {
                 } => {
                     let (keep, method) = (*keep, *method);
                     let mut discard = Vec::new();
-                    let step = match framer.step(&conn.buf, &mut discard) {
+                    let step = match framer.step(&ex.buf, &mut discard) {
                         Ok(step) => step,
                         Err(_) => return self.close(io, ctx, id),
                     };
-                    conn.buf.drain(..step.consumed);
+                    ex.buf.drain(..step.consumed);
                     if !step.done {
                         return;
                     }
@@ -196,16 +232,19 @@ impl Origin {
         keep: bool,
         method: Method,
     ) {
-        let conn = &mut self.conns[id];
-        conn.state = State::Respond { keep };
-        if conn.out.capacity() == 0 {
-            conn.out = ctx.bufs.get();
+        let ex = self.conns[id]
+            .ex
+            .as_deref_mut()
+            .expect("a request under way has its exchange");
+        ex.state = State::Respond { keep };
+        if ex.out.capacity() == 0 {
+            ex.out = ctx.bufs.get();
         }
         match (received, keep, method) {
             // The common case: one prepared send, no formatting.
-            (None, true, m) if m != Method::Head => conn.tail = Some(self.body.full.clone()),
+            (None, true, m) if m != Method::Head => ex.tail = Some(self.body.full.clone()),
             _ => {
-                let out = &mut conn.out;
+                let out = &mut ex.out;
                 out.extend_from_slice(b"HTTP/1.1 200 OK\r\nServer: coregate-origin\r\nContent-Type: text/plain\r\nContent-Length: ");
                 write_decimal(out, self.body.body.len() as u64);
                 if let Some(n) = received {
@@ -217,7 +256,7 @@ impl Origin {
                 }
                 out.extend_from_slice(b"\r\n\r\n");
                 if method != Method::Head {
-                    conn.tail = Some(self.body.body.clone());
+                    ex.tail = Some(self.body.body.clone());
                 }
             }
         }
@@ -227,21 +266,22 @@ impl Origin {
     /// Send the next piece waiting: `out`, then `tail`.
     fn send(&mut self, io: &mut Io, id: usize) {
         let conn = &mut self.conns[id];
-        let piece: &[u8] = if !conn.out.is_empty() {
-            &conn.out
-        } else if let Some(t) = &conn.tail {
+        let Some(ex) = conn.ex.as_deref() else { return };
+        let piece: &[u8] = if !ex.out.is_empty() {
+            &ex.out
+        } else if let Some(t) = &ex.tail {
             t
         } else {
             return;
         };
         conn.sending = true;
-        // SAFETY: `out` is not touched and `tail` not dropped while
-        // `sending` is set; both live in the slab entry's heap storage (a
-        // slab that grows moves the `Conn`, not the bytes), and the entry
-        // is removed only once no send is in flight (`free`).
+        // SAFETY: the bytes live in the exchange's heap storage (`out`'s
+        // buffer or `tail`'s), which stays put when the slab or the box
+        // moves; `out` is not touched, `tail` not dropped and the exchange
+        // not given back while `sending` is set (`go_idle`, `close`).
         let r = unsafe {
             io.driver
-                .send(conn.fd, &piece[conn.sent..], token(SEND, id as u64))
+                .send(conn.fd, &piece[ex.sent..], token(SEND, id as u64))
         };
         if r.is_err() {
             conn.sending = false;
@@ -259,45 +299,39 @@ impl Origin {
     fn send_done(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
         let conn = &mut self.conns[id];
         conn.sending = false;
-        let Ok(n) = c.io_result() else {
-            return self.close(io, ctx, id);
+        let n = match c.io_result() {
+            Ok(n) if n > 0 && !conn.closing => n,
+            _ => return self.close(io, ctx, id),
         };
-        if n == 0 || conn.closing {
-            return self.close(io, ctx, id);
-        }
-        conn.sent += n;
-        let len = if !conn.out.is_empty() {
-            conn.out.len()
+        let ex = conn
+            .ex
+            .as_deref_mut()
+            .expect("a send comes from an exchange");
+        ex.sent += n;
+        let len = if !ex.out.is_empty() {
+            ex.out.len()
         } else {
-            conn.tail.as_ref().map_or(0, Bytes::len)
+            ex.tail.as_ref().map_or(0, Bytes::len)
         };
-        if conn.sent < len {
+        if ex.sent < len {
             return self.send(io, id);
         }
-        conn.sent = 0;
-        if !conn.out.is_empty() {
-            conn.out.clear();
-            if conn.tail.is_some() {
+        ex.sent = 0;
+        if !ex.out.is_empty() {
+            ex.out.clear();
+            if ex.tail.is_some() {
                 return self.send(io, id);
             }
         } else {
-            conn.tail = None;
+            ex.tail = None;
         }
-        match conn.state {
+        match ex.state {
             // A `100 Continue` went out: on with the body.
             State::Body { .. } => self.progress(io, ctx, id),
             State::Respond { keep: true } if !io.draining => {
-                conn.state = State::Head;
-                if conn.buf.is_empty() {
-                    // Idle: no buffer or header array held while waiting.
-                    for v in [std::mem::take(&mut conn.buf), std::mem::take(&mut conn.out)] {
-                        if v.capacity() > 0 {
-                            ctx.bufs.put(v);
-                        }
-                    }
-                    ctx.header_vecs.put(std::mem::take(&mut conn.req.headers));
-                    // Rarely used (Connection listing other fields): freed.
-                    conn.req.connection_names = Vec::new();
+                ex.state = State::Head;
+                if ex.buf.is_empty() {
+                    self.go_idle(ctx, id);
                 } else {
                     self.progress(io, ctx, id);
                 }
@@ -306,17 +340,31 @@ impl Origin {
         }
     }
 
-    fn received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+    /// The connection waits for its next request: its exchange goes back
+    /// to the free list, its buffers to the worker's pool.
+    fn go_idle(&mut self, ctx: &WorkerCtx, id: usize) {
         let conn = &mut self.conns[id];
+        debug_assert!(!conn.sending, "a send still uses the exchange");
+        if let Some(ex) = conn.ex.take() {
+            self.spare.push(recycle(ex, ctx));
+        }
+    }
+
+    fn received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        let Origin { conns, spare, .. } = self;
+        let conn = &mut conns[id];
         if !c.more() {
             conn.recv_armed = false;
         }
         match (c.buffer(), c.io_result()) {
             (Some(bid), Ok(n)) => {
-                if conn.buf.capacity() == 0 {
-                    conn.buf = ctx.bufs.get();
+                let ex = conn
+                    .ex
+                    .get_or_insert_with(|| spare.pop().unwrap_or_default());
+                if ex.buf.capacity() == 0 {
+                    ex.buf = ctx.bufs.get();
                 }
-                conn.buf.extend_from_slice(io.driver.buf(bid, n));
+                ex.buf.extend_from_slice(io.driver.buf(bid, n));
                 io.driver.recycle(bid);
                 // Pushed back: the wheel is not touched (`ring::wheel`).
                 conn.deadline = io.wheel.tick_of(io.now + IDLE);
@@ -338,11 +386,11 @@ impl Origin {
             // EOF, an error, or our own cancellation.
             _ => return self.close(io, ctx, id),
         }
-        let conn = &mut self.conns[id];
         if conn.closing {
             return self.close(io, ctx, id);
         }
-        if conn.buf.len() > MAX_BUFFERED && conn.recv_armed && !conn.paused {
+        let backlog = conn.ex.as_ref().map_or(0, |ex| ex.buf.len());
+        if backlog > MAX_BUFFERED && conn.recv_armed && !conn.paused {
             // A client that sends faster than it reads answers (a flood of
             // pipelined requests): a multishot receive has no flow control
             // of its own, so stop receiving until the backlog is worked
@@ -357,7 +405,8 @@ impl Origin {
     /// half the cap and its receive has ended.
     fn resume(&mut self, io: &mut Io, id: usize) {
         let conn = &mut self.conns[id];
-        if !conn.paused || conn.recv_armed || conn.closing || conn.buf.len() > MAX_BUFFERED / 2 {
+        let backlog = conn.ex.as_ref().map_or(0, |ex| ex.buf.len());
+        if !conn.paused || conn.recv_armed || conn.closing || backlog > MAX_BUFFERED / 2 {
             return;
         }
         conn.paused = false;
@@ -370,16 +419,15 @@ impl Origin {
         }
     }
 
-    /// Close `id`: stop its receive, and free it once the kernel holds
-    /// nothing of it.
+    /// Close `id`: stop its receive (and a send to a client that stopped
+    /// reading), and free it once the kernel holds nothing of it.
     fn close(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
         let conn = &mut self.conns[id];
         let first = !conn.closing;
         conn.closing = true;
         if conn.recv_armed || conn.sending {
             if first {
-                // Their final completions come back here; a send to a
-                // client that stopped reading would otherwise never end.
+                // Their final completions come back here.
                 if conn.recv_armed {
                     let _ = io.driver.cancel(conn.fd, token(RECV, id as u64));
                 }
@@ -391,21 +439,32 @@ impl Origin {
         }
         let conn = self.conns.remove(id);
         io.close(conn.fd);
-        if conn.req.headers.capacity() > 0 {
-            ctx.header_vecs.put(conn.req.headers);
-        }
-        for v in [conn.buf, conn.out] {
-            if v.capacity() > 0 {
-                ctx.bufs.put(v);
-            }
+        if let Some(ex) = conn.ex {
+            self.spare.push(recycle(ex, ctx));
         }
         for open in [
             &ctx.open_connections,
-            &ctx.listener_connections[conn.listener],
+            &ctx.listener_connections[conn.listener as usize],
         ] {
             open.set(open.get() - 1);
         }
     }
+}
+
+/// An exchange made ready for its next request: buffers back to the
+/// worker's pool, its header array kept for reuse.
+fn recycle(mut ex: Box<Exchange>, ctx: &WorkerCtx) -> Box<Exchange> {
+    for v in [std::mem::take(&mut ex.buf), std::mem::take(&mut ex.out)] {
+        if v.capacity() > 0 {
+            ctx.bufs.put(v);
+        }
+    }
+    ex.tail = None;
+    ex.sent = 0;
+    ex.state = State::Head;
+    // Rarely used (Connection listing other fields): freed.
+    ex.req.connection_names = Vec::new();
+    ex
 }
 
 impl Service for Origin {
@@ -413,19 +472,14 @@ impl Service for Origin {
         let deadline = io.wheel.tick_of(io.now + IDLE);
         let id = self.conns.insert(Conn {
             fd,
-            listener,
-            state: State::Head,
-            req: RequestHead::default(),
-            buf: Vec::new(),
-            out: Vec::new(),
-            tail: None,
-            sent: 0,
+            listener: listener as u32,
             sending: false,
             recv_armed: true,
             closing: false,
             paused: false,
             deadline,
             filed: deadline,
+            ex: None,
         });
         for open in [&ctx.open_connections, &ctx.listener_connections[listener]] {
             open.set(open.get() + 1);
@@ -479,7 +533,7 @@ impl Service for Origin {
         let idle: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| matches!(c.state, State::Head) && c.buf.is_empty() && !c.sending)
+            .filter(|(_, c)| c.ex.is_none() && !c.sending)
             .map(|(id, _)| id)
             .collect();
         for id in idle {
