@@ -77,6 +77,8 @@ pub struct WorkerCtx {
     /// Header offset arrays for request and response heads in flight.
     pub header_vecs: VecPool<HeaderSpan>,
     pub upstreams: UpstreamPool,
+    /// Idle pooled upstream connections of the native proxy.
+    pub upstream_idle: Cell<usize>,
     /// Deadlines of idle connections and the drain signal (see `idle`).
     pub idle: IdleSet,
     pub open_connections: Cell<usize>,
@@ -103,6 +105,7 @@ impl WorkerCtx {
             core: None,
             workers,
             upstreams: UpstreamPool::new(&snapshot),
+            upstream_idle: Cell::new(0),
             access_log: AccessLog::new(snapshot.access_log.as_deref()),
             // Listen addresses cannot change on reload (`admin`), so
             // neither does their number.
@@ -184,7 +187,7 @@ impl WorkerCtx {
             rejections: &self.rejections,
             connections_open: self.open_connections.get() as u64,
             buffers_free: self.bufs.free_count() as u64,
-            upstream_idle: self.upstreams.idle_count() as u64,
+            upstream_idle: (self.upstreams.idle_count() + self.upstream_idle.get()) as u64,
         })
     }
 }

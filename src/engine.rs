@@ -80,6 +80,9 @@ pub trait Service {
     fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64);
     /// The worker drains: close what is idle, finish what is in flight.
     fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx);
+    /// Housekeeping, every [`HOUSEKEEPING`] (idle pooled connections
+    /// past their timeout, say).
+    fn tick(&mut self, _io: &mut Io, _ctx: &WorkerCtx) {}
     /// Connections still open.
     fn open(&self) -> usize;
 }
@@ -87,6 +90,10 @@ pub trait Service {
 /// How long a listener whose accept failed (EMFILE, say) rests before it
 /// accepts again.
 const ACCEPT_PAUSE: Duration = Duration::from_millis(50);
+
+/// How often the service's housekeeping runs and buffered access log
+/// lines are written out.
+pub const HOUSEKEEPING: Duration = Duration::from_millis(250);
 
 /// How long a turn waits at most when no deadline is nearer, so a drain's
 /// own deadline and the listeners' cap are looked at now and then.
@@ -128,6 +135,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         .recv_multi(control, token(Kind::Control as u8, 0))
         .is_ok();
     let mut drain_deadline = None;
+    let mut housekeeping = io.now + HOUSEKEEPING;
     let mut done = Vec::with_capacity(256);
     let mut due = Vec::new();
     // Listeners whose accept failed, re-armed at the time given.
@@ -248,6 +256,11 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
             if let Visit::Later(t) = service.deadline(&mut io, ctx, id, tick) {
                 io.wheel.insert(id, t);
             }
+        }
+        if io.now >= housekeeping {
+            housekeeping = io.now + HOUSEKEEPING;
+            ctx.access_log.flush();
+            service.tick(&mut io, ctx);
         }
     }
     if control_open {

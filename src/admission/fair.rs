@@ -272,6 +272,16 @@ impl Ticket {
         self.taken = true;
     }
 
+    /// Without waiting: true once a slot was granted; until then `waker`
+    /// is woken when one is (a completion-driven caller's way to wait).
+    pub fn poll_granted(&self, waker: &Waker) -> bool {
+        if self.is_granted() {
+            return true;
+        }
+        self.waiter.waker.set(Some(waker.clone()));
+        false
+    }
+
     /// Whether the slot was granted (checked after a timeout: a grant and
     /// the deadline can fire in the same turn).
     pub fn is_granted(&self) -> bool {

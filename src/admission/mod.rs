@@ -400,6 +400,24 @@ impl PolicyState {
         }
     }
 
+    /// The slot a granted `ticket` holds.
+    pub fn claim(&self, ticket: Ticket) -> Slot {
+        let gate = self
+            .gate
+            .as_ref()
+            .expect("only a policy with a gate hands out tickets");
+        ticket.take();
+        Slot(gate.clone())
+    }
+
+    /// How long a request may wait in this policy's queue.
+    pub fn queue_timeout(&self) -> Duration {
+        self.policy
+            .queue
+            .as_ref()
+            .map_or(Duration::ZERO, |q| q.timeout)
+    }
+
     /// Wait in the queue for a slot, up to the queue timeout.
     pub async fn wait(&self, mut ticket: Ticket) -> Result<Slot, Refusal> {
         let (Some(gate), Some(q)) = (&self.gate, &self.policy.queue) else {

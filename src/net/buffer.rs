@@ -125,6 +125,18 @@ impl Buf {
         }
     }
 
+    /// Append `bytes` behind the unread ones, moving those to the front
+    /// first when the end has no room (and growing only when that is
+    /// not enough).
+    pub fn push(&mut self, bytes: &[u8]) {
+        if self.v.capacity() - self.v.len() < bytes.len() && self.pos > 0 {
+            self.v.copy_within(self.pos.., 0);
+            self.v.truncate(self.v.len() - self.pos);
+            self.pos = 0;
+        }
+        self.v.extend_from_slice(bytes);
+    }
+
     /// Drop every unread byte.
     pub fn clear(&mut self) {
         self.v.clear();

@@ -1,50 +1,68 @@
-//! The per-connection state machine: read a request head, route it, pick a
-//! backend, forward head and body, stream the response back, repeat while
-//! the connection stays alive.
+//! The proxy on the native I/O core (`engine`, `ring`): an explicit state
+//! machine per downstream connection, driven by completions.
 //!
-//! Owns: the life of a request (docs/design.md), mapping every failure to its
-//! status code, keep-alive decisions on both sides, 100-continue, and
-//! retrying a request that met a dead pooled connection. Does not own:
-//! parsing (`http`), sockets (`net`) or the body copy loop (`relay`).
+//! Owns: the life of a request (docs/design.md), in the order the phases
+//! run: read the head ([`Proxy::read_head`]), decide (probes and rules,
+//! `decide`), admit ([`Proxy::admit`]), pick a backend ([`Proxy::pick`]),
+//! the exchange with it ([`Proxy::connect`], [`Proxy::pump_body`],
+//! [`Proxy::pump_response`]) or our own answer ([`Proxy::respond`]), and
+//! the request's end ([`Proxy::end_request`]): what becomes of both
+//! connections, in one place. Also retries, 100-continue, lingering
+//! close, and every timeout, as deadlines in the exchange (`timers`).
+//! Does not own: parsing (`http`), the body's framing (`relay::Framer`),
+//! rules, admission's checks or balancing.
 //!
-//! Each request takes the worker's current configuration (`WorkerCtx::
-//! current`, one epoch check) and keeps it to its end, so a reload never
-//! shows one request a mix of two configs. `Conn::handle` asks the rules
-//! for a decision and performs its action.
+//! Shapes:
+//! - A downstream connection is a [`Down`] record: socket, listener,
+//!   client address, a deadline and a receive armed. Idle, that is all it
+//!   is; when bytes arrive it takes an [`Exchange`] from the free list
+//!   (buffers, heads, timers, the request's state) and gives it back when
+//!   it goes idle again.
+//! - An upstream connection is an [`Up`] record. Idle in the pool it keeps
+//!   its receive armed, so a backend that closes it or sends bytes nobody
+//!   asked for is noticed at once and the connection is dropped, without
+//!   a syscall on reuse.
+//! - Request body and response move at the same time (full duplex): each
+//!   side's bytes are forwarded when they arrive, each side's receive
+//!   pauses when the other side is not taking them.
 //!
-//! Admission (`crate::admission`) runs in `handle` once the rules have
-//! decided; backend choice (`crate::balance`) is the worker's `GroupView`
-//! for the route's group; statistics are recorded in `Conn::request` (every
-//! response) and `Conn::proxy` (upstream latency, backend counts).
+//! Each request takes the worker's current configuration (one epoch
+//! check) and keeps it to its end, so a reload never shows one request a
+//! mix of two configs.
 
+pub mod decide;
+pub mod pool;
 pub mod relay;
+pub mod timers;
 
-use std::net::{IpAddr, SocketAddr};
+use std::cell::RefCell;
+use std::net::IpAddr;
+use std::os::fd::{BorrowedFd, IntoRawFd, RawFd};
 use std::rc::Rc;
+use std::task::{RawWaker, RawWakerVTable, Waker};
 use std::time::{Duration, Instant};
 
-use monoio::io::{AsyncReadRent, AsyncWriteRent, AsyncWriteRentExt};
-use monoio::net::TcpStream;
+use slab::Slab;
+use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
-use crate::access_log;
-use crate::admission;
 use crate::admission::decode::{self, Coding, DecodeError, DecodeLimits};
-use crate::admission::{
-    Admit, After, Ask, DecodeGuard, PolicyState, Readiness, Reason, Refusal, Slot,
-};
-use crate::balance::{self, GroupView, HashKey, Outcome};
-use crate::config::UpstreamGroup;
-use crate::config::snapshot::strip_port;
+use crate::admission::fair::Ticket;
+use crate::admission::{Admit, After, Ask, DecodeGuard, PolicyState, Reason, Refusal, Slot};
+use crate::balance::Outcome;
+use crate::config::BackendAddr;
 use crate::context::{Current, WorkerCtx};
+use crate::engine::{Io, Kind, Service, token, untoken};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::encode::{self, Forwarded, OutFraming};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, ResponseHead, Status, Version};
-use crate::net::buffer::{BUF_SIZE, Buf, flush};
-use crate::net::upstream::{self, ConnectError, UpStream};
-use crate::rules::matcher::{needs_normalizing, normalize_path};
-use crate::rules::{Action, Decision, HeaderPlan, RequestView, Rewrite};
+use crate::net::buffer::{BUF_SIZE, Buf};
+use crate::ring::Completion;
+use crate::ring::wheel::Visit;
+use crate::rules::HeaderPlan;
 use crate::stats::Stamp;
-use relay::{BodyIn, BodyOut, Bounds, RelayError, relay};
+use decide::{Decided, Edits, Inputs, Logged, Plan};
+use relay::{BodyIn, BodyOut, Framer, RelayError};
+use timers::{Timer, Timers};
 
 /// Largest upstream response head accepted (nginx's proxy_buffer_size is
 /// 4-8 KiB; backends with large cookies need more).
@@ -56,56 +74,88 @@ const MAX_UPSTREAM_HEAD_BYTES: usize = 32 * 1024;
 const LINGER_TIME: Duration = Duration::from_secs(2);
 const LINGER_BYTES: usize = 256 * 1024;
 
-/// Serve one downstream connection until it closes.
-pub async fn serve(ctx: Rc<WorkerCtx>, stream: TcpStream, peer: SocketAddr, listener_idx: usize) {
-    let mut conn = Conn {
-        cur: ctx.current(),
-        listener_idx,
-        client: peer.ip().to_canonical(),
-        stream,
-        buf: Buf::default(),
-        out: Vec::new(),
-        req: RequestHead::default(),
-        res: ResponseHead::default(),
-        ctx,
-        status: 0,
-        sent: 0,
-        received: 0,
-    };
-    conn.run().await;
-    conn.release_buffers();
-}
+/// Bytes one side may have received and not yet handed on before its
+/// receive pauses (a multishot receive has no flow control of its own).
+/// One more provided buffer (16 KiB) still fits a pooled buffer behind it.
+const MAX_BUFFERED: usize = 64 * 1024;
 
-/// The connection's listener settings, from the configuration its current
-/// request runs on.
-macro_rules! listener {
-    ($conn:expr) => {
-        $conn.cur.snapshot.listeners[$conn.listener_idx]
-    };
-}
+/// The proxy's operations, as token kinds.
+const DOWN_RECV: u8 = Kind::Service as u8;
+const DOWN_SEND: u8 = Kind::Service as u8 + 1;
+const UP_RECV: u8 = Kind::Service as u8 + 2;
+const UP_SEND: u8 = Kind::Service as u8 + 3;
+const UP_CONNECT: u8 = Kind::Service as u8 + 4;
 
-struct Conn {
-    ctx: Rc<WorkerCtx>,
-    /// The configuration the current (or last) request runs on.
-    cur: Rc<Current>,
-    listener_idx: usize,
+/// A tick no deadline reaches.
+const NEVER: u64 = u64::MAX;
+
+/// A downstream connection. Idle, this record and a receive armed are all
+/// it holds.
+struct Down {
+    fd: RawFd,
+    listener: u16,
+    recv_armed: bool,
+    sending: bool,
+    closing: bool,
+    /// Its receive was cancelled to push back on the client.
+    paused: bool,
+    /// The client closed its side: no more bytes will come.
+    eof: bool,
     client: IpAddr,
-    stream: TcpStream,
-    /// Downstream read buffer; empty (no capacity) while idle.
-    buf: Buf,
-    /// Scratch for heads and small bodies on their way out.
+    /// While idle: when the connection closes (header or keep-alive
+    /// timeout). With an exchange, its timers say.
+    idle_until: u64,
+    /// The tick of the connection's live wheel entry; `NEVER`: none.
+    filed: u64,
+    ex: Option<Box<Exchange>>,
+}
+
+/// An upstream connection: in use by one exchange, or idle in the pool.
+#[derive(Default)]
+struct Up {
+    fd: RawFd,
+    /// The downstream connection whose request this carries; `None` while
+    /// pooled (any byte or EOF then ends it).
+    down: Option<usize>,
+    recv_armed: bool,
+    sending: bool,
+    connecting: bool,
+    closing: bool,
+    paused: bool,
+    eof: bool,
+    /// Taken from the pool (a silent close may have raced our request).
+    reused: bool,
+    /// A send to it failed: it takes no more of the request.
+    stopped: bool,
+    /// Bytes to the backend: the request head (kept until the response
+    /// head arrives when the request has no body, so it can be sent
+    /// again), then body pieces. `sent` of them are out.
     out: Vec<u8>,
-    req: RequestHead,
-    res: ResponseHead,
-    /// Status, bytes sent and bytes received (head and body) for the
-    /// request in progress (access log, statistics).
-    status: u16,
-    sent: u64,
-    received: u64,
+    sent: usize,
+    /// Bytes from the backend not yet handed on.
+    buf: Buf,
+    /// Where it connects to, alive until the connect completes.
+    addr: Option<Box<SockAddr>>,
+}
+
+/// Where a request is.
+enum Phase {
+    /// Reading a request head (or idle between requests).
+    Head,
+    /// Waiting in the admission queue of `asks[at]`.
+    Queued { ticket: Ticket, at: usize },
+    /// The decode guard reads the whole body before anything is sent.
+    Guard,
+    /// With an upstream: request body and response on their way.
+    Forward,
+    /// Our own answer is in `out`.
+    Respond,
+    /// Answered and closing: discarding what the client still sends.
+    Linger,
 }
 
 /// How a request ended for the downstream connection.
-#[derive(Clone, Copy, PartialEq, Eq)]
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Next {
     KeepAlive,
     Close,
@@ -113,7 +163,8 @@ enum Next {
     LingerClose,
 }
 
-/// Why the upstream exchange failed before a response head was sent.
+/// Why the upstream exchange failed before a response head came.
+#[derive(Clone, Copy, Debug)]
 enum UpstreamFailure {
     /// 502: connect refused or reset, invalid or truncated response head.
     BadGateway,
@@ -122,7 +173,7 @@ enum UpstreamFailure {
 }
 
 impl UpstreamFailure {
-    fn status(&self) -> u16 {
+    fn status(self) -> u16 {
         match self {
             UpstreamFailure::BadGateway => 502,
             UpstreamFailure::Timeout => 504,
@@ -130,136 +181,178 @@ impl UpstreamFailure {
     }
 }
 
-/// What `handle` decided to do once the request's bytes are no longer
-/// borrowed.
-enum Plan {
-    /// Close without answering (a `drop = "close"` rule).
-    Close,
-    /// Refuse with a canned response (no route, or a drop rule).
-    Refuse(Reason),
-    /// A rule's own response: `fields` then the body.
-    Fixed {
-        status: u16,
-        fields: HeaderPlan,
-        body: Vec<u8>,
-    },
-    /// Forward upstream; the request head for it is in `out`. `key`: the
-    /// request's hash for `balance = "hash"` (a retry picks with it too).
-    Proxy {
-        group: usize,
-        backend: usize,
-        key: u64,
-    },
-    /// Every backend of the group is ejected and it does not fail open.
-    NoBackend,
-    /// The worker's own liveness or readiness answer.
-    Probe { status: u16, body: &'static str },
+/// How an exchange with a backend failed.
+#[derive(Clone, Copy, Debug)]
+enum UpFail {
+    /// Nothing of the request reached the backend: no connection.
+    Unsent(UpstreamFailure),
+    /// The connection closed before a byte of an answer: a pooled
+    /// connection the backend had already given up on.
+    ClosedEarly,
+    Failed(UpstreamFailure),
 }
 
-/// What `Conn::decide` made of a parsed request.
-struct Decided<'c> {
-    plan: Plan,
-    decision: Decision<'c>,
-    /// Admission under the listener's policy, then the route's.
+/// The decode guard's progress through a chunked body.
+#[derive(Default)]
+struct GuardScan {
+    decoder: ChunkedDecoder,
+    scanned: usize,
+    plain: Vec<u8>,
+}
+
+/// What a request in flight needs; taken from the free list when bytes
+/// arrive on an idle connection and given back when it goes idle.
+struct Exchange {
+    phase: Phase,
+    /// The configuration this request runs on.
+    cur: Option<Rc<Current>>,
+    /// Received from the client, not yet parsed or forwarded.
+    buf: Buf,
+    /// Bytes to the client; `out_sent` of them are out.
+    out: Vec<u8>,
+    out_sent: usize,
+    req: RequestHead,
+    res: ResponseHead,
+    timers: Timers,
+    edits: Edits,
+    /// The upstream request head, written at `pick`, until a connection
+    /// takes it.
+    fwd: Vec<u8>,
+    /// A request has started (its first byte came): counted at its end.
+    active: bool,
+    /// Its head parsed: `req` describes it.
+    parsed: bool,
+    /// Bytes of the head still at the front of `buf` (a forwarded
+    /// request's, until `pick` writes the upstream head from them).
+    head_pending: usize,
+    started: Stamp,
+    status: u16,
+    received: u64,
+    sent: u64,
+    /// Whether the client connection may serve another request after this
+    /// one, as far as the request goes.
+    keep: bool,
+    /// The answer is whole in `out`: what follows once it is sent.
+    next: Option<Next>,
+    plan: Option<Plan>,
     asks: [Option<(Rc<PolicyState>, Ask)>; 2],
-    bounds: BodyBounds,
-    /// Refused before admission was asked (an undecodable body coding).
-    refused: Option<Refusal>,
-    /// When the request started and what the access log will need, for a
-    /// logged request.
-    logged: Option<(Instant, access_log::Request)>,
+    slots: [Option<Slot>; 2],
+    max_len: u64,
+    decode: Option<(DecodeGuard, Vec<Coding>)>,
+    scan: Option<Box<GuardScan>>,
+    logged: Option<Logged>,
+    // The upstream side.
+    group: usize,
+    backend: usize,
+    key: u64,
+    up: Option<usize>,
+    /// Counted in flight at `backend` (balancing).
+    inflight: bool,
+    /// A retry on another backend was used.
+    retried: bool,
+    /// A retry on a fresh connection to the same backend was used.
+    refreshed: bool,
+    /// Length of the upstream head at the start of the upstream's `out`.
+    up_head: usize,
+    up_started: Instant,
+    /// The request body on its way upstream; `None`: no body.
+    body_in: Option<Framer>,
+    body_done: bool,
+    /// The response head went to the client.
+    head_in: bool,
+    body_out: Option<Framer>,
+    /// The backend last asked, for the access log.
+    used: Option<(usize, usize)>,
+    lingered: usize,
 }
 
-/// `/healthz` (liveness: the worker answers) and `/readyz` (readiness of
-/// this worker under its listener's limits), when `path` is one of them.
-fn probe(
-    cur: &Current,
-    listener: &crate::config::Listener,
-    path: &[u8],
-    draining: bool,
-) -> Option<Plan> {
-    if listener.health_path.as_deref() == Some(path) {
-        return Some(Plan::Probe {
-            status: 200,
-            body: "ok\n",
-        });
-    }
-    if listener.ready_path.as_deref() == Some(path) {
-        let ready = Readiness::of(&cur.admission.states[listener.policy.id], draining);
-        return Some(Plan::Probe {
-            status: ready.status(),
-            body: ready.body(),
-        });
-    }
-    None
-}
-
-/// A request in flight to a backend, counted in the worker's view of its
-/// group until dropped.
-struct Inflight<'a>(&'a GroupView, usize);
-
-impl<'a> Inflight<'a> {
-    fn start(view: &'a GroupView, backend: usize) -> Self {
-        view.start(backend);
-        Inflight(view, backend)
-    }
-}
-
-impl Drop for Inflight<'_> {
-    fn drop(&mut self) {
-        self.0.finish(self.1);
-    }
-}
-
-/// The request's hash for consistent hashing.
-fn hash_key(key: &HashKey, view: &RequestView<'_>) -> u64 {
-    match key {
-        HashKey::Header(name) => match view.header(name) {
-            Some(v) => admission::key_hash(v),
-            None => admission::ip_hash(view.client),
-        },
-        HashKey::ClientIp => admission::ip_hash(view.client),
-        HashKey::Path => admission::key_hash(view.path),
-    }
-}
-
-/// Admission under each policy in turn; the slots taken, or why not. A
-/// slot taken under the listener is given back if the route refuses.
-async fn admit(asks: [Option<(Rc<PolicyState>, Ask)>; 2]) -> Result<[Option<Slot>; 2], Refusal> {
-    let mut slots = [None, None];
-    for (i, ask) in asks.into_iter().enumerate() {
-        let Some((state, ask)) = ask else { continue };
-        slots[i] = match state.admit(&ask) {
-            Admit::Go(slot) => slot,
-            Admit::Wait(ticket) => Some(state.wait(ticket).await?),
-            Admit::Refuse(r) => return Err(r),
-        };
-    }
-    Ok(slots)
-}
-
-/// The request's content codings, when the decode guard will check them:
-/// empty when there are none (or only `identity`); `Err` for a coding the
-/// guard cannot decode.
-fn content_codings(view: &RequestView<'_>) -> Result<Vec<Coding>, ()> {
-    let mut value = Vec::new();
-    for h in view.headers {
-        if h.name
-            .get(view.buf)
-            .eq_ignore_ascii_case(b"content-encoding")
-        {
-            if !value.is_empty() {
-                value.extend_from_slice(b", ");
-            }
-            value.extend_from_slice(h.value.get(view.buf));
+impl Default for Exchange {
+    fn default() -> Self {
+        Exchange {
+            phase: Phase::Head,
+            cur: None,
+            buf: Buf::default(),
+            out: Vec::new(),
+            out_sent: 0,
+            req: RequestHead::default(),
+            res: ResponseHead::default(),
+            timers: Timers::default(),
+            edits: Edits::default(),
+            fwd: Vec::new(),
+            active: false,
+            parsed: false,
+            head_pending: 0,
+            started: Stamp::now(),
+            status: 0,
+            received: 0,
+            sent: 0,
+            keep: false,
+            next: None,
+            plan: None,
+            asks: [None, None],
+            slots: [None, None],
+            max_len: u64::MAX,
+            decode: None,
+            scan: None,
+            logged: None,
+            group: 0,
+            backend: 0,
+            key: 0,
+            up: None,
+            inflight: false,
+            retried: false,
+            refreshed: false,
+            up_head: 0,
+            up_started: Instant::now(),
+            body_in: None,
+            body_done: false,
+            head_in: false,
+            body_out: None,
+            used: None,
+            lingered: 0,
         }
     }
-    let mut codings = Vec::new();
-    if !value.is_empty() {
-        decode::parse_codings(&value, &mut codings)?;
-        codings.retain(|c| *c != Coding::Identity);
+}
+
+impl Exchange {
+    fn cur(&self) -> &Rc<Current> {
+        self.cur
+            .as_ref()
+            .expect("a request under way has its config")
     }
-    Ok(codings)
+}
+
+thread_local! {
+    /// Connections whose admission ticket was granted, for the loop.
+    static WOKEN: RefCell<Vec<usize>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A waker that queues connection `id` in `WOKEN`.
+fn waker(id: usize) -> Waker {
+    const VTABLE: RawWakerVTable = RawWakerVTable::new(clone, wake, wake, drop);
+    fn clone(p: *const ()) -> RawWaker {
+        RawWaker::new(p, &VTABLE)
+    }
+    fn wake(p: *const ()) {
+        WOKEN.with(|w| w.borrow_mut().push(p as usize));
+    }
+    fn drop(_: *const ()) {}
+    // SAFETY: the data pointer is a connection id, never dereferenced;
+    // every function of the table is sound for any value of it.
+    unsafe { Waker::from_raw(RawWaker::new(id as *const (), &VTABLE)) }
+}
+
+/// The client's address, or the unspecified address when the socket has
+/// none (it is already gone).
+fn peer_ip(fd: RawFd) -> IpAddr {
+    // SAFETY: `fd` is an open socket this worker owns, borrowed only for
+    // this call.
+    let fd = unsafe { BorrowedFd::borrow_raw(fd) };
+    SockRef::from(&fd)
+        .peer_addr()
+        .ok()
+        .and_then(|a| a.as_socket())
+        .map_or(IpAddr::from([0, 0, 0, 0]), |a| a.ip().to_canonical())
 }
 
 /// Write `ip` as text into `buf` without allocating; the written part.
@@ -272,679 +365,1043 @@ fn write_ip(buf: &mut [u8; 48], ip: IpAddr) -> &[u8] {
     &buf[..n]
 }
 
-/// What `exchange` needs to know of the request once its head is consumed.
-#[derive(Clone, Copy)]
-struct RequestFacts {
-    method: Method,
-    version: Version,
-    framing: BodyFraming,
-    expect_continue: bool,
+/// A non-blocking socket for `addr`, and the address to connect it to.
+fn upstream_socket(addr: &BackendAddr) -> std::io::Result<(RawFd, SockAddr)> {
+    let (domain, to) = match addr {
+        BackendAddr::Tcp(a) => (Domain::for_address(*a), SockAddr::from(*a)),
+        BackendAddr::Unix(p) => (Domain::UNIX, SockAddr::unix(p)?),
+    };
+    let s = Socket::new(domain, Type::STREAM, None)?;
+    s.set_nonblocking(true)?;
+    if matches!(addr, BackendAddr::Tcp(_)) {
+        s.set_nodelay(true)?;
+    }
+    Ok((s.into_raw_fd(), to))
 }
 
-/// The limits a request's body is read under, from its listener and route.
-struct BodyBounds {
-    /// The request's total deadline (`request_timeout`), from its first byte.
-    deadline: monoio::time::Instant,
-    /// The body cap: the route's, or its listener's.
-    max_len: u64,
-    /// The route's decode guard, with the request's content codings.
-    decode: Option<(DecodeGuard, Vec<Coding>)>,
+/// Append `bytes` to `buf`, taking a pooled buffer when it has none.
+fn take_in(ctx: &WorkerCtx, buf: &mut Buf, bytes: &[u8]) {
+    if !buf.has_capacity() {
+        *buf = Buf::new(ctx.bufs.get());
+    }
+    buf.push(bytes);
 }
 
-/// Why a request ended without a response from the upstream.
-enum Fail {
-    /// No connection to the backend: nothing of the request reached it
-    /// (and nothing of its body was read), so it may go to another.
-    Unsent(UpstreamFailure),
-    /// Answer `status` ourselves; keep-alive only if the request body was
-    /// fully read.
-    Respond { status: u16, body_consumed: bool },
-    /// Close without answering (the client broke the exchange).
-    Close,
+/// The proxy service: every connection of one worker.
+#[derive(Default)]
+pub struct Proxy {
+    downs: Slab<Down>,
+    ups: Slab<Up>,
+    pool: pool::Pool,
+    /// Exchanges ready for reuse: one moves between this list and a
+    /// connection as one pointer, never copied and never reallocated.
+    #[allow(clippy::vec_box)]
+    spare: Vec<Box<Exchange>>,
+    /// Upstream connections to close (scratch).
+    closing: Vec<u32>,
 }
 
-/// Outcome of reading a response head.
-enum HeadResult {
-    Ok,
-    /// Closed before sending a byte: a pooled connection the backend had
-    /// already given up on. Safe to retry when nothing else was sent.
-    ClosedEarly,
-    Failed(UpstreamFailure),
-}
+impl Proxy {
+    pub fn new() -> Self {
+        Proxy::default()
+    }
 
-impl Conn {
-    async fn run(&mut self) {
-        // A new connection gets `header_timeout` to send its first byte
-        // (nginx's client_header_timeout); between requests it may idle
-        // for `keepalive_timeout`.
-        let mut idle_limit = listener!(self).header_timeout;
-        loop {
-            if self.buf.is_empty() {
-                // Idle: hold no buffer while waiting for the next request.
-                self.release_buffers();
-                if !self.wait_readable(idle_limit).await {
+    // ---- Downstream receive: bytes in, then whatever phase is next. ----
+
+    fn down_received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        let Proxy { downs, spare, .. } = self;
+        let d = &mut downs[id];
+        if !c.more() {
+            d.recv_armed = false;
+        }
+        match (c.buffer(), c.io_result()) {
+            (Some(bid), Ok(n)) => {
+                let ex = d.ex.get_or_insert_with(|| spare.pop().unwrap_or_default());
+                if matches!(ex.phase, Phase::Linger) {
+                    ex.lingered += n;
+                    io.driver.recycle(bid);
+                    if ex.lingered >= LINGER_BYTES {
+                        return self.close_down(io, ctx, id);
+                    }
                     return;
                 }
+                take_in(ctx, &mut ex.buf, io.driver.buf(bid, n));
+                io.driver.recycle(bid);
             }
-            idle_limit = listener!(self).keepalive_timeout;
-            // The request's state machine is large (3.3 KB) and an idle
-            // connection should not carry it: it lives in a box for the
-            // length of one request.
-            let next = Box::pin(self.request()).await;
-            match next {
-                Next::KeepAlive if !self.ctx.idle.is_draining() => {}
-                // Boxed: its timer would otherwise make every idle
-                // connection's future larger.
-                Next::LingerClose => return Box::pin(self.linger()).await,
-                _ => return,
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !d.closing => {
+                // Every worker buffer was in use: receive again.
+                d.recv_armed = io
+                    .driver
+                    .recv_multi(d.fd, token(DOWN_RECV, id as u64))
+                    .is_ok();
+                return;
             }
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) && d.paused => {
+                return self.resume_down(io, id);
+            }
+            (None, Ok(0)) if !d.closing => {
+                d.eof = true;
+                return self.after_client_eof(io, ctx, id);
+            }
+            // An error, or our own cancellation.
+            _ => return self.close_down(io, ctx, id),
         }
+        if d.closing {
+            return self.close_down(io, ctx, id);
+        }
+        let backlog = d.ex.as_ref().map_or(0, |ex| ex.buf.data().len());
+        let guarding =
+            d.ex.as_ref()
+                .is_some_and(|ex| matches!(ex.phase, Phase::Guard));
+        if backlog > MAX_BUFFERED && d.recv_armed && !d.paused && !guarding {
+            // The client sends faster than its bytes are handed on (a
+            // body to a slow backend, a flood of pipelined requests): stop
+            // receiving until the backlog halves, and let TCP push back.
+            d.paused = true;
+            let _ = io.driver.cancel(d.fd, token(DOWN_RECV, id as u64));
+        }
+        self.advance(io, ctx, id);
     }
 
-    /// Read one request and answer it.
-    async fn request(&mut self) -> Next {
-        let started = Stamp::now();
-        // The one epoch check per request.
-        self.cur = self.ctx.current();
-        self.status = 0;
-        self.sent = 0;
-        self.received = 0;
-        if !self.buf.has_capacity() {
-            self.buf = Buf::new(self.ctx.bufs.get());
+    /// Receive again on a paused connection once its backlog is down to
+    /// half the cap and its receive has ended.
+    fn resume_down(&mut self, io: &mut Io, id: usize) {
+        let d = &mut self.downs[id];
+        let backlog = d.ex.as_ref().map_or(0, |ex| ex.buf.data().len());
+        if !d.paused || d.recv_armed || d.closing || d.eof || backlog > MAX_BUFFERED / 2 {
+            return;
         }
-        for heads in [&mut self.req.headers, &mut self.res.headers] {
-            if heads.capacity() == 0 {
-                *heads = self.ctx.header_vecs.get();
-            }
-        }
-        let deadline = monoio::time::Instant::now() + listener!(self).request_timeout;
-        let next = match self.read_head(deadline).await {
-            Ok(()) => self.handle(deadline).await,
-            // A head that failed says nothing of a body: closed (the
-            // table's rows for head errors close anyway).
-            // A head that failed says nothing of a body: closed (the
-            // table's rows for head errors close anyway).
-            Err(Some(refusal)) => self.refuse(refusal, false).await,
-            Err(None) => Next::Close,
+        d.paused = false;
+        d.recv_armed = io
+            .driver
+            .recv_multi(d.fd, token(DOWN_RECV, id as u64))
+            .is_ok();
+    }
+
+    /// The client closed its side. A request already read whole is still
+    /// answered (a client may half-close after sending); anything that
+    /// needs more bytes from it ends here.
+    fn after_client_eof(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &self.downs[id];
+        let needs_bytes = match d.ex.as_deref() {
+            None => true,
+            Some(ex) => match ex.phase {
+                Phase::Head => !self.head_complete(ctx, id),
+                Phase::Guard | Phase::Linger => true,
+                Phase::Forward => !ex.body_done,
+                Phase::Queued { .. } | Phase::Respond => false,
+            },
         };
-        self.ctx
-            .stats
-            .response(self.status, started, self.received, self.sent);
-        next
+        if needs_bytes {
+            return self.close_down(io, ctx, id);
+        }
+        if let Some(ex) = self.downs[id].ex.as_deref_mut() {
+            ex.keep = false;
+        }
+        self.advance(io, ctx, id);
     }
 
-    fn release_buffers(&mut self) {
-        for heads in [&mut self.req.headers, &mut self.res.headers] {
-            if heads.capacity() > 0 {
-                self.ctx.header_vecs.put(std::mem::take(heads));
-            }
-        }
-        // Rarely used (Connection listing other fields): just freed.
-        self.req.connection_names = Vec::new();
-        self.res.connection_names = Vec::new();
-        let buf = std::mem::take(&mut self.buf).into_inner();
-        if buf.capacity() > 0 {
-            self.ctx.bufs.put(buf);
-        }
-        let out = std::mem::take(&mut self.out);
-        if out.capacity() > 0 {
-            self.ctx.bufs.put(out);
-        }
-    }
-
-    fn out_buf(&mut self) -> &mut Vec<u8> {
-        if self.out.capacity() == 0 {
-            self.out = self.ctx.bufs.get();
-        }
-        &mut self.out
-    }
-
-    /// Wait, holding no buffer, until the client sends something. False
-    /// when the connection should close: keep-alive timeout, drain, error.
-    ///
-    /// Measured with scripts/compare-nginx.sh (1 worker, 50 connections,
-    /// 128-byte responses): on epoll the strict (non-relaxed) readiness
-    /// check costs less than reading straight away (14.1 vs 15.8 us of
-    /// proxy CPU per request), because the read then never meets EAGAIN;
-    /// on io_uring the two are within noise.
-    async fn wait_readable(&mut self, timeout: Duration) -> bool {
-        let deadline = std::time::Instant::now() + timeout;
-        monoio::select! {
-            r = self.stream.readable(false) => r.is_ok(),
-            // Fires at the deadline or when the worker drains.
-            _ = self.ctx.idle.wait_until(deadline) => false,
-        }
-    }
-
-    /// Read until a whole head is parsed into `self.req`, within
-    /// `header_timeout` and the request's total `deadline`. `Err(Some(r))`:
-    /// answer and close; `Err(None)`: close silently.
-    async fn read_head(&mut self, deadline: monoio::time::Instant) -> Result<(), Option<Refusal>> {
-        let header_deadline = monoio::time::Instant::now() + listener!(self).header_timeout;
-        let late = if deadline < header_deadline {
-            Refusal::of(Reason::RequestTimeout)
-        } else {
-            Refusal::of(Reason::HeaderTimeout)
+    /// Whether the bytes at hand hold a whole request head.
+    fn head_complete(&self, ctx: &WorkerCtx, id: usize) -> bool {
+        let d = &self.downs[id];
+        let Some(ex) = d.ex.as_deref() else {
+            return false;
         };
-        let deadline = deadline.min(header_deadline);
-        loop {
-            let limits = &listener!(self).limits;
-            match head::parse_request(self.buf.data(), limits, &mut self.req) {
-                Ok(Status::Complete(_)) => return Ok(()),
-                Ok(Status::Partial) => {}
-                Err(e) => {
-                    crate::debug!("downstream {}: {e}", self.client);
-                    let reason = match e.status() {
-                        414 => Reason::UriTooLong,
-                        431 => Reason::HeadTooLarge,
-                        _ => Reason::BadRequest,
-                    };
-                    return Err(Some(Refusal::of(reason)));
-                }
+        let limits = &ctx.current().snapshot.listeners[d.listener as usize].limits;
+        let mut scratch = RequestHead::default();
+        matches!(
+            head::parse_request(ex.buf.data(), limits, &mut scratch),
+            Ok(Status::Complete(_))
+        )
+    }
+
+    /// Move the connection's request on as far as the bytes at hand allow.
+    fn advance(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &self.downs[id];
+        if d.closing {
+            return;
+        }
+        let Some(ex) = d.ex.as_deref() else { return };
+        match ex.phase {
+            Phase::Head => self.read_head(io, ctx, id),
+            Phase::Guard => self.guard(io, ctx, id),
+            Phase::Forward => self.pump_body(io, ctx, id),
+            Phase::Queued { .. } | Phase::Respond | Phase::Linger => {}
+        }
+    }
+
+    // ---- Phase 1: read the head. ----
+
+    /// Parse a request head from what the client sent; once whole, decide.
+    fn read_head(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        if d.sending {
+            // The previous answer is still going out.
+            return;
+        }
+        let listener = d.listener as usize;
+        let eof = d.eof;
+        let ex =
+            d.ex.as_deref_mut()
+                .expect("a head is read into an exchange");
+        if ex.buf.is_empty() {
+            if eof {
+                return self.close_down(io, ctx, id);
             }
-            if self.buf.is_full() {
-                return Err(Some(Refusal::of(Reason::HeadTooLarge)));
+            return;
+        }
+        if !ex.active {
+            self.start_request(io, ctx, id);
+        }
+        let d = &mut self.downs[id];
+        let ex = d.ex.as_deref_mut().expect("started");
+        let cur = ex.cur().clone();
+        let limits = &cur.snapshot.listeners[listener].limits;
+        match head::parse_request(ex.buf.data(), limits, &mut ex.req) {
+            Ok(Status::Complete(_)) => {
+                ex.timers.clear(Timer::Head);
+                self.decide(io, ctx, id)
             }
-            let had_bytes = !self.buf.is_empty();
-            match monoio::time::timeout_at(deadline, self.buf.read_from(&mut self.stream)).await {
-                Ok(Ok(n)) if n > 0 => {}
-                Ok(_) => return Err(None),
-                // A client that started a head and stalled gets 408; one
-                // that never sent a byte is just an idle connection.
-                Err(_) if had_bytes => return Err(Some(late)),
-                Err(_) => return Err(None),
+            Ok(Status::Partial) if eof => self.close_down(io, ctx, id),
+            // More bytes than any head may have, and still no end to it.
+            Ok(Status::Partial) if ex.buf.data().len() >= BUF_SIZE => {
+                self.refuse(io, ctx, id, Refusal::of(Reason::HeadTooLarge))
+            }
+            Ok(Status::Partial) => {}
+            Err(e) => {
+                crate::debug!("downstream {}: {e}", d.client);
+                let reason = match e.status() {
+                    414 => Reason::UriTooLong,
+                    431 => Reason::HeadTooLarge,
+                    _ => Reason::BadRequest,
+                };
+                self.refuse(io, ctx, id, Refusal::of(reason))
             }
         }
     }
 
-    /// Answer with a canned response. A closing answer lingers, so the
-    /// client reads it even if it is still sending.
-    async fn reject(&mut self, status: u16, keep_alive: bool) -> Next {
-        self.canned(status, keep_alive, None).await
-    }
-
-    /// Refuse a request, count why, and keep the connection or close it
-    /// as the reason's row in the refusal table says (`body_read`: the
-    /// request's body, if any, was read to its end).
-    async fn refuse(&mut self, r: Refusal, body_read: bool) -> Next {
-        self.ctx.rejections.count(r.reason);
-        let keep = match r.reason.after() {
-            After::Close => false,
-            After::KeepIfBodyRead => body_read && self.req.keep_alive,
-        };
-        self.canned(r.status(), keep, r.retry_after).await
-    }
-
-    async fn canned(&mut self, status: u16, keep_alive: bool, retry_after: Option<u32>) -> Next {
-        let keep_alive = keep_alive && !self.ctx.idle.is_draining();
-        let version = self.req.version;
-        // A HEAD answer carries no content (RFC 9110 9.3.2), or a kept-alive
-        // client would read it as the start of its next response.
-        let with_body = self.req.method != Method::Head;
-        let out = self.out_buf();
-        out.clear();
-        encode::write_canned(out, status, keep_alive, version, with_body, retry_after);
-        self.send_out(status, keep_alive).await
-    }
-
-    /// Send the response waiting in `out` (written by `reject` or a rule's
-    /// fixed response) and say how the connection goes on.
-    async fn send_out(&mut self, status: u16, keep_alive: bool) -> Next {
-        self.status = status;
-        self.sent = self.out.len() as u64;
-        let send = listener!(self).send_timeout;
-        match monoio::time::timeout(send, flush(&mut self.stream, &mut self.out)).await {
-            Ok(Ok(())) if keep_alive => Next::KeepAlive,
-            Ok(Ok(())) => Next::LingerClose,
-            _ => Next::Close,
+    /// The first byte of a request is here: take the configuration it
+    /// runs on (the one epoch check per request) and start its clocks.
+    fn start_request(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        let ex =
+            d.ex.as_deref_mut()
+                .expect("a request starts in an exchange");
+        let cur = ctx.current();
+        let listener = &cur.snapshot.listeners[d.listener as usize];
+        ex.timers.clear_all();
+        ex.timers.set(
+            Timer::Head,
+            io.wheel.tick_of(io.now + listener.header_timeout),
+        );
+        ex.timers.set(
+            Timer::Request,
+            io.wheel.tick_of(io.now + listener.request_timeout),
+        );
+        if ex.req.headers.capacity() == 0 {
+            ex.req.headers = ctx.header_vecs.get();
         }
-    }
-
-    async fn linger(&mut self) {
-        let _ = self.stream.shutdown().await;
-        let deadline = monoio::time::Instant::now() + LINGER_TIME;
-        let mut seen = 0;
-        let mut scratch = vec![0u8; 4096];
-        while seen < LINGER_BYTES {
-            match monoio::time::timeout_at(deadline, self.stream.read(scratch)).await {
-                Ok((Ok(n), b)) if n > 0 => {
-                    seen += n;
-                    scratch = b;
-                }
-                _ => return,
-            }
+        if ex.res.headers.capacity() == 0 {
+            ex.res.headers = ctx.header_vecs.get();
         }
-    }
-
-    /// The request's plan, decided while its head is still in the buffer:
-    /// probes, rule evaluation, what admission will be asked, the body's
-    /// bounds, and the upstream head or the rule's fixed response written
-    /// into `out`. Nothing here waits.
-    fn decide<'c>(&mut self, cur: &'c Current, deadline: monoio::time::Instant) -> Decided<'c> {
-        let mut decision = Decision::default();
-        let mut logged = None;
-        // Admission under the listener's policy, then the route's.
-        let mut asks: [Option<(Rc<PolicyState>, Ask)>; 2] = [None, None];
-        let mut refused = None;
-        let mut bounds = BodyBounds {
-            deadline,
-            max_len: u64::MAX,
-            decode: None,
-        };
-        // Everything that reads the request's bytes happens here, while
-        // the head is still in the buffer: evaluation, the upstream head
-        // or the rule's fixed response written into `out`, and what the
-        // access log will need.
-        let plan = 'plan: {
-            if self.out.capacity() == 0 {
-                self.out = self.ctx.bufs.get();
-            }
-            self.out.clear();
-            let data = self.buf.data();
-            let routing_path = self.req.routing_path(data);
-            let (raw_path, query) = match routing_path.iter().position(|&b| b == b'?') {
-                Some(i) => (&routing_path[..i], &routing_path[i + 1..]),
-                None => (routing_path, &b""[..]),
-            };
-            let mut normalized = Vec::new();
-            let path = if needs_normalizing(raw_path) {
-                normalize_path(raw_path, &mut normalized);
-                &normalized[..]
-            } else {
-                raw_path
-            };
-            let authority = self.req.routing_host(data);
-            let view = RequestView {
-                method: self.req.method_span.get(data),
-                host: authority.map(strip_port),
-                authority,
-                path,
-                query,
-                buf: data,
-                headers: &self.req.headers,
-                client: self.client,
-            };
-            let listener = &cur.snapshot.listeners[self.listener_idx];
-            if let Some(probe) = probe(cur, listener, path, self.ctx.idle.is_draining()) {
-                break 'plan probe;
-            }
-            cur.rules
-                .evaluate(&view, &mut self.ctx.scratch.borrow_mut(), &mut decision);
-            self.ctx.stats.rule_evaluation();
-            if let Some(r) = decision.route {
-                cur.tallies.route(r.index);
-            }
-            let route_policy = decision.route.and_then(|r| r.policy.as_deref());
-            let content_length = match self.req.framing {
-                BodyFraming::Length(n) => Some(n),
-                _ => None,
-            };
-            let write = self.req.method.is_write();
-            // A route's body cap replaces its listener's.
-            let route_cap = route_policy.and_then(|p| p.max_body);
-            let listener_state = &cur.admission.states[listener.policy.id];
-            let listener_length = if route_cap.is_some() {
-                None
-            } else {
-                content_length
-            };
-            asks[0] = Some((
-                listener_state.clone(),
-                listener_state.ask(&view, write, listener_length),
-            ));
-            if let Some(p) = route_policy {
-                let state = &cur.admission.states[p.id];
-                asks[1] = Some((state.clone(), state.ask(&view, write, content_length)));
-            }
-            bounds.max_len = route_cap.or(listener.policy.max_body).unwrap_or(u64::MAX);
-            if let Some(guard) = route_policy.and_then(|p| p.decode)
-                && self.req.framing != BodyFraming::None
-            {
-                match content_codings(&view) {
-                    Ok(codings) if codings.is_empty() => {}
-                    Ok(codings) => bounds.decode = Some((guard, codings)),
-                    Err(()) => refused = Some(Refusal::of(Reason::UnsupportedEncoding)),
-                }
-            }
-            // Only a logged request reads the clock (latency is its field).
-            if !decision.log.is_empty() {
-                logged = Some((
-                    Instant::now(),
-                    access_log::Request::capture(&view, &decision.log),
-                ));
-            }
-            let path_changed = path != raw_path;
-            match decision.route.and_then(|r| r.action.as_ref()) {
-                None => Plan::Refuse(Reason::NoRoute),
-                Some(Action::Drop { close: true }) => Plan::Close,
-                Some(Action::Drop { close: false }) => Plan::Refuse(Reason::Dropped),
-                Some(Action::Respond {
-                    status,
-                    headers,
-                    body,
-                }) => {
-                    let mut fields = HeaderPlan::default();
-                    for (name, value) in headers {
-                        fields.push(name, value, &view, decision.caps.as_ref());
-                    }
-                    let mut text = Vec::new();
-                    body.expand(&mut text, &view, decision.caps.as_ref());
-                    Plan::Fixed {
-                        status: *status,
-                        fields,
-                        body: text,
-                    }
-                }
-                Some(Action::Redirect { status, location }) => {
-                    let mut fields = HeaderPlan::default();
-                    fields.push(b"Location", location, &view, decision.caps.as_ref());
-                    Plan::Fixed {
-                        status: *status,
-                        fields,
-                        body: Vec::new(),
-                    }
-                }
-                Some(Action::Proxy { upstream, rewrite }) => 'proxy: {
-                    let group = *upstream;
-                    let balance = &cur.snapshot.upstreams[group].balance;
-                    let key = match &balance.method {
-                        balance::Method::Hash(k) => hash_key(k, &view),
-                        _ => 0,
-                    };
-                    let view_g = &cur.groups[group];
-                    view_g.request(balance);
-                    let Some(backend) =
-                        view_g.pick(&cur.snapshot.upstreams[group], key, Instant::now(), None)
-                    else {
-                        break 'proxy Plan::NoBackend;
-                    };
-                    // The target sent upstream: the normalised path, with
-                    // the route's rewrite, and the query as it came.
-                    let mut target = Vec::new();
-                    let rewritten = match rewrite {
-                        Rewrite::None if !path_changed => false,
-                        Rewrite::None => {
-                            target.extend_from_slice(path);
-                            true
-                        }
-                        Rewrite::StripPrefix(prefix) => {
-                            let rest = path.strip_prefix(&prefix[..]).unwrap_or(path);
-                            if rest.first() != Some(&b'/') {
-                                target.push(b'/');
-                            }
-                            target.extend_from_slice(rest);
-                            true
-                        }
-                        Rewrite::Path(t) => {
-                            t.expand(&mut target, &view, decision.caps.as_ref());
-                            true
-                        }
-                    };
-                    if rewritten && !query.is_empty() {
-                        target.push(b'?');
-                        target.extend_from_slice(query);
-                    }
-                    let mut ip = [0u8; 48];
-                    let fwd = Forwarded {
-                        client_ip: write_ip(&mut ip, self.client),
-                        proto: b"http",
-                        default_host: cur.snapshot.upstreams[group].backends[backend]
-                            .authority
-                            .as_bytes(),
-                    };
-                    encode::write_upstream_request(
-                        &mut self.out,
-                        data,
-                        &self.req,
-                        &fwd,
-                        rewritten.then_some(&target[..]),
-                        &decision.request,
-                    );
-                    Plan::Proxy {
-                        group,
-                        backend,
-                        key,
-                    }
-                }
-            }
-        };
-        Decided {
-            plan,
-            decision,
-            asks,
-            bounds,
-            refused,
-            logged,
+        if ex.out.capacity() == 0 {
+            ex.out = ctx.bufs.get();
         }
+        ex.cur = Some(cur);
+        ex.active = true;
+        ex.started = Stamp::now();
+        ex.status = 0;
+        ex.received = 0;
+        ex.sent = 0;
+        ex.next = None;
     }
 
-    /// Ask the rules what to do with the parsed request, and do it.
-    async fn handle(&mut self, deadline: monoio::time::Instant) -> Next {
-        let cur = self.cur.clone();
+    // ---- Phase 2: probes and rules (`decide`). ----
+
+    fn decide(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        let ex = d.ex.as_deref_mut().expect("decided in an exchange");
+        let cur = ex.cur().clone();
+        ex.edits.clear();
         let Decided {
             plan,
-            decision,
             asks,
-            bounds,
-            mut refused,
+            max_len,
+            decode,
+            refused,
             logged,
-        } = self.decide(&cur, deadline);
-        let head_len = self.req.len;
-        self.received = head_len as u64;
-        self.buf.consume(head_len);
-        // Without reading the body we cannot find the next request: an
-        // answer before it keeps the connection only when there is none.
-        let bodyless = self.req.framing == BodyFraming::None;
-        let keep_if_bodyless = self.req.keep_alive && bodyless;
-        let mut upstream = None;
-        // Work a route does passes admission; probes, 404s and drops cost
-        // less than the checks would. The slots are held to the end of
-        // the response.
-        let mut _slots = [None, None];
-        if refused.is_none()
-            && matches!(
-                plan,
-                Plan::Fixed { .. } | Plan::Proxy { .. } | Plan::NoBackend
-            )
-        {
-            match admit(asks).await {
-                Ok(slots) => _slots = slots,
-                Err(r) => refused = Some(r),
+        } = decide::decide(
+            &Inputs {
+                ctx,
+                cur: &cur,
+                listener: d.listener as usize,
+                client: d.client,
+                req: &ex.req,
+                data: ex.buf.data(),
+                draining: io.draining,
+            },
+            &mut ex.edits,
+        );
+        ex.received = ex.req.len as u64;
+        ex.keep = ex.req.keep_alive;
+        ex.asks = asks;
+        ex.max_len = max_len;
+        ex.decode = decode;
+        ex.logged = logged;
+        ex.body_done = ex.req.framing == BodyFraming::None;
+        if ex.body_done {
+            ex.timers.clear(Timer::Request);
+        }
+        ex.parsed = true;
+        // A forwarded request's head is written for its backend at
+        // `pick`; the others need its bytes no more.
+        ex.head_pending = ex.req.len;
+        if !matches!(plan, Plan::Proxy { .. }) {
+            consume_head(ex);
+        }
+        if let Some(r) = refused {
+            return self.refuse(io, ctx, id, r);
+        }
+        let admit = plan.needs_admission();
+        ex.plan = Some(plan);
+        if admit {
+            self.admit(io, ctx, id, 0);
+        } else {
+            self.act(io, ctx, id);
+        }
+    }
+
+    // ---- Phase 3: admission. ----
+
+    /// Admission under each policy from `from` on; a queue wait parks the
+    /// connection until its ticket is granted or its deadline passes.
+    fn admit(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, from: usize) {
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("admitted in an exchange");
+        for at in from..2 {
+            let Some((state, ask)) = ex.asks[at].take() else {
+                continue;
+            };
+            match state.admit(&ask) {
+                Admit::Go(slot) => ex.slots[at] = slot,
+                Admit::Wait(ticket) => {
+                    ex.timers.set(
+                        Timer::Queue,
+                        io.wheel.tick_of(io.now + state.queue_timeout()),
+                    );
+                    ticket.poll_granted(&waker(id));
+                    ex.asks[at] = Some((state, ask));
+                    ex.phase = Phase::Queued { ticket, at };
+                    return;
+                }
+                Admit::Refuse(r) => return self.refuse(io, ctx, id, r),
             }
         }
-        let next = match (refused, plan) {
-            (Some(r), _) => self.refuse(r, bodyless).await,
-            (None, Plan::Close) => {
-                self.ctx.rejections.count(Reason::Dropped);
-                self.status = 0;
-                Next::Close
+        ex.asks = [None, None];
+        self.act(io, ctx, id);
+    }
+
+    /// A queued request's ticket may have been granted (woken), or its
+    /// queue deadline passed (`expired`): on with admission, or refused.
+    fn queue_turn(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, expired: bool) {
+        let Some(d) = self.downs.get_mut(id) else {
+            return;
+        };
+        let Some(ex) = d.ex.as_deref_mut() else {
+            return;
+        };
+        let Phase::Queued { ticket, at } = &ex.phase else {
+            return;
+        };
+        let at = *at;
+        // A grant and the deadline can land in the same turn: a granted
+        // slot is used rather than wasted.
+        if !ticket.is_granted() {
+            if !expired {
+                return;
             }
-            (None, Plan::Refuse(reason)) => self.refuse(Refusal::of(reason), bodyless).await,
-            (None, Plan::Probe { status, body }) => {
-                let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
-                let with_body = self.req.method != Method::Head;
+            ex.phase = Phase::Head;
+            ex.asks = [None, None];
+            return self.refuse(
+                io,
+                ctx,
+                id,
+                Refusal {
+                    retry_after: Some(1),
+                    reason: Reason::QueueTimeout,
+                },
+            );
+        }
+        let Phase::Queued { ticket, .. } = std::mem::replace(&mut ex.phase, Phase::Head) else {
+            unreachable!("matched above");
+        };
+        ex.timers.clear(Timer::Queue);
+        let (state, _) = ex.asks[at].take().expect("a queued ask is kept");
+        ex.slots[at] = Some(state.claim(ticket));
+        self.admit(io, ctx, id, at + 1)
+    }
+
+    /// Admitted: do what the plan says.
+    fn act(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("acted in an exchange");
+        let bodyless = ex.req.framing == BodyFraming::None;
+        let keep = bodyless && ex.req.keep_alive;
+        let with_body = ex.req.method != Method::Head;
+        let version = ex.req.version;
+        match ex.plan.take().expect("a decided request has a plan") {
+            Plan::Close => {
+                ctx.rejections.count(Reason::Dropped);
+                self.close_down(io, ctx, id)
+            }
+            Plan::Refuse(reason) => self.refuse(io, ctx, id, Refusal::of(reason)),
+            Plan::Probe { status, body } => {
+                let keep = keep && !io.draining;
+                let out = writable_out(false, ex, 0).expect("nothing is sent before an answer");
                 encode::write_fixed(
-                    &mut self.out,
+                    out,
                     status,
                     &HeaderPlan::default(),
                     &HeaderPlan::default(),
                     body.as_bytes(),
                     keep,
-                    self.req.version,
+                    version,
                     with_body,
                 );
-                self.send_out(status, keep).await
+                self.respond(io, ctx, id, status, keep)
             }
-            (
-                None,
-                Plan::Fixed {
-                    status,
-                    fields,
-                    body,
-                },
-            ) => {
-                let keep = keep_if_bodyless && !self.ctx.idle.is_draining();
-                let with_body = self.req.method != Method::Head;
+            Plan::Fixed {
+                status,
+                fields,
+                body,
+            } => {
+                let keep = keep && !io.draining;
+                let edits = std::mem::take(&mut ex.edits.response);
+                let out = writable_out(false, ex, 0).expect("nothing is sent before an answer");
                 encode::write_fixed(
-                    &mut self.out,
-                    status,
-                    &fields,
-                    &decision.response,
-                    &body,
-                    keep,
-                    self.req.version,
-                    with_body,
+                    out, status, &fields, &edits, &body, keep, version, with_body,
                 );
-                self.send_out(status, keep).await
+                ex.edits.response = edits;
+                self.respond(io, ctx, id, status, keep)
             }
-            (None, Plan::NoBackend) => self.refuse(Refusal::of(Reason::NoBackend), bodyless).await,
-            (
-                None,
-                Plan::Proxy {
-                    group,
-                    backend,
-                    key,
-                },
-            ) => {
-                let (next, used) = self
-                    .proxy(&cur, group, backend, key, &decision.response, &bounds)
-                    .await;
-                upstream = Some((group, used));
-                next
+            Plan::Proxy {
+                group,
+                key,
+                rewritten,
+            } => {
+                ex.group = group;
+                ex.key = key;
+                self.pick(io, ctx, id, rewritten)
             }
-        };
-        if let Some((started, request)) = logged {
-            let label = upstream.map(|(g, b)| cur.snapshot.upstreams[g].backends[b].label.as_str());
-            self.ctx.access_log.write(
-                &decision.log,
-                &access_log::Entry {
-                    req: &request,
-                    status: self.status,
-                    latency: started.elapsed(),
-                    upstream: label,
-                    bytes: self.sent,
-                    route: decision.route.map(|r| r.name.as_str()),
-                },
-            );
         }
-        next
     }
 
-    /// Forward the request to `backend_idx` of the group, or, when that
-    /// fails before anything reached it (or for an idempotent body-less
-    /// request), once to another backend within the retry budget. Returns
-    /// how the connection goes on and the backend that answered last.
-    async fn proxy(
-        &mut self,
-        cur: &Current,
-        group_idx: usize,
-        mut backend_idx: usize,
-        key: u64,
-        response_edits: &HeaderPlan,
-        bounds: &BodyBounds,
-    ) -> (Next, usize) {
-        let snapshot = &cur.snapshot;
-        let group = &snapshot.upstreams[group_idx];
-        let balance = &group.balance;
-        let view = &cur.groups[group_idx];
+    // ---- Phase 4: pick a backend. ----
 
-        let version = self.req.version;
-        let mut keep = self.req.keep_alive;
-        let facts = RequestFacts {
-            method: self.req.method,
-            version,
-            framing: self.req.framing,
-            expect_continue: self.req.expect_continue,
+    /// Choose the backend, write the request head for it, then read the
+    /// body for the decode guard or go straight to the upstream.
+    fn pick(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, rewritten: bool) {
+        let d = &mut self.downs[id];
+        let client = d.client;
+        let ex = d.ex.as_deref_mut().expect("picked in an exchange");
+        let cur = ex.cur().clone();
+        let group = &cur.snapshot.upstreams[ex.group];
+        let view = &cur.groups[ex.group];
+        view.request(&group.balance);
+        let Some(backend) = view.pick(group, ex.key, io.now, None) else {
+            return self.refuse(io, ctx, id, Refusal::of(Reason::NoBackend));
         };
-
-        if let Some((guard, codings)) = &bounds.decode
-            && let Err(fail) = self.decode_guard(facts, bounds, *guard, codings).await
-        {
-            return (self.fail(fail).await, backend_idx);
+        ex.backend = backend;
+        let mut ip = [0u8; 48];
+        let fwd = Forwarded {
+            client_ip: write_ip(&mut ip, client),
+            proto: b"http",
+            default_host: group.backends[backend].authority.as_bytes(),
+        };
+        if ex.fwd.capacity() == 0 {
+            ex.fwd = ctx.bufs.get();
         }
+        ex.fwd.clear();
+        encode::write_upstream_request(
+            &mut ex.fwd,
+            ex.buf.data(),
+            &ex.req,
+            &fwd,
+            rewritten.then_some(&ex.edits.target[..]),
+            &ex.edits.request,
+        );
+        consume_head(ex);
+        ex.up_head = ex.fwd.len();
+        ex.body_in = match ex.req.framing {
+            BodyFraming::Length(n) => Some(Framer::new(
+                BodyIn::Length(n),
+                BodyOut::Verbatim,
+                ex.max_len,
+            )),
+            BodyFraming::Chunked => {
+                Some(Framer::new(BodyIn::Chunked, BodyOut::Verbatim, ex.max_len))
+            }
+            _ => None,
+        };
+        ex.retried = false;
+        ex.refreshed = false;
+        if ex.decode.is_some() {
+            ex.phase = Phase::Guard;
+            self.send_continue(io, ctx, id);
+            self.arm_body_timer(io, id);
+            return self.guard(io, ctx, id);
+        }
+        self.connect(io, ctx, id, false)
+    }
 
-        // The upstream head is in `out` (written by `handle`); it stays
-        // there until the response head is in, so a retry can resend it.
-        let mut ubuf = Buf::new(self.ctx.bufs.get());
-        let mut retried = false;
-        let (mut up, body_sent, _inflight) = loop {
-            let inflight = Inflight::start(view, backend_idx);
-            let started = Instant::now();
-            let result = self
-                .exchange(group_idx, group, backend_idx, facts, bounds, &mut ubuf)
-                .await;
-            // One clock read serves the statistics, the EWMA and ejection.
-            let elapsed = started.elapsed();
-            let now = started + elapsed;
-            let (status, body_consumed, unsent) = match result {
-                Ok((up, body_sent)) => {
-                    self.ctx.stats.upstream_latency(elapsed);
-                    let outcome = if balance.eject_on_5xx && self.res.status >= 500 {
-                        Outcome::Failed
-                    } else {
-                        Outcome::Answered(elapsed)
-                    };
-                    view.record(balance, backend_idx, outcome, now);
-                    break (up, body_sent, inflight);
+    /// The decode guard: read the whole body (it is at most the body cap),
+    /// decode it into a scratch buffer that is thrown away, and refuse it
+    /// with 413 if it inflates past the route's ratio or absolute cap.
+    /// When it passes, the original bytes wait in `buf` and are forwarded
+    /// as they came.
+    fn guard(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("guarded in an exchange");
+        // Framing around tiny chunks can outweigh their data many times.
+        let max_raw = ex.max_len.saturating_mul(2).saturating_add(BUF_SIZE as u64);
+        let data = ex.buf.data();
+        let done = match ex.req.framing {
+            BodyFraming::Length(n) => data.len() as u64 >= n,
+            _ => {
+                let scan = ex.scan.get_or_insert_with(Box::default);
+                let window = &data[scan.scanned..];
+                let plain = &mut scan.plain;
+                let decoded = scan
+                    .decoder
+                    .decode(window, |r| plain.extend_from_slice(&window[r]));
+                match decoded {
+                    Ok(n) => scan.scanned += n,
+                    Err(e) => return self.body_failure(io, ctx, id, RelayError::Framing(e)),
                 }
-                Err(Fail::Close) => {
-                    self.ctx.bufs.put(ubuf.into_inner());
-                    return (Next::Close, backend_idx);
+                if scan.decoder.data_len > ex.max_len {
+                    let max = ex.max_len;
+                    return self.body_failure(io, ctx, id, RelayError::TooLarge(max));
                 }
-                Err(Fail::Unsent(f)) => (f.status(), facts.framing == BodyFraming::None, true),
-                Err(Fail::Respond {
-                    status,
-                    body_consumed,
-                }) => (status, body_consumed, false),
+                scan.decoder.is_done()
+            }
+        };
+        if !done {
+            if data.len() as u64 >= max_raw {
+                let max = ex.max_len;
+                return self.body_failure(io, ctx, id, RelayError::TooLarge(max));
+            }
+            self.arm_body_timer(io, id);
+            if self.downs[id].eof {
+                self.close_down(io, ctx, id);
+            }
+            return;
+        }
+        let (guard, codings) = ex.decode.take().expect("guarding with a guard");
+        let body = match ex.req.framing {
+            BodyFraming::Length(n) => &data[..n as usize],
+            _ => &ex.scan.as_ref().expect("scanned").plain[..],
+        };
+        let limits = DecodeLimits {
+            ratio: guard.ratio,
+            max: guard.max,
+        };
+        let checked = decode::check(body, &codings, limits);
+        ex.scan = None;
+        if let Err(e) = checked {
+            crate::debug!("request body from {}: {e}", self.downs[id].client);
+            let reason = match e {
+                DecodeError::TooLarge { .. } => Reason::DecodedTooLarge,
+                DecodeError::Corrupt(_) => Reason::BadEncoding,
             };
-            if status == 502 || status == 504 {
-                cur.tallies
-                    .backend(group_idx, backend_idx)
-                    .count(|t| &t.failures);
-                view.record(balance, backend_idx, Outcome::Failed, now);
-            }
-            drop(inflight);
-            crate::debug!(
-                "upstream {}: answered {status} to {}",
-                group.backends[backend_idx].label,
-                self.client
-            );
-            // Retry elsewhere only when the request can be sent again as
-            // it was: nothing of it reached the backend, or it is an
-            // idempotent request without a body that met a broken
-            // connection (not a timeout: a slow backend retried is
-            // twice the load on a struggling group).
-            let replayable = unsent
-                || (status == 502
-                    && facts.framing == BodyFraming::None
-                    && facts.method.is_idempotent());
-            if replayable
-                && !retried
-                && view.has_retry()
-                && let Some(next) = view.pick(group, key, now, Some(backend_idx))
-                && next != backend_idx
-                && view.take_retry()
-            {
-                retried = true;
-                backend_idx = next;
-                // Whatever the failed backend sent must not prefix the
-                // next one's response.
-                ubuf.clear();
-                continue;
-            }
-            self.ctx.bufs.put(ubuf.into_inner());
-            return (
-                self.reject(status, keep && body_consumed).await,
-                backend_idx,
-            );
-        };
-        let backend = &group.backends[backend_idx];
-        if !body_sent {
-            keep = false;
+            return self.refuse(io, ctx, id, Refusal::of(reason));
         }
+        ex.timers.clear(Timer::BodyIdle);
+        self.connect(io, ctx, id, false)
+    }
 
-        // Response head to downstream.
-        let (body_in, out_framing, body_out) = match self.res.framing {
+    // ---- Phase 5: the exchange with the backend. ----
+
+    /// Get a connection to the chosen backend: a pooled one (`fresh`
+    /// skips the pool), or a new one; the request head goes with it.
+    fn connect(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, fresh: bool) {
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("connected for an exchange");
+        ex.phase = Phase::Forward;
+        let cur = ex.cur().clone();
+        let (g, b) = (ex.group, ex.backend);
+        if !ex.inflight {
+            cur.groups[g].start(b);
+            ex.inflight = true;
+            ex.up_started = io.now;
+        }
+        ex.used = Some((g, b));
+        let tally = cur.tallies.backend(g, b);
+        let pooled = if fresh {
+            None
+        } else {
+            self.pool.follow(ctx, &cur, &mut self.closing);
+            self.pool.take(ctx, g, b)
+        };
+        self.close_pending(io, ctx);
+        let uid = match pooled {
+            Some(uid) => {
+                tally.count(|t| &t.reuses);
+                let u = &mut self.ups[uid as usize];
+                u.down = Some(id);
+                u.reused = true;
+                uid as usize
+            }
+            None => {
+                let backend = &cur.snapshot.upstreams[g].backends[b];
+                let (fd, to) = match upstream_socket(&backend.addr) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        crate::warn!("upstream {}: cannot open a socket: {e}", backend.label);
+                        return self.upstream_failed(
+                            io,
+                            ctx,
+                            id,
+                            UpFail::Unsent(UpstreamFailure::BadGateway),
+                        );
+                    }
+                };
+                let uid = self.ups.insert(Up {
+                    fd,
+                    down: Some(id),
+                    connecting: true,
+                    addr: Some(Box::new(to)),
+                    ..Up::default()
+                });
+                let u = &mut self.ups[uid];
+                let addr = u.addr.as_deref().expect("just set");
+                // SAFETY: the address is boxed in the record, which is not
+                // freed while `connecting` is set (`close_up`).
+                let pushed = unsafe { io.driver.connect(fd, addr, token(UP_CONNECT, uid as u64)) };
+                if let Err(e) = pushed {
+                    crate::warn!("upstream {}: connect: {e}", backend.label);
+                    u.connecting = false;
+                    u.down = None;
+                    self.close_up(io, ctx, uid);
+                    return self.upstream_failed(
+                        io,
+                        ctx,
+                        id,
+                        UpFail::Unsent(UpstreamFailure::BadGateway),
+                    );
+                }
+                let ex = self.downs[id].ex.as_deref_mut().expect("connecting");
+                ex.timers.set(
+                    Timer::Connect,
+                    io.wheel
+                        .tick_of(io.now + cur.snapshot.upstreams[g].connect_timeout),
+                );
+                uid
+            }
+        };
+        let ex = self.downs[id].ex.as_deref_mut().expect("connecting");
+        ex.up = Some(uid);
+        let u = &mut self.ups[uid];
+        u.out = std::mem::take(&mut ex.fwd);
+        u.sent = 0;
+        if !u.buf.has_capacity() {
+            u.buf = Buf::new(ctx.bufs.get());
+        }
+        if !u.connecting {
+            self.start_forward(io, ctx, id);
+        }
+    }
+
+    fn up_connected(&mut self, io: &mut Io, ctx: &WorkerCtx, uid: usize, c: &Completion) {
+        let u = &mut self.ups[uid];
+        u.connecting = false;
+        u.addr = None;
+        let Some(id) = u.down.filter(|_| !u.closing) else {
+            return self.close_up(io, ctx, uid);
+        };
+        if let Err(e) = c.io_result() {
+            let ex = self.downs[id]
+                .ex
+                .as_deref()
+                .expect("an upstream serves an exchange");
+            crate::debug!(
+                "upstream {}: {e}",
+                ex.cur().snapshot.upstreams[ex.group].backends[ex.backend].label
+            );
+            return self.upstream_failed(io, ctx, id, UpFail::Unsent(UpstreamFailure::BadGateway));
+        }
+        let ex = self.downs[id]
+            .ex
+            .as_deref()
+            .expect("an upstream serves an exchange");
+        ex.cur()
+            .tallies
+            .backend(ex.group, ex.backend)
+            .count(|t| &t.connects);
+        u.recv_armed = io
+            .driver
+            .recv_multi(u.fd, token(UP_RECV, uid as u64))
+            .is_ok();
+        if !u.recv_armed {
+            return self.upstream_failed(io, ctx, id, UpFail::Unsent(UpstreamFailure::BadGateway));
+        }
+        self.start_forward(io, ctx, id);
+    }
+
+    /// Connected: tell a client waiting on `Expect: 100-continue` to send
+    /// its body, and start sending.
+    fn start_forward(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let ex = self.downs[id].ex.as_deref_mut().expect("forwarding");
+        ex.timers.clear(Timer::Connect);
+        self.send_continue(io, ctx, id);
+        self.pump_body(io, ctx, id);
+    }
+
+    /// RFC 9110 10.1.1: a client waiting on `Expect: 100-continue` is told
+    /// to send, unless it already started; an HTTP/1.0 client's
+    /// expectation is ignored.
+    fn send_continue(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let ex = self.downs[id].ex.as_deref_mut().expect("continuing");
+        if !(ex.req.expect_continue
+            && ex.req.version == Version::Http11
+            && ex.buf.is_empty()
+            && ex.body_in.is_some()
+            && !ex.body_done)
+        {
+            return;
+        }
+        // Once only.
+        ex.req.expect_continue = false;
+        self.queue_out(io, ctx, id, b"HTTP/1.1 100 Continue\r\n\r\n");
+    }
+
+    /// Hand the request on to the upstream: the head, then body bytes as
+    /// they come, one send in flight at a time.
+    fn pump_body(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let Proxy { downs, ups, .. } = self;
+        let d = &mut downs[id];
+        let ex = d.ex.as_deref_mut().expect("forwarding");
+        let Some(uid) = ex.up else { return };
+        let u = &mut ups[uid];
+        if u.sending || u.connecting || u.closing || u.stopped {
+            return;
+        }
+        if let Some(framer) = ex.body_in.as_mut().filter(|_| !ex.body_done) {
+            if u.sent == u.out.len() {
+                u.out.clear();
+                u.sent = 0;
+            }
+            let data = ex.buf.data();
+            let room = BUF_SIZE.saturating_sub(u.out.len());
+            let window = &data[..data.len().min(room)];
+            match framer.step(window, &mut u.out) {
+                Ok(step) => {
+                    if step.verbatim {
+                        u.out.extend_from_slice(&window[..step.consumed]);
+                    }
+                    ex.buf.consume(step.consumed);
+                    ex.received += step.consumed as u64;
+                    if step.done {
+                        ex.body_done = true;
+                        ex.timers.clear(Timer::BodyIdle);
+                        ex.timers.clear(Timer::Request);
+                    }
+                }
+                Err(e) => return self.body_failure(io, ctx, id, e),
+            }
+        }
+        if u.sent < u.out.len() {
+            u.sending = true;
+            let bytes = &u.out[u.sent..];
+            // SAFETY: the bytes live in `out`'s heap storage, which stays
+            // put when the slab moves; `out` is not touched and the record
+            // not freed while `sending` is set (`up_sent`, `close_up`).
+            let r = unsafe { io.driver.send(u.fd, bytes, token(UP_SEND, uid as u64)) };
+            if r.is_err() {
+                u.sending = false;
+                u.stopped = true;
+                return self.upstream_stopped_reading(io, ctx, id);
+            }
+            let timeout = ex.cur().snapshot.upstreams[ex.group].response_timeout;
+            ex.timers
+                .set(Timer::UpWrite, io.wheel.tick_of(io.now + timeout));
+        } else {
+            ex.timers.clear(Timer::UpWrite);
+            if ex.body_done && !ex.head_in && !ex.timers.is_set(Timer::Response) {
+                // All of the request is with the backend: its answer is due.
+                let timeout = ex.cur().snapshot.upstreams[ex.group].response_timeout;
+                ex.timers
+                    .set(Timer::Response, io.wheel.tick_of(io.now + timeout));
+            }
+        }
+        if !ex.body_done {
+            self.arm_body_timer(io, id);
+        }
+        self.resume_down(io, id);
+        let d = &self.downs[id];
+        if d.eof && d.ex.as_ref().is_some_and(|ex| !ex.body_done) {
+            self.close_down(io, ctx, id);
+        }
+    }
+
+    /// The client owes body bytes: `body_timeout` of silence at most, and
+    /// the request's own deadline.
+    fn arm_body_timer(&mut self, io: &mut Io, id: usize) {
+        let d = &mut self.downs[id];
+        let listener = d.listener as usize;
+        let ex = d.ex.as_deref_mut().expect("reading a body");
+        let timeout = ex.cur().snapshot.listeners[listener].body_timeout;
+        ex.timers
+            .set(Timer::BodyIdle, io.wheel.tick_of(io.now + timeout));
+    }
+
+    fn up_sent(&mut self, io: &mut Io, ctx: &WorkerCtx, uid: usize, c: &Completion) {
+        let u = &mut self.ups[uid];
+        u.sending = false;
+        let id = match (u.down, c.io_result()) {
+            (Some(id), Ok(n)) if n > 0 && !u.closing => {
+                u.sent += n;
+                id
+            }
+            (Some(id), _) if !u.closing => {
+                u.stopped = true;
+                crate::debug!("request to upstream: {:?}", c.io_result());
+                return self.upstream_stopped_reading(io, ctx, id);
+            }
+            _ => return self.close_up(io, ctx, uid),
+        };
+        self.pump_body(io, ctx, id);
+    }
+
+    /// A send to the upstream failed. Before the response head it is a
+    /// failed exchange; after, the upstream answered early and stopped
+    /// reading: its answer goes on, the rest of the body does not.
+    fn upstream_stopped_reading(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let ex = self.downs[id].ex.as_deref_mut().expect("forwarding");
+        if ex.head_in {
+            ex.timers.clear(Timer::UpWrite);
+            return;
+        }
+        // It may still have answered (413, 401...): give the answer a
+        // chance to arrive, within the response timeout.
+        let got_any = ex.up.is_some_and(|u| !self.ups[u].buf.is_empty());
+        if got_any {
+            return self.pump_response(io, ctx, id);
+        }
+        let failure = if ex.body_in.is_none() {
+            UpFail::ClosedEarly
+        } else {
+            ex.timers.clear(Timer::UpWrite);
+            let timeout = ex.cur().snapshot.upstreams[ex.group].response_timeout;
+            ex.timers
+                .set(Timer::Response, io.wheel.tick_of(io.now + timeout));
+            return;
+        };
+        self.upstream_failed(io, ctx, id, failure)
+    }
+
+    fn up_received(&mut self, io: &mut Io, ctx: &WorkerCtx, uid: usize, c: &Completion) {
+        let u = &mut self.ups[uid];
+        if !c.more() {
+            u.recv_armed = false;
+        }
+        match (c.buffer(), c.io_result()) {
+            (Some(bid), Ok(n)) => {
+                if u.down.is_none() || u.closing {
+                    // Bytes nobody asked for on an idle connection: it
+                    // never serves another request.
+                    io.driver.recycle(bid);
+                    return self.close_up(io, ctx, uid);
+                }
+                take_in(ctx, &mut u.buf, io.driver.buf(bid, n));
+                io.driver.recycle(bid);
+            }
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !u.closing => {
+                u.recv_armed = io
+                    .driver
+                    .recv_multi(u.fd, token(UP_RECV, uid as u64))
+                    .is_ok();
+                return;
+            }
+            (None, Err(e)) if e.raw_os_error() == Some(libc::ECANCELED) && u.paused => {
+                return self.resume_up(io, uid);
+            }
+            (None, Ok(0)) if u.down.is_some() && !u.closing => u.eof = true,
+            // Closed while idle, an error, or our own cancellation.
+            _ => {
+                if let Some(id) = u.down.filter(|_| !u.closing) {
+                    u.eof = true;
+                    return self.pump_response(io, ctx, id);
+                }
+                return self.close_up(io, ctx, uid);
+            }
+        }
+        let u = &mut self.ups[uid];
+        if u.buf.data().len() > MAX_BUFFERED && u.recv_armed && !u.paused {
+            u.paused = true;
+            let _ = io.driver.cancel(u.fd, token(UP_RECV, uid as u64));
+        }
+        let id = u.down.expect("checked above");
+        self.pump_response(io, ctx, id);
+    }
+
+    fn resume_up(&mut self, io: &mut Io, uid: usize) {
+        let u = &mut self.ups[uid];
+        if !u.paused || u.recv_armed || u.closing || u.eof || u.buf.data().len() > MAX_BUFFERED / 2
+        {
+            return;
+        }
+        u.paused = false;
+        u.recv_armed = io
+            .driver
+            .recv_multi(u.fd, token(UP_RECV, uid as u64))
+            .is_ok();
+    }
+
+    // ---- Phase 6: the response. ----
+
+    /// Hand the response on to the client: its head once whole, then body
+    /// bytes as they come, one send in flight at a time.
+    fn pump_response(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let Proxy { downs, ups, .. } = self;
+        let d = &mut downs[id];
+        if d.sending || d.closing {
+            return;
+        }
+        let ex = d.ex.as_deref_mut().expect("forwarding");
+        let Some(uid) = ex.up else { return };
+        let u = &mut ups[uid];
+        if !ex.head_in {
+            loop {
+                let parsed = head::parse_response(
+                    u.buf.data(),
+                    MAX_UPSTREAM_HEAD_BYTES,
+                    ex.req.method,
+                    &mut ex.res,
+                );
+                match parsed {
+                    // Informational: 100 Continue was answered by us, 103
+                    // and others are optional; skip them. 101 would need
+                    // an Upgrade we never forward.
+                    Ok(Status::Complete(_)) if ex.res.status == 101 => {
+                        return self.upstream_failed(
+                            io,
+                            ctx,
+                            id,
+                            UpFail::Failed(UpstreamFailure::BadGateway),
+                        );
+                    }
+                    Ok(Status::Complete(n)) if ex.res.status < 200 => u.buf.consume(n),
+                    Ok(Status::Complete(_)) => break,
+                    Ok(Status::Partial) if u.eof => {
+                        let failure = if u.buf.is_empty() {
+                            UpFail::ClosedEarly
+                        } else {
+                            UpFail::Failed(UpstreamFailure::BadGateway)
+                        };
+                        return self.upstream_failed(io, ctx, id, failure);
+                    }
+                    Ok(Status::Partial) => {
+                        self.resume_up(io, uid);
+                        return;
+                    }
+                    Err(e) => {
+                        crate::debug!("upstream response: {e}");
+                        return self.upstream_failed(
+                            io,
+                            ctx,
+                            id,
+                            UpFail::Failed(UpstreamFailure::BadGateway),
+                        );
+                    }
+                }
+            }
+            if !self.response_head(io, ctx, id) {
+                return;
+            }
+        }
+        let Proxy { downs, ups, .. } = self;
+        let d = &mut downs[id];
+        let ex = d.ex.as_deref_mut().expect("forwarding");
+        let uid = ex.up.expect("relaying from an upstream");
+        let u = &mut ups[uid];
+        let framer = ex
+            .body_out
+            .as_mut()
+            .expect("a response head sets the body's framing");
+        if ex.out_sent == ex.out.len() {
+            ex.out.clear();
+            ex.out_sent = 0;
+        }
+        let data = u.buf.data();
+        let room = BUF_SIZE.saturating_sub(ex.out.len());
+        let window = &data[..data.len().min(room)];
+        let mut done = match framer.step(window, &mut ex.out) {
+            Ok(step) => {
+                if step.verbatim {
+                    ex.out.extend_from_slice(&window[..step.consumed]);
+                }
+                u.buf.consume(step.consumed);
+                step.done
+            }
+            Err(e) => {
+                crate::debug!("response body to {}: {e}", d.client);
+                return self.close_down(io, ctx, id);
+            }
+        };
+        if !done && u.eof && u.buf.is_empty() {
+            match framer.at_eof(&mut ex.out) {
+                Ok(()) => done = true,
+                Err(e) => {
+                    // The head is out: all we can do is close, so the
+                    // client sees a truncated message rather than a
+                    // complete-looking one.
+                    crate::debug!("response body to {}: {e}", d.client);
+                    return self.close_down(io, ctx, id);
+                }
+            }
+        }
+        if done {
+            ex.sent += framer.total();
+            self.response_done(io, ctx, id);
+        } else {
+            let timeout = ex.cur().snapshot.upstreams[ex.group].read_timeout;
+            ex.timers
+                .set(Timer::UpRead, io.wheel.tick_of(io.now + timeout));
+            self.resume_up(io, uid);
+        }
+        self.flush_down(io, ctx, id);
+    }
+
+    /// A response head is whole in the upstream's buffer: note what the
+    /// backend did, and write the head for the client. False when the
+    /// exchange ended instead.
+    fn response_head(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) -> bool {
+        let Proxy { downs, ups, .. } = self;
+        let ex = downs[id].ex.as_deref_mut().expect("forwarding");
+        let u = &mut ups[ex.up.expect("a response comes from an upstream")];
+        let cur = ex.cur().clone();
+        let group = &cur.snapshot.upstreams[ex.group];
+        let balance = &group.balance;
+        let elapsed = io.now.saturating_duration_since(ex.up_started);
+        ctx.stats.upstream_latency(elapsed);
+        let outcome = if balance.eject_on_5xx && ex.res.status >= 500 {
+            Outcome::Failed
+        } else {
+            Outcome::Answered(elapsed)
+        };
+        cur.groups[ex.group].record(balance, ex.backend, outcome, io.now);
+        ex.timers.clear(Timer::Response);
+        let version = ex.req.version;
+        let mut keep = ex.keep;
+        let (body_in, out_framing, body_out) = match ex.res.framing {
             BodyFraming::None => (BodyIn::Length(0), OutFraming::AsIs, BodyOut::Verbatim),
             BodyFraming::Length(n) => (BodyIn::Length(n), OutFraming::AsIs, BodyOut::Verbatim),
             BodyFraming::Chunked if version == Version::Http11 => (
@@ -953,10 +1410,12 @@ impl Conn {
                 BodyOut::Verbatim,
             ),
             BodyFraming::Chunked => {
-                if !self.res.te_is_plain_chunked {
-                    // An HTTP/1.0 client cannot undo a coding we cannot strip.
-                    self.ctx.bufs.put(ubuf.into_inner());
-                    return (self.reject(502, false).await, backend_idx);
+                if !ex.res.te_is_plain_chunked {
+                    // An HTTP/1.0 client cannot undo a coding we cannot
+                    // strip.
+                    self.release_upstream(io, ctx, id, false);
+                    self.reject(io, ctx, id, 502, false);
+                    return false;
                 }
                 keep = false;
                 (BodyIn::Chunked, OutFraming::UntilClose, BodyOut::Dechunk)
@@ -973,421 +1432,832 @@ impl Conn {
                 )
             }
         };
-        if self.ctx.idle.is_draining() {
-            keep = false;
+        // Decided now, with what the head says; a request body the
+        // backend did not wait for ends it later (`response_done`).
+        ex.keep = keep && !io.draining;
+        if ex.out_sent == ex.out.len() {
+            ex.out.clear();
+            ex.out_sent = 0;
         }
-        self.out.clear();
+        let before = ex.out.len();
         encode::write_downstream_response(
-            &mut self.out,
-            ubuf.data(),
-            &self.res,
+            &mut ex.out,
+            u.buf.data(),
+            &ex.res,
             out_framing,
             version,
-            keep,
-            response_edits,
+            ex.keep && ex.body_done,
+            &ex.edits.response,
         );
-        ubuf.consume(self.res.len);
-        self.status = self.res.status;
-        self.sent = self.out.len() as u64;
+        u.buf.consume(ex.res.len);
+        ex.status = ex.res.status;
+        ex.sent = (ex.out.len() - before) as u64;
+        ex.head_in = true;
+        ex.body_out = Some(Framer::new(body_in, body_out, u64::MAX));
+        // The head is no longer needed for a retry.
+        if u.sent == u.out.len() {
+            u.out.clear();
+            u.sent = 0;
+        }
+        true
+    }
 
-        let timeouts = Bounds::new(group.read_timeout, listener!(self).send_timeout);
-        let relayed = relay(
-            &mut up,
-            &mut ubuf,
-            &mut self.stream,
-            &mut self.out,
-            body_in,
-            body_out,
-            &timeouts,
-        )
-        .await;
-        if let Ok(body_bytes) = relayed {
-            self.sent += body_bytes;
-        }
+    /// The response is whole in `out`: the upstream goes back to the pool
+    /// or closes, and the request ends once `out` is sent.
+    fn response_done(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let ex = self.downs[id].ex.as_deref_mut().expect("forwarding");
+        ex.timers.clear(Timer::UpRead);
+        ex.timers.clear(Timer::UpWrite);
+        ex.timers.clear(Timer::Response);
         // A body on a method whose body has no defined meaning (RFC 9110
-        // 9.3.1, 9.3.2, 9.3.5) is forwarded with its framing, but a backend
-        // that ignores it would read it as a second request and answer it
-        // to the next client on this connection (desync-guardian's
-        // "Ambiguous" tier). Such a connection is never reused.
-        let body_without_meaning = facts.framing != BodyFraming::None
-            && matches!(facts.method, Method::Get | Method::Head | Method::Delete);
-        let upstream_reusable = relayed.is_ok()
-            && self.res.keep_alive
-            && ubuf.is_empty()
-            && body_sent
-            && !body_without_meaning;
-        self.ctx.bufs.put(ubuf.into_inner());
-        if let Err(e) = relayed {
-            // The head is out: all we can do is close, so the client sees a
-            // truncated message rather than a complete-looking one.
-            crate::debug!(
-                "response body from {} to {}: {e}",
-                backend.label,
-                self.client
-            );
-            return (Next::Close, backend_idx);
-        }
-        if upstream_reusable && !self.ctx.idle.is_draining() {
-            self.ctx
-                .upstreams
-                .put(group_idx, backend_idx, up, group.max_idle);
-        }
-        let next = match (keep, body_sent) {
+        // 9.3.1, 9.3.2, 9.3.5) is forwarded with its framing, but a
+        // backend that ignores it would read it as a second request and
+        // answer it to the next client on this connection
+        // (desync-guardian's "Ambiguous" tier): never reused.
+        let body_without_meaning = ex.req.framing != BodyFraming::None
+            && matches!(ex.req.method, Method::Get | Method::Head | Method::Delete);
+        let reusable = ex.res.keep_alive && ex.body_done && !body_without_meaning && !io.draining;
+        let body_done = ex.body_done;
+        ex.next = Some(match (ex.keep && body_done, body_done) {
             (true, _) => Next::KeepAlive,
             // The upstream answered before taking the whole body: the
             // client may still be sending, so linger or it gets a reset
             // instead of the answer.
             (false, false) => Next::LingerClose,
             (false, true) => Next::Close,
-        };
-        (next, backend_idx)
+        });
+        self.release_upstream(io, ctx, id, reusable);
     }
 
-    /// Connect (or reuse), send the request, and read the response head
-    /// into `self.res`. On success returns the upstream connection and
-    /// whether the request body was completely read from the client.
-    async fn exchange(
-        &mut self,
-        group_idx: usize,
-        group: &UpstreamGroup,
-        backend_idx: usize,
-        facts: RequestFacts,
-        bounds: &BodyBounds,
-        ubuf: &mut Buf,
-    ) -> Result<(UpStream, bool), Fail> {
-        let RequestFacts {
-            method, framing, ..
-        } = facts;
-        let has_body = framing != BodyFraming::None;
-        let upstream_fail = |f: UpstreamFailure| Fail::Respond {
-            status: f.status(),
-            body_consumed: !has_body,
-        };
-        // A pooled connection is peeked at before use (`upstream_conn`), but
-        // the backend may still close it between the peek and our write.
-        // An idempotent body-less request is then retried once on a new
-        // connection (RFC 9110 9.2.2); anything else cannot be replayed.
-        let retryable = !has_body && method.is_idempotent();
-        let mut retried = false;
-        loop {
-            let (mut up, reused) = self
-                .upstream_conn(group_idx, group, backend_idx, retried)
-                .await
-                .map_err(Fail::Unsent)?;
-            if !has_body {
-                // Head only: `out` stays intact until the response head is
-                // in, so the request can be sent again.
-                let head = std::mem::take(&mut self.out);
-                let written =
-                    monoio::time::timeout(group.response_timeout, up.write_all(head)).await;
-                let Ok((res, head)) = written else {
-                    return Err(upstream_fail(UpstreamFailure::Timeout));
-                };
-                self.out = head;
-                let outcome = match res {
-                    Ok(_) => {
-                        self.read_response_head(&mut up, ubuf, method, group.response_timeout)
-                            .await
-                    }
-                    Err(_) => HeadResult::ClosedEarly,
-                };
-                match outcome {
-                    HeadResult::Ok => {
-                        self.out.clear();
-                        return Ok((up, true));
-                    }
-                    HeadResult::ClosedEarly if reused && retryable && !retried => {
-                        retried = true;
-                        continue;
-                    }
-                    HeadResult::ClosedEarly => {
-                        return Err(upstream_fail(UpstreamFailure::BadGateway));
-                    }
-                    HeadResult::Failed(f) => return Err(upstream_fail(f)),
+    /// The exchange is over for the upstream: pooled when `reusable` (and
+    /// nothing is left over on it), closed otherwise.
+    fn release_upstream(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, reusable: bool) {
+        let ex = self.downs[id].ex.as_deref_mut().expect("an exchange");
+        if ex.inflight {
+            ex.cur().groups[ex.group].finish(ex.backend);
+            ex.inflight = false;
+        }
+        let Some(uid) = ex.up.take() else { return };
+        let cur = ex.cur().clone();
+        let (g, b) = (ex.group, ex.backend);
+        let u = &mut self.ups[uid];
+        u.down = None;
+        let clean = reusable && !u.sending && !u.eof && !u.closing && u.buf.is_empty();
+        if clean && self.pool.put(ctx, &cur, g, b, uid as u32, io.now) {
+            let u = &mut self.ups[uid];
+            u.reused = false;
+            for v in [
+                std::mem::take(&mut u.out),
+                std::mem::take(&mut u.buf).into_inner(),
+            ] {
+                if v.capacity() > 0 {
+                    ctx.bufs.put(v);
                 }
             }
-
-            // With a body: tell a waiting client to send it, then stream it.
-            self.send_continue(facts).await?;
-            let body_in = match framing {
-                BodyFraming::Length(n) => BodyIn::Length(n),
-                _ => BodyIn::Chunked,
-            };
-            let body_bounds = Bounds {
-                read: listener!(self).body_timeout,
-                write: group.response_timeout,
-                deadline: Some(bounds.deadline),
-                max_len: bounds.max_len,
-            };
-            let sent = relay(
-                &mut self.stream,
-                &mut self.buf,
-                &mut up,
-                &mut self.out,
-                body_in,
-                BodyOut::Verbatim,
-                &body_bounds,
-            )
-            .await;
-            let body_sent = match sent {
-                Ok(n) => {
-                    self.received += n;
-                    true
-                }
-                Err(e) if e.is_source() => return Err(self.body_failure(e)),
-                Err(e) => {
-                    // The upstream stopped reading; it may have answered
-                    // early (413, 401...). Forward that if it did.
-                    crate::debug!("request body to upstream: {e}");
-                    self.out.clear();
-                    false
-                }
-            };
-            return match self
-                .read_response_head(&mut up, ubuf, method, group.response_timeout)
-                .await
-            {
-                HeadResult::Ok => Ok((up, body_sent)),
-                HeadResult::ClosedEarly => Err(Fail::Respond {
-                    status: 502,
-                    body_consumed: body_sent,
-                }),
-                HeadResult::Failed(f) => Err(Fail::Respond {
-                    status: f.status(),
-                    body_consumed: body_sent,
-                }),
-            };
+            u.sent = 0;
+            if !u.recv_armed && !u.paused {
+                u.recv_armed = io
+                    .driver
+                    .recv_multi(u.fd, token(UP_RECV, uid as u64))
+                    .is_ok();
+            }
+            if u.paused || !u.recv_armed {
+                self.pool.remove(ctx, uid as u32);
+                self.close_up(io, ctx, uid);
+            }
+        } else {
+            self.close_up(io, ctx, uid);
         }
     }
 
-    /// Tell a client waiting on `Expect: 100-continue` to send its body,
-    /// unless it already started. RFC 9110 10.1.1: an HTTP/1.0 client's
-    /// expectation is ignored.
-    async fn send_continue(&mut self, facts: RequestFacts) -> Result<(), Fail> {
-        if !(facts.expect_continue && facts.version == Version::Http11 && self.buf.is_empty()) {
-            return Ok(());
+    /// The exchange failed before a response head: retry where that is
+    /// safe, answer 502 or 504 where not.
+    fn upstream_failed(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, f: UpFail) {
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("an exchange failed");
+        let cur = ex.cur().clone();
+        let group = &cur.snapshot.upstreams[ex.group];
+        let view = &cur.groups[ex.group];
+        let bodyless = ex.req.framing == BodyFraming::None;
+        let retryable = bodyless && ex.req.method.is_idempotent();
+        let reused = ex.up.is_some_and(|u| self.ups[u].reused);
+        // The request head, should it be sent again.
+        let head: Option<Vec<u8>> = ex.up.map(|u| {
+            let mut v = ctx.bufs.get();
+            v.extend_from_slice(&self.ups[u].out[..ex.up_head.min(self.ups[u].out.len())]);
+            v
+        });
+        ex.timers.clear(Timer::Connect);
+        ex.timers.clear(Timer::UpWrite);
+        ex.timers.clear(Timer::Response);
+        // A pooled connection may be closed by the backend between our
+        // taking it and our write. An idempotent body-less request is
+        // then sent once more on a new connection (RFC 9110 9.2.2);
+        // anything else cannot be replayed.
+        if matches!(f, UpFail::ClosedEarly) && reused && retryable && !ex.refreshed {
+            ex.refreshed = true;
+            let head = head.expect("a reused connection carried the head");
+            self.drop_upstream(io, ctx, id);
+            let ex = self.downs[id].ex.as_deref_mut().expect("retrying");
+            ctx.bufs.put(std::mem::replace(&mut ex.fwd, head));
+            return self.connect(io, ctx, id, true);
         }
-        let sent = monoio::time::timeout(
-            listener!(self).send_timeout,
-            self.stream.write_all(&b"HTTP/1.1 100 Continue\r\n\r\n"[..]),
-        )
-        .await;
-        match sent {
-            Ok((Ok(_), _)) => Ok(()),
-            _ => Err(Fail::Close),
+        let (failure, unsent) = match f {
+            UpFail::Unsent(x) => (x, true),
+            UpFail::ClosedEarly => (UpstreamFailure::BadGateway, false),
+            UpFail::Failed(x) => (x, false),
+        };
+        let status = failure.status();
+        cur.tallies
+            .backend(ex.group, ex.backend)
+            .count(|t| &t.failures);
+        view.record(&group.balance, ex.backend, Outcome::Failed, io.now);
+        crate::debug!(
+            "upstream {}: answered {status} to {}",
+            group.backends[ex.backend].label,
+            self.downs[id].client
+        );
+        // The head: from the connection that carried it, or still here
+        // when no connection took it.
+        let head = head.unwrap_or_else(|| {
+            let ex = self.downs[id].ex.as_deref_mut().expect("retrying");
+            std::mem::take(&mut ex.fwd)
+        });
+        self.drop_upstream(io, ctx, id);
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("an exchange failed");
+        let body_consumed = if unsent { bodyless } else { ex.body_done };
+        // Retry elsewhere only when the request can be sent again as it
+        // was: nothing of it reached the backend, or it is an idempotent
+        // request without a body that met a broken connection (not a
+        // timeout: a slow backend retried is twice the load on a
+        // struggling group).
+        let replayable = unsent || (status == 502 && retryable);
+        if replayable
+            && !ex.retried
+            && view.has_retry()
+            && let Some(next) = view.pick(group, ex.key, io.now, Some(ex.backend))
+            && next != ex.backend
+            && view.take_retry()
+        {
+            ex.retried = true;
+            ex.backend = next;
+            ctx.bufs.put(std::mem::replace(&mut ex.fwd, head));
+            return self.connect(io, ctx, id, false);
         }
+        ctx.bufs.put(head);
+        let keep = ex.req.keep_alive && body_consumed;
+        self.reject(io, ctx, id, status, keep)
+    }
+
+    /// Detach and close the exchange's upstream connection, and count the
+    /// request out of its backend.
+    fn drop_upstream(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        self.release_upstream(io, ctx, id, false);
     }
 
     /// How a request body that failed on the client's side ends: counted,
     /// and answered when there is someone to answer.
-    fn body_failure(&self, e: RelayError) -> Fail {
-        crate::debug!("request body from {}: {e}", self.client);
+    fn body_failure(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, e: RelayError) {
+        crate::debug!("request body from {}: {e}", self.downs[id].client);
         let reason = match e {
             RelayError::SrcTimeout => Reason::BodyTimeout,
             RelayError::SrcDeadline => Reason::RequestTimeout,
             RelayError::TooLarge(_) => Reason::BodyTooLarge,
             RelayError::Framing(_) => Reason::BadRequest,
             // The client went away mid-body: nobody to answer.
-            _ => return Fail::Close,
+            _ => return self.close_down(io, ctx, id),
         };
-        self.ctx.rejections.count(reason);
-        Fail::Respond {
-            status: reason.status(),
-            body_consumed: false,
+        let ex = self.downs[id].ex.as_deref_mut().expect("reading a body");
+        if ex.head_in {
+            // Its answer is on the way: the client cannot be told more.
+            ctx.rejections.count(reason);
+            return self.close_down(io, ctx, id);
         }
+        self.drop_upstream(io, ctx, id);
+        self.refuse(io, ctx, id, Refusal::of(reason))
     }
 
-    /// Answer a request that failed before reaching an upstream.
-    async fn fail(&mut self, fail: Fail) -> Next {
-        match fail {
-            Fail::Unsent(f) => self.reject(f.status(), false).await,
-            Fail::Respond {
-                status,
-                body_consumed,
-            } => {
-                self.reject(status, self.req.keep_alive && body_consumed)
-                    .await
-            }
-            Fail::Close => Next::Close,
-        }
+    // ---- Our own answers. ----
+
+    /// Refuse a request, count why, and keep the connection or close it
+    /// as the reason's row in the refusal table says.
+    fn refuse(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, r: Refusal) {
+        ctx.rejections.count(r.reason);
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("refused in an exchange");
+        let body_read = ex.active && ex.body_done;
+        let keep = match r.reason.after() {
+            After::Close => false,
+            After::KeepIfBodyRead => body_read && ex.req.keep_alive,
+        };
+        self.canned(io, ctx, id, r.status(), keep, r.retry_after)
     }
 
-    /// The decode guard: read the whole body (it is at most the body cap),
-    /// decode it into a scratch buffer that is thrown away, and refuse it
-    /// with 413 if it inflates past the route's ratio or absolute cap.
-    /// When it passes, the original bytes wait in `self.buf` and are
-    /// forwarded as they came.
-    async fn decode_guard(
+    /// Answer with a canned response (a failure of ours or the upstream's).
+    fn reject(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, status: u16, keep: bool) {
+        self.canned(io, ctx, id, status, keep, None)
+    }
+
+    fn canned(
         &mut self,
-        facts: RequestFacts,
-        bounds: &BodyBounds,
-        guard: DecodeGuard,
-        codings: &[Coding],
-    ) -> Result<(), Fail> {
-        self.send_continue(facts).await?;
-        let read = Bounds {
-            read: listener!(self).body_timeout,
-            write: listener!(self).send_timeout,
-            deadline: Some(bounds.deadline),
-            max_len: bounds.max_len,
+        io: &mut Io,
+        ctx: &WorkerCtx,
+        id: usize,
+        status: u16,
+        keep: bool,
+        retry_after: Option<u32>,
+    ) {
+        let keep = keep && !io.draining;
+        let d = &mut self.downs[id];
+        let ex = d.ex.as_deref_mut().expect("answered in an exchange");
+        // A HEAD answer carries no content (RFC 9110 9.3.2), or a
+        // kept-alive client would read it as the start of its next
+        // response. A head that never parsed is answered as HTTP/1.1.
+        let (version, with_body) = if ex.parsed {
+            (ex.req.version, ex.req.method != Method::Head)
+        } else {
+            (Version::Http11, true)
         };
-        // A chunked body is decoded out of its framing into `plain`; a
-        // length body is checked where it lies.
-        let mut decoder = ChunkedDecoder::new();
-        let mut scanned = 0;
-        let mut plain = Vec::new();
-        // Framing around tiny chunks can outweigh their data many times.
-        let max_raw = bounds
-            .max_len
-            .saturating_mul(2)
-            .saturating_add(BUF_SIZE as u64);
-        loop {
-            let data = self.buf.data();
-            let (done, want) = match facts.framing {
-                BodyFraming::Length(n) => {
-                    let have = data.len() as u64;
-                    (have >= n, n.saturating_sub(have).min(max_raw) as usize)
-                }
-                _ => {
-                    let window = &data[scanned..];
-                    let n = decoder
-                        .decode(window, |r| plain.extend_from_slice(&window[r]))
-                        .map_err(|e| self.body_failure(RelayError::Framing(e)))?;
-                    scanned += n;
-                    if decoder.data_len > bounds.max_len {
-                        return Err(self.body_failure(RelayError::TooLarge(bounds.max_len)));
+        let Some(out) = writable_out(d.sending, ex, CANNED_MAX) else {
+            return self.close_down(io, ctx, id);
+        };
+        encode::write_canned(out, status, keep, version, with_body, retry_after);
+        self.respond(io, ctx, id, status, keep)
+    }
+
+    /// Our answer is (or goes) in `out`: send it, then end the request.
+    fn respond(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, status: u16, keep: bool) {
+        let ex = self.downs[id]
+            .ex
+            .as_deref_mut()
+            .expect("answered in an exchange");
+        consume_head(ex);
+        ex.phase = Phase::Respond;
+        ex.status = status;
+        ex.sent = (ex.out.len() - ex.out_sent) as u64;
+        ex.keep = keep;
+        ex.next = Some(if keep {
+            Next::KeepAlive
+        } else {
+            Next::LingerClose
+        });
+        ex.timers.clear(Timer::Queue);
+        ex.timers.clear(Timer::BodyIdle);
+        ex.timers.clear(Timer::Request);
+        ex.timers.clear(Timer::Head);
+        self.flush_down(io, ctx, id);
+    }
+
+    /// Append `bytes` to what goes to the client and send.
+    fn queue_out(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, bytes: &[u8]) {
+        let d = &mut self.downs[id];
+        let ex = d.ex.as_deref_mut().expect("sending from an exchange");
+        let Some(out) = writable_out(d.sending, ex, bytes.len()) else {
+            return self.close_down(io, ctx, id);
+        };
+        out.extend_from_slice(bytes);
+        self.flush_down(io, ctx, id);
+    }
+
+    /// Send what waits in `out`, unless a send is in flight.
+    fn flush_down(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        if d.sending || d.closing {
+            return;
+        }
+        let listener = d.listener as usize;
+        let ex = d.ex.as_deref_mut().expect("sending from an exchange");
+        if ex.out_sent == ex.out.len() {
+            ex.timers.clear(Timer::DownSend);
+            if ex.next.is_some() {
+                return self.end_request(io, ctx, id);
+            }
+            return;
+        }
+        d.sending = true;
+        let bytes = &ex.out[ex.out_sent..];
+        // SAFETY: the bytes live in `out`'s heap storage, which stays put
+        // when the slab or the box moves; while `sending` is set `out` is
+        // only appended to within its capacity (`queue_out`), never
+        // cleared, and the exchange is not given back (`close_down`).
+        let r = unsafe { io.driver.send(d.fd, bytes, token(DOWN_SEND, id as u64)) };
+        if r.is_err() {
+            d.sending = false;
+            return self.close_down(io, ctx, id);
+        }
+        let timeout = ex.cur.as_ref().map_or(Duration::from_secs(60), |c| {
+            c.snapshot.listeners[listener].send_timeout
+        });
+        ex.timers
+            .set(Timer::DownSend, io.wheel.tick_of(io.now + timeout));
+    }
+
+    fn down_sent(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        let d = &mut self.downs[id];
+        d.sending = false;
+        let n = match c.io_result() {
+            Ok(n) if n > 0 && !d.closing => n,
+            _ => return self.close_down(io, ctx, id),
+        };
+        let ex = d.ex.as_deref_mut().expect("a send comes from an exchange");
+        ex.out_sent += n;
+        if ex.out_sent < ex.out.len() {
+            return self.flush_down(io, ctx, id);
+        }
+        ex.out.clear();
+        ex.out_sent = 0;
+        ex.timers.clear(Timer::DownSend);
+        if ex.next.is_some() {
+            return self.end_request(io, ctx, id);
+        }
+        match ex.phase {
+            Phase::Forward => self.pump_response(io, ctx, id),
+            // A `100 Continue` went out ahead of the guard's reading.
+            _ => self.advance(io, ctx, id),
+        }
+    }
+
+    // ---- Phase 7: the request's end. ----
+
+    /// The answer is out: count the request, log it, and go on as its
+    /// `Next` says.
+    fn end_request(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        let ex = d.ex.as_deref_mut().expect("a request ends in its exchange");
+        let next = ex.next.take().expect("an ended request knows what follows");
+        finish(ctx, ex);
+        match next {
+            Next::KeepAlive if !io.draining => {
+                ex.phase = Phase::Head;
+                let listener = d.listener as usize;
+                if ex.buf.is_empty() {
+                    let timeout = ex.cur().snapshot.listeners[listener].keepalive_timeout;
+                    d.idle_until = io.wheel.tick_of(io.now + timeout);
+                    if d.eof {
+                        return self.close_down(io, ctx, id);
                     }
-                    (decoder.is_done(), BUF_SIZE)
+                    self.go_idle(ctx, id);
+                } else {
+                    // A pipelined request is already here.
+                    self.read_head(io, ctx, id);
                 }
+            }
+            Next::KeepAlive | Next::Close => self.close_down(io, ctx, id),
+            Next::LingerClose => self.linger(io, ctx, id),
+        }
+    }
+
+    /// The connection waits for its next request: its exchange goes back
+    /// to the free list, its buffers to the worker's pool.
+    fn go_idle(&mut self, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        debug_assert!(!d.sending, "a send still uses the exchange");
+        if let Some(ex) = d.ex.take() {
+            self.spare.push(recycle(ex, ctx));
+        }
+    }
+
+    /// After a closing answer: stop sending, and read and discard what the
+    /// client still sends for a while, so it reads the answer instead of a
+    /// reset.
+    fn linger(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        if d.eof {
+            return self.close_down(io, ctx, id);
+        }
+        // SAFETY: shutdown on a socket this worker owns; no memory passes.
+        unsafe { libc::shutdown(d.fd, libc::SHUT_WR) };
+        let ex = d.ex.as_deref_mut().expect("lingering in an exchange");
+        ex.phase = Phase::Linger;
+        ex.lingered = ex.buf.data().len();
+        ex.buf.clear();
+        ex.timers.clear_all();
+        ex.timers
+            .set(Timer::Linger, io.wheel.tick_of(io.now + LINGER_TIME));
+        if d.paused && !d.recv_armed {
+            d.paused = false;
+            d.recv_armed = io
+                .driver
+                .recv_multi(d.fd, token(DOWN_RECV, id as u64))
+                .is_ok();
+        }
+        if !d.recv_armed && !d.paused {
+            self.close_down(io, ctx, id);
+        }
+    }
+
+    // ---- Timers. ----
+
+    /// `timer` of connection `id` passed.
+    fn expire(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, timer: Timer) {
+        let d = &mut self.downs[id];
+        let Some(ex) = d.ex.as_deref_mut() else {
+            // Idle past its keep-alive (or first-byte) timeout.
+            return self.close_down(io, ctx, id);
+        };
+        let request_first = ex.timers.get(Timer::Request) <= ex.timers.get(Timer::Head);
+        ex.timers.clear(timer);
+        match timer {
+            Timer::Head | Timer::Request if matches!(ex.phase, Phase::Head) => {
+                // A client that started a head and stalled gets 408.
+                let reason = if timer == Timer::Request || request_first {
+                    Reason::RequestTimeout
+                } else {
+                    Reason::HeaderTimeout
+                };
+                self.refuse(io, ctx, id, Refusal::of(reason))
+            }
+            Timer::Head => {}
+            Timer::Request if !ex.body_done => {
+                self.body_failure(io, ctx, id, RelayError::SrcDeadline)
+            }
+            Timer::BodyIdle if !ex.body_done => {
+                self.body_failure(io, ctx, id, RelayError::SrcTimeout)
+            }
+            Timer::Request | Timer::BodyIdle => {}
+            Timer::Queue => self.queue_turn(io, ctx, id, true),
+            Timer::Connect => {
+                crate::debug!("upstream connect timed out");
+                self.upstream_failed(io, ctx, id, UpFail::Unsent(UpstreamFailure::Timeout))
+            }
+            Timer::UpWrite | Timer::Response if !ex.head_in => {
+                self.upstream_failed(io, ctx, id, UpFail::Failed(UpstreamFailure::Timeout))
+            }
+            Timer::UpWrite | Timer::Response => {
+                // The answer came; the rest of the body did not go.
+                if ex.body_done {
+                    return;
+                }
+                self.close_down(io, ctx, id)
+            }
+            Timer::UpRead => {
+                crate::debug!("upstream silent mid-response to {}", d.client);
+                self.close_down(io, ctx, id)
+            }
+            Timer::DownSend | Timer::Linger => self.close_down(io, ctx, id),
+        }
+    }
+
+    /// File connection `id`'s earliest deadline with the wheel, if it is
+    /// earlier than the one filed (a later one costs nothing: the entry
+    /// is re-filed when it comes due).
+    fn schedule(&mut self, io: &mut Io, id: usize) {
+        let Some(d) = self.downs.get_mut(id) else {
+            return;
+        };
+        let due = due(d);
+        if due < d.filed {
+            io.wheel.insert(id as u32, due);
+            d.filed = due;
+        }
+    }
+
+    /// Connections whose admission ticket was granted.
+    fn run_woken(&mut self, io: &mut Io, ctx: &WorkerCtx) {
+        loop {
+            let Some(id) = WOKEN.with(|w| w.borrow_mut().pop()) else {
+                return;
             };
-            if done {
+            self.queue_turn(io, ctx, id, false);
+            self.schedule(io, id);
+        }
+    }
+
+    // ---- Closing. ----
+
+    /// Close `id`: its upstream too, its receive and a send to a client
+    /// that stopped reading cancelled; freed once the kernel holds
+    /// nothing of it.
+    fn close_down(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        let first = !d.closing;
+        d.closing = true;
+        if first
+            && d.ex
+                .as_ref()
+                .is_some_and(|ex| ex.up.is_some() || ex.inflight)
+        {
+            self.release_upstream(io, ctx, id, false);
+        }
+        let d = &mut self.downs[id];
+        if d.recv_armed || d.sending {
+            if first {
+                // Their final completions come back here.
+                if d.recv_armed {
+                    let _ = io.driver.cancel(d.fd, token(DOWN_RECV, id as u64));
+                }
+                if d.sending {
+                    let _ = io.driver.cancel(d.fd, token(DOWN_SEND, id as u64));
+                }
+            }
+            return;
+        }
+        let d = self.downs.remove(id);
+        io.close(d.fd);
+        if let Some(mut ex) = d.ex {
+            if ex.active {
+                // Counted and logged as any other request.
+                finish(ctx, &mut ex);
+            }
+            self.spare.push(recycle(ex, ctx));
+        }
+        for open in [
+            &ctx.open_connections,
+            &ctx.listener_connections[d.listener as usize],
+        ] {
+            open.set(open.get() - 1);
+        }
+    }
+
+    /// Close upstream `uid` once no operation of it is in flight.
+    fn close_up(&mut self, io: &mut Io, ctx: &WorkerCtx, uid: usize) {
+        let u = &mut self.ups[uid];
+        let first = !u.closing;
+        u.closing = true;
+        if first && u.down.is_none() {
+            self.pool.remove(ctx, uid as u32);
+        }
+        let u = &mut self.ups[uid];
+        if u.recv_armed || u.sending || u.connecting {
+            if first {
+                for (busy, kind) in [
+                    (u.recv_armed, UP_RECV),
+                    (u.sending, UP_SEND),
+                    (u.connecting, UP_CONNECT),
+                ] {
+                    if busy {
+                        let _ = io.driver.cancel(u.fd, token(kind, uid as u64));
+                    }
+                }
+            }
+            return;
+        }
+        let u = self.ups.remove(uid);
+        io.close(u.fd);
+        for v in [u.out, u.buf.into_inner()] {
+            if v.capacity() > 0 {
+                ctx.bufs.put(v);
+            }
+        }
+    }
+
+    /// Close the upstream connections the pool let go of.
+    fn close_pending(&mut self, io: &mut Io, ctx: &WorkerCtx) {
+        while let Some(uid) = self.closing.pop() {
+            let uid = uid as usize;
+            if self.ups.contains(uid) {
+                self.close_up(io, ctx, uid);
+            }
+        }
+    }
+}
+
+/// Drop the request head's bytes from the front of `buf`, once.
+fn consume_head(ex: &mut Exchange) {
+    let n = std::mem::take(&mut ex.head_pending);
+    ex.buf.consume(n);
+}
+
+/// Room a canned answer needs at most.
+const CANNED_MAX: usize = 512;
+
+/// `out`, ready for `more` bytes behind what it holds: emptied when all of
+/// it was sent. While a send is in flight (`sending`) bytes go behind it
+/// only within `out`'s capacity, so the storage the kernel reads never
+/// moves; `None` when they would not fit.
+fn writable_out(sending: bool, ex: &mut Exchange, more: usize) -> Option<&mut Vec<u8>> {
+    if !sending && ex.out_sent == ex.out.len() {
+        ex.out.clear();
+        ex.out_sent = 0;
+    }
+    if sending && ex.out.len() + more > ex.out.capacity() {
+        return None;
+    }
+    Some(&mut ex.out)
+}
+
+/// The earliest tick connection `d` must be looked at, or `NEVER`.
+fn due(d: &Down) -> u64 {
+    match &d.ex {
+        Some(ex) => ex.timers.next().unwrap_or(NEVER),
+        None => d.idle_until,
+    }
+}
+
+/// Count a request that ended, and write its access log line.
+fn finish(ctx: &WorkerCtx, ex: &mut Exchange) {
+    ctx.stats
+        .response(ex.status, ex.started, ex.received, ex.sent);
+    if let Some(logged) = ex.logged.take() {
+        let cur = ex.cur();
+        let label = ex
+            .used
+            .map(|(g, b)| cur.snapshot.upstreams[g].backends[b].label.as_str());
+        let fields: Vec<_> = logged.fields.iter().collect();
+        ctx.access_log.write(
+            &fields,
+            &crate::access_log::Entry {
+                req: &logged.request,
+                status: ex.status,
+                latency: logged.started.elapsed(),
+                upstream: label,
+                bytes: ex.sent,
+                route: logged.route.as_deref(),
+            },
+        );
+    }
+    ex.active = false;
+    ex.parsed = false;
+    ex.slots = [None, None];
+    ex.asks = [None, None];
+    ex.plan = None;
+    ex.decode = None;
+    ex.scan = None;
+    ex.used = None;
+    ex.body_in = None;
+    ex.body_out = None;
+    ex.body_done = false;
+    ex.head_in = false;
+    ex.timers.clear_all();
+}
+
+/// An exchange made ready for its next request: buffers back to the
+/// worker's pool, its header arrays kept for reuse.
+fn recycle(mut ex: Box<Exchange>, ctx: &WorkerCtx) -> Box<Exchange> {
+    debug_assert!(ex.up.is_none() && !ex.inflight);
+    for v in [
+        std::mem::take(&mut ex.buf).into_inner(),
+        std::mem::take(&mut ex.out),
+        std::mem::take(&mut ex.fwd),
+    ] {
+        if v.capacity() > 0 {
+            ctx.bufs.put(v);
+        }
+    }
+    ex.out_sent = 0;
+    ex.phase = Phase::Head;
+    ex.cur = None;
+    ex.active = false;
+    ex.next = None;
+    ex.slots = [None, None];
+    ex.asks = [None, None];
+    ex.plan = None;
+    ex.logged = None;
+    ex.lingered = 0;
+    ex.timers.clear_all();
+    // Rarely used (Connection listing other fields): freed.
+    ex.req.connection_names = Vec::new();
+    ex.res.connection_names = Vec::new();
+    ex
+}
+
+impl Service for Proxy {
+    fn accepted(&mut self, io: &mut Io, ctx: &WorkerCtx, fd: RawFd, listener: usize) {
+        // A new connection gets `header_timeout` to send its first byte
+        // (nginx's client_header_timeout); between requests it may idle
+        // for `keepalive_timeout`.
+        let timeout = ctx.current().snapshot.listeners[listener].header_timeout;
+        let id = self.downs.insert(Down {
+            fd,
+            listener: listener as u16,
+            recv_armed: true,
+            sending: false,
+            closing: false,
+            paused: false,
+            eof: false,
+            client: peer_ip(fd),
+            idle_until: io.wheel.tick_of(io.now + timeout),
+            filed: NEVER,
+            ex: None,
+        });
+        for open in [&ctx.open_connections, &ctx.listener_connections[listener]] {
+            open.set(open.get() + 1);
+        }
+        if io
+            .driver
+            .recv_multi(fd, token(DOWN_RECV, id as u64))
+            .is_err()
+        {
+            self.downs[id].recv_armed = false;
+            return self.close_down(io, ctx, id);
+        }
+        self.schedule(io, id);
+    }
+
+    fn complete(&mut self, io: &mut Io, ctx: &WorkerCtx, c: Completion) {
+        let (kind, id) = untoken(c.user_data);
+        let id = id as usize;
+        let down = match kind {
+            DOWN_RECV | DOWN_SEND => {
+                if !self.downs.contains(id) {
+                    return;
+                }
+                if kind == DOWN_RECV {
+                    self.down_received(io, ctx, id, &c);
+                } else {
+                    self.down_sent(io, ctx, id, &c);
+                }
+                Some(id)
+            }
+            UP_RECV | UP_SEND | UP_CONNECT => {
+                let Some(u) = self.ups.get(id) else { return };
+                let down = u.down;
+                match kind {
+                    UP_RECV => self.up_received(io, ctx, id, &c),
+                    UP_SEND => self.up_sent(io, ctx, id, &c),
+                    _ => self.up_connected(io, ctx, id, &c),
+                }
+                down
+            }
+            _ => None,
+        };
+        if let Some(id) = down {
+            self.schedule(io, id);
+        }
+        self.run_woken(io, ctx);
+    }
+
+    fn deadline(&mut self, io: &mut Io, ctx: &WorkerCtx, id: u32, tick: u64) -> Visit {
+        let id = id as usize;
+        let Some(d) = self.downs.get_mut(id) else {
+            return Visit::Drop;
+        };
+        if d.filed != tick {
+            return Visit::Drop;
+        }
+        d.filed = NEVER;
+        loop {
+            let Some(d) = self.downs.get(id) else {
+                self.run_woken(io, ctx);
+                return Visit::Drop;
+            };
+            if d.closing {
+                return Visit::Drop;
+            }
+            let due = due(d);
+            if due > tick {
                 break;
             }
-            if self.buf.spare() == 0 {
-                if self.buf.data().len() as u64 >= max_raw {
-                    return Err(self.body_failure(RelayError::TooLarge(bounds.max_len)));
-                }
-                self.buf.reserve(want.max(BUF_SIZE));
-            }
-            match read.read(&mut self.stream, &mut self.buf).await {
-                Ok(0) => return Err(Fail::Close),
-                Ok(_) => {}
-                Err(e) => return Err(self.body_failure(e)),
+            match d.ex.as_deref().and_then(|ex| ex.timers.expired(tick)) {
+                Some(timer) => self.expire(io, ctx, id, timer),
+                None if d.ex.is_none() => self.close_down(io, ctx, id),
+                None => break,
             }
         }
-        let body = match facts.framing {
-            BodyFraming::Length(n) => &self.buf.data()[..n as usize],
-            _ => &plain[..],
+        self.run_woken(io, ctx);
+        let Some(d) = self.downs.get_mut(id) else {
+            return Visit::Drop;
         };
-        let limits = DecodeLimits {
-            ratio: guard.ratio,
-            max: guard.max,
-        };
-        match decode::check(body, codings, limits) {
-            Ok(_) => Ok(()),
-            Err(e) => {
-                crate::debug!("request body from {}: {e}", self.client);
-                let reason = match e {
-                    DecodeError::TooLarge { .. } => Reason::DecodedTooLarge,
-                    DecodeError::Corrupt(_) => Reason::BadEncoding,
-                };
-                self.ctx.rejections.count(reason);
-                Err(Fail::Respond {
-                    status: reason.status(),
-                    body_consumed: false,
-                })
-            }
+        let due = due(d);
+        if due == NEVER || d.filed <= due {
+            return Visit::Drop;
+        }
+        d.filed = due;
+        Visit::Later(due)
+    }
+
+    fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64) {
+        let (kind, id) = untoken(user_data);
+        let id = id as usize;
+        match kind {
+            DOWN_RECV | DOWN_SEND if self.downs.contains(id) => self.close_down(io, ctx, id),
+            UP_RECV | UP_SEND | UP_CONNECT if self.ups.contains(id) => match self.ups[id].down {
+                Some(down) if self.downs.contains(down) => self.close_down(io, ctx, down),
+                _ => self.close_up(io, ctx, id),
+            },
+            _ => {}
         }
     }
 
-    /// A pooled connection to the backend, or a new one; `fresh` skips the
-    /// pool (a retry must not meet another dead pooled connection).
-    ///
-    /// Every pooled connection is peeked at before use (`is_stale`). An
-    /// idle connection must have nothing to read: bytes there are EOF, or
-    /// an answer nobody asked for (a body after a HEAD response, bytes past
-    /// Content-Length, a backend answering a request it found in a body it
-    /// did not read). Handing such a connection to the next request would
-    /// give that client someone else's response.
-    async fn upstream_conn(
-        &mut self,
-        group_idx: usize,
-        group: &UpstreamGroup,
-        backend_idx: usize,
-        fresh: bool,
-    ) -> Result<(UpStream, bool), UpstreamFailure> {
-        let cur = self.cur.clone();
-        let tally = cur.tallies.backend(group_idx, backend_idx);
-        while let Some(up) = (!fresh)
-            .then(|| {
-                self.ctx
-                    .upstreams
-                    .take(group_idx, backend_idx, group.keepalive_timeout)
-            })
-            .flatten()
-        {
-            if up.is_stale() {
-                continue;
-            }
-            tally.count(|t| &t.reuses);
-            return Ok((up, true));
+    fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx) {
+        let idle: Vec<usize> = self
+            .downs
+            .iter()
+            .filter(|(_, d)| d.ex.is_none() && !d.sending)
+            .map(|(id, _)| id)
+            .collect();
+        for id in idle {
+            self.close_down(io, ctx, id);
         }
-        let backend = &group.backends[backend_idx];
-        match upstream::connect(&backend.addr, group.connect_timeout).await {
-            Ok(up) => {
-                tally.count(|t| &t.connects);
-                Ok((up, false))
-            }
-            Err(ConnectError::Timeout) => {
-                crate::debug!("upstream {}: connect timed out", backend.label);
-                Err(UpstreamFailure::Timeout)
-            }
-            Err(ConnectError::Io(e)) => {
-                crate::debug!("upstream {}: {e}", backend.label);
-                Err(UpstreamFailure::BadGateway)
-            }
-        }
+        self.pool.clear(ctx, &mut self.closing);
+        self.close_pending(io, ctx);
+        self.run_woken(io, ctx);
     }
 
-    async fn read_response_head(
-        &mut self,
-        up: &mut UpStream,
-        ubuf: &mut Buf,
-        method: Method,
-        timeout: Duration,
-    ) -> HeadResult {
-        let deadline = monoio::time::Instant::now() + timeout;
-        let mut got_any = false;
-        loop {
-            match head::parse_response(ubuf.data(), MAX_UPSTREAM_HEAD_BYTES, method, &mut self.res)
-            {
-                Ok(Status::Complete(n)) => {
-                    match self.res.status {
-                        // Informational: 100 Continue was answered by us,
-                        // 103 and others are optional; skip them. 101 would
-                        // need an Upgrade we never forward.
-                        101 => return HeadResult::Failed(UpstreamFailure::BadGateway),
-                        100..=199 => {
-                            ubuf.consume(n);
-                            continue;
-                        }
-                        _ => return HeadResult::Ok,
-                    }
-                }
-                Ok(Status::Partial) => {}
-                Err(e) => {
-                    crate::debug!("upstream response: {e}");
-                    return HeadResult::Failed(UpstreamFailure::BadGateway);
-                }
-            }
-            match monoio::time::timeout_at(deadline, ubuf.read_from(up)).await {
-                Ok(Ok(n)) if n > 0 => got_any = true,
-                Ok(Ok(_)) | Ok(Err(_)) if !got_any && ubuf.is_empty() => {
-                    return HeadResult::ClosedEarly;
-                }
-                Ok(_) => return HeadResult::Failed(UpstreamFailure::BadGateway),
-                Err(_) => return HeadResult::Failed(UpstreamFailure::Timeout),
-            }
-        }
+    fn tick(&mut self, io: &mut Io, ctx: &WorkerCtx) {
+        self.pool.expire(ctx, io.now, &mut self.closing);
+        self.close_pending(io, ctx);
+        self.run_woken(io, ctx);
+    }
+
+    fn open(&self) -> usize {
+        self.downs.len()
     }
 }

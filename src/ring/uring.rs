@@ -67,7 +67,7 @@ impl Default for RingConfig {
     fn default() -> Self {
         RingConfig {
             entries: 4096,
-            buffers: 512,
+            buffers: 128,
             buffer_size: 16 * 1024,
             setup: Setup::Deferred,
             register_fd: true,
