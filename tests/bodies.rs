@@ -186,3 +186,58 @@ fn body_in_the_same_packet_as_the_head_is_forwarded() {
     );
     assert!(String::from_utf8_lossy(&got).contains("\"body_len\": 3"));
 }
+
+#[test]
+fn a_16_mib_streaming_echo_moves_both_ways_at_once() {
+    // The origin answers each piece of the body as it reads it. A proxy
+    // that read the whole body before the response would stall once the
+    // socket buffers between it and the origin filled up.
+    let origin = python_origin();
+    let config = config_for(&format!("tcp://{}", origin.addr), "").replace(
+        "[upstream.app]",
+        "[listener.limits]\nmax_body = \"32MiB\"\n\n[upstream.app]",
+    );
+    let proxy = coregate(&config, &["--workers", "1"]);
+    let file = make_file(&proxy.dir, "sixteen.bin", 16 << 20);
+    let echoed = proxy.dir.join("echoed.bin");
+    let out = curl(&[
+        "--data-binary",
+        &format!("@{}", file.display()),
+        "-o",
+        echoed.to_str().unwrap(),
+        "-w",
+        "%{http_code}",
+        &format!("http://{}/stream-echo", proxy.addr),
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200");
+    assert_eq!(std::fs::metadata(&echoed).unwrap().len(), 16 << 20);
+    assert_eq!(sha256_hex(&echoed), sha256_hex(&file));
+}
+
+#[test]
+fn an_early_answer_arrives_before_the_upload_ends() {
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    let mut s = TcpStream::connect(&proxy.addr).expect("connect");
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    // A 512 KiB body announced, a quarter of it sent, and then nothing:
+    // the backend's 413 must come back while the client still owes 384 KiB.
+    s.write_all(b"POST /early413 HTTP/1.1\r\nHost: t\r\nContent-Length: 524288\r\n\r\n")
+        .unwrap();
+    s.write_all(&vec![b'x'; 128 << 10]).unwrap();
+    let mut got = Vec::new();
+    let mut part = [0u8; 4096];
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        match s.read(&mut part) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&part[..n]),
+            Err(e) => panic!("no answer while the upload is unfinished: {e}"),
+        }
+    }
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("HTTP/1.1 413"), "{text}");
+    assert!(
+        text.to_ascii_lowercase().contains("connection: close"),
+        "the rest of the body is not read, so the connection cannot go on: {text}"
+    );
+}

@@ -12,6 +12,8 @@ Listens on 127.0.0.1 (TCP, port 0 by default) or on a UNIX socket, prints
   /slow?ms=M      waits M ms, then answers like /echo
   /hang           never answers (sleeps 60 s)
   /early413       answers 413 without reading the request body, closes
+  /stream-echo    echoes a Content-Length body back as a chunked response
+                  while still reading it, a piece per read (full duplex)
   /headbody       broken on purpose: sends a body even to HEAD, then
                   a second, unasked-for response
   /ignore         broken on purpose: answers without reading the request
@@ -83,6 +85,19 @@ class Handler(BaseHTTPRequestHandler):
         if self.command != "HEAD":
             self.wfile.write(body)
 
+    def stream_echo(self):
+        remaining = int(self.headers.get("Content-Length", "0"))
+        self.send_response(200)
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        while remaining:
+            part = self.rfile.read1(min(remaining, 65536))
+            if not part:
+                raise ConnectionError("truncated body")
+            self.wfile.write(b"%x\r\n" % len(part) + part + b"\r\n")
+            remaining -= len(part)
+        self.wfile.write(b"0\r\n\r\n")
+
     def echo(self):
         total, sha = self.read_body()
         peer = self.client_address[1] if isinstance(self.client_address, tuple) else 0
@@ -144,6 +159,8 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.write(b"HTTP/1.1 200 OK\r\nContent-Length: 8\r\nX-Injected: yes\r\n\r\ninjected")
         elif url.path.startswith("/ignore"):
             self.send_body(200, b"ignored\n", "text/plain")
+        elif url.path.startswith("/stream-echo"):
+            self.stream_echo()
         elif url.path.startswith("/early413"):
             self.send_body(413, b"too large\n", "text/plain", extra=[("Connection", "close")])
             self.close_connection = True
