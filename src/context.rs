@@ -17,9 +17,7 @@ use crate::balance::GroupView;
 use crate::config::Snapshot;
 use crate::config::epoch::Published;
 use crate::http::head::HeaderSpan;
-use crate::idle::IdleSet;
 use crate::net::buffer::{BufPool, VecPool};
-use crate::net::upstream::UpstreamPool;
 use crate::ring::DriverKind;
 use crate::rules::{RuleSet, Scratch};
 use crate::stats::{self, Report, Tallies, WorkerStats};
@@ -76,11 +74,8 @@ pub struct WorkerCtx {
     pub bufs: BufPool,
     /// Header offset arrays for request and response heads in flight.
     pub header_vecs: VecPool<HeaderSpan>,
-    pub upstreams: UpstreamPool,
-    /// Idle pooled upstream connections of the native proxy.
+    /// Idle pooled upstream connections (the proxy's pool counts them).
     pub upstream_idle: Cell<usize>,
-    /// Deadlines of idle connections and the drain signal (see `idle`).
-    pub idle: IdleSet,
     pub open_connections: Cell<usize>,
     /// Open connections per listener (index into the snapshot's).
     pub listener_connections: Vec<Cell<usize>>,
@@ -104,7 +99,6 @@ impl WorkerCtx {
             id,
             core: None,
             workers,
-            upstreams: UpstreamPool::new(&snapshot),
             upstream_idle: Cell::new(0),
             access_log: AccessLog::new(snapshot.access_log.as_deref()),
             // Listen addresses cannot change on reload (`admin`), so
@@ -119,7 +113,6 @@ impl WorkerCtx {
             scratch: RefCell::new(Scratch::default()),
             bufs: BufPool::new(),
             header_vecs: VecPool::with_capacity(HEADER_VEC_CAPACITY),
-            idle: IdleSet::default(),
             open_connections: Cell::new(0),
             driver,
         }
@@ -143,9 +136,6 @@ impl WorkerCtx {
     fn switch(&self) -> Rc<Current> {
         let (epoch, snapshot) = self.published.load();
         let old = self.current.borrow().clone();
-        // Pooled upstream connections follow their backend by group name
-        // and address; the others are closed.
-        self.upstreams.remap(&old.snapshot, &snapshot);
         self.access_log.retarget(snapshot.access_log.as_deref());
         let tallies = Tallies::carry(&old.snapshot, &old.tallies, &snapshot);
         // What this worker learned of backends (latency, ejections)
@@ -187,7 +177,7 @@ impl WorkerCtx {
             rejections: &self.rejections,
             connections_open: self.open_connections.get() as u64,
             buffers_free: self.bufs.free_count() as u64,
-            upstream_idle: (self.upstreams.idle_count() + self.upstream_idle.get()) as u64,
+            upstream_idle: self.upstream_idle.get() as u64,
         })
     }
 }

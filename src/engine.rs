@@ -312,7 +312,6 @@ fn start_drain(
     listeners: &mut [Option<(RawFd, usize)>],
 ) {
     io.draining = true;
-    ctx.idle.start_drain();
     for (i, l) in listeners.iter_mut().enumerate() {
         if let Some((fd, _)) = l.take() {
             let _ = io.driver.cancel(fd, token(Kind::Accept as u8, i as u64));

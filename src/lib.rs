@@ -11,18 +11,16 @@
 //!   configuration handle, pools, counters; the control messages.
 //! - [`control`]: the control thread: binds listeners, starts workers,
 //!   handles signals and drains.
-//! - [`worker`]: one pinned thread per core with its runtime, accept loops,
-//!   drain sequence and panic isolation.
+//! - [`worker`]: one pinned thread per core, and the service its
+//!   connections get (the proxy or the built-in origin).
 //! - [`engine`]: a worker's event loop on the native I/O core: accepts,
 //!   completions dispatched to a connection state machine, deadlines,
-//!   control messages, drain (the built-in origin runs on it).
-//! - [`idle`]: keep-alive and first-byte deadlines of idle connections (a
-//!   slab entry each instead of a timer future) and the drain signal.
-//! - [`net`]: listeners (SO_REUSEPORT), upstream connections and their
-//!   keep-alive pool, the per-worker buffer pool.
+//!   housekeeping, control messages, drain and panic isolation.
+//! - [`net`]: listeners (SO_REUSEPORT) and the per-worker buffer pool.
 //! - [`http`]: HTTP/1.1 syntax: head parsing with strict framing checks,
 //!   the chunked coding, head serialisation.
-//! - [`proxy`]: the per-connection state machine and the body relay.
+//! - [`proxy`]: the request's life as a state machine per connection:
+//!   phases, upstream pool, full-duplex relay, retries, timeouts.
 //! - [`ring`]: the per-worker io_uring core: ring setup, one enter per
 //!   loop turn, the provided buffer ring, multishot accept and receive.
 //! - [`origin`]: the built-in origin server used by the demo and benches.
@@ -53,7 +51,6 @@ pub mod control;
 pub mod engine;
 pub mod health;
 pub mod http;
-pub mod idle;
 pub mod log;
 pub mod net;
 pub mod origin;

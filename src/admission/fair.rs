@@ -15,9 +15,8 @@
 
 use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
-use std::future::poll_fn;
 use std::rc::Rc;
-use std::task::{Poll, Waker};
+use std::task::Waker;
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum WaitState {
@@ -258,20 +257,6 @@ pub struct Ticket {
 }
 
 impl Ticket {
-    /// Wait until a slot is granted. Race it against the queue deadline;
-    /// on timeout, drop the ticket.
-    pub async fn granted(&mut self) {
-        poll_fn(|cx| match self.waiter.state.get() {
-            WaitState::Granted => Poll::Ready(()),
-            _ => {
-                self.waiter.waker.set(Some(cx.waker().clone()));
-                Poll::Pending
-            }
-        })
-        .await;
-        self.taken = true;
-    }
-
     /// Without waiting: true once a slot was granted; until then `waker`
     /// is woken when one is (a completion-driven caller's way to wait).
     pub fn poll_granted(&self, waker: &Waker) -> bool {
@@ -453,17 +438,24 @@ mod tests {
         assert_eq!((g.inflight(), g.queued()), (0, 0));
     }
 
-    #[monoio::test(enable_timer = true)]
-    async fn a_waiter_wakes_when_granted() {
+    #[test]
+    fn a_waiter_is_woken_when_granted() {
+        struct Count(std::sync::atomic::AtomicUsize);
+        impl std::task::Wake for Count {
+            fn wake(self: std::sync::Arc<Self>) {
+                self.0.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            }
+        }
+        let woken = std::sync::Arc::new(Count(std::sync::atomic::AtomicUsize::new(0)));
+        let waker = Waker::from(woken.clone());
         let g = gate(1);
         assert!(g.try_take(0));
-        let mut t = g.enqueue(9, 1, 1).expect("room");
-        let g2 = g.clone();
-        monoio::spawn(async move {
-            monoio::time::sleep(std::time::Duration::from_millis(5)).await;
-            g2.release();
-        });
-        t.granted().await;
+        let t = g.enqueue(9, 1, 1).expect("room");
+        assert!(!t.poll_granted(&waker));
+        assert_eq!(woken.0.load(std::sync::atomic::Ordering::Relaxed), 0);
+        g.release();
+        assert_eq!(woken.0.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(t.poll_granted(&waker));
         t.take();
         assert_eq!(g.inflight(), 1);
     }

@@ -417,23 +417,6 @@ impl PolicyState {
             .as_ref()
             .map_or(Duration::ZERO, |q| q.timeout)
     }
-
-    /// Wait in the queue for a slot, up to the queue timeout.
-    pub async fn wait(&self, mut ticket: Ticket) -> Result<Slot, Refusal> {
-        let (Some(gate), Some(q)) = (&self.gate, &self.policy.queue) else {
-            unreachable!("only a policy with a queue hands out tickets");
-        };
-        let timed_out = monoio::time::timeout(q.timeout, ticket.granted())
-            .await
-            .is_err();
-        // A grant and the deadline can land in the same turn: a granted
-        // slot is used rather than wasted.
-        if timed_out && !ticket.is_granted() {
-            return Err(Refusal::retry(Reason::QueueTimeout, 1));
-        }
-        ticket.take();
-        Ok(Slot(gate.clone()))
-    }
 }
 
 /// A worker's admission state: one entry per policy of the snapshot it
@@ -600,8 +583,8 @@ mod tests {
         assert_eq!(admitted(2), 5);
     }
 
-    #[monoio::test(enable_timer = true)]
-    async fn queue_deadline_refuses_with_503() {
+    #[test]
+    fn a_queued_request_gets_the_freed_slot_and_a_given_up_place_is_not_counted() {
         let q = Queue {
             tenant: Key::All,
             depth: 1,
@@ -609,6 +592,7 @@ mod tests {
             weights: HashMap::new(),
         };
         let s = PolicyState::new(policy(1, 1, Some(q)), 1);
+        assert_eq!(s.queue_timeout(), Duration::from_millis(20));
         let held = s.admit(&ask(false));
         let Admit::Wait(ticket) = s.admit(&ask(false)) else {
             panic!("queued behind the held slot");
@@ -620,12 +604,20 @@ mod tests {
                 ..
             })
         ));
-        let refused = s.wait(ticket).await.expect_err("nobody released");
-        assert_eq!(
-            (refused.status(), refused.reason),
-            (503, Reason::QueueTimeout)
-        );
+        // Its deadline passed: the place is given up (the proxy answers
+        // 503 queue_timeout).
+        drop(ticket);
+        let Admit::Wait(ticket) = s.admit(&ask(false)) else {
+            panic!("the given-up place is free again");
+        };
         drop(held);
+        assert!(ticket.is_granted(), "the freed slot goes to the waiter");
+        let slot = s.claim(ticket);
+        assert_eq!(
+            s.gate.as_ref().map(|g| (g.inflight(), g.queued())),
+            Some((1, 0))
+        );
+        drop(slot);
         assert_eq!(
             s.gate.as_ref().map(|g| (g.inflight(), g.queued())),
             Some((0, 0))
