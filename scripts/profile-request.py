@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Where a proxied request's CPU time goes: coregate (io_uring, epoll) against nginx.
 
-    scripts/profile-request.py [--requests 20000] [--body-size 128] [--post BYTES] [--no-callgrind] [--spikes]
+    scripts/profile-request.py [--requests 20000] [--body-size 128] [--post BYTES] [--no-callgrind]
+                               [--no-dhat] [--spikes]
 
 For each proxy (1 worker, pinned to CPU 1; origin and load on CPU 0), with
 a fixed number of keep-alive requests from `oha -n` (50 connections):
@@ -15,6 +16,12 @@ a fixed number of keep-alive requests from `oha -n` (50 connections):
      coregate runs on epoll under valgrind, which does not follow
      io_uring's shared rings; the instructions of the proxy's own code
      are the same on either driver.
+  4. heap allocations per request in steady state, coregate only, from
+     DHAT (valgrind --tool=dhat): two runs, each warmed up with the same
+     1,000 requests, then N and 3N more (N = --requests / 10); the
+     difference of their totals over the 2N requests between them leaves
+     out everything that happens once (start, warm-up, drain). Both
+     drivers; valgrind's io_uring support counts the same allocations.
 
 --spikes adds the two modes of the examples/uring_spike prototype,
 spike-sm (state machine) and spike-task (async tasks), measured the same
@@ -151,12 +158,41 @@ def instructions(procs, work, args, tools, post_file):
     return rows
 
 
+def allocations(procs, work, args, tools, post_file):
+    """Heap allocations per request (DHAT), from the difference of two runs."""
+    rows = {}
+    n = max(500, args.requests // 10)
+    for name in ("coregate", "coregate-epoll"):
+        totals = []
+        for count in (n, 3 * n):
+            log = f"{work}/{name}.dhat-{count}.log"
+            p = procs.start(["valgrind", "--tool=dhat", f"--dhat-out-file={work}/{name}.dhat-{count}.json"]
+                            + command(work, tools, name), "1", log=log)
+            try:
+                bench.wait_http("127.0.0.1", PORTS[name], "/", limit=60)
+                oha(tools, PORTS[name], 1000, post_file)
+                oha(tools, PORTS[name], count, post_file)
+            finally:
+                # SIGTERM: the proxy drains and exits, and DHAT writes its totals.
+                procs.stop(p, timeout=60)
+            with open(log) as f:
+                found = re.findall(r"Total:\s+[\d,]+ bytes in ([\d,]+) blocks", f.read())
+            if not found:
+                print(f"{name} under DHAT: no totals (see {log})", file=sys.stderr)
+                break
+            totals.append(int(found[-1].replace(",", "")))
+        if len(totals) == 2:
+            rows[name] = (totals[1] - totals[0]) / (2 * n)
+    return rows
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=20000)
     ap.add_argument("--body-size", type=int, default=128)
     ap.add_argument("--post", type=int, default=0, help="send POST bodies of this size")
     ap.add_argument("--no-callgrind", action="store_true")
+    ap.add_argument("--no-dhat", action="store_true")
     ap.add_argument("--spikes", action="store_true",
                     help="also measure target/release/examples/uring_spike --mode sm and --mode task")
     args = ap.parse_args()
@@ -183,6 +219,7 @@ def main():
         split = cpu_split(procs, work, args, tools, post_file)
         calls = syscalls(procs, work, args, tools, post_file)
         instr = {} if args.no_callgrind else instructions(procs, work, args, tools, post_file)
+        allocs = {} if args.no_dhat else allocations(procs, work, args, tools, post_file)
         procs.stop(origin)
     finally:
         procs.stop_all()
@@ -191,15 +228,16 @@ def main():
           f"(oha -n), proxy alone on CPU 1")
     print()
     print("| proxy | user us/req | system us/req | system share | syscalls/req | io_uring_enter/req "
-          "| instructions/req (callgrind) |")
-    print("|---|---|---|---|---|---|---|")
+          "| instructions/req (callgrind) | heap allocations/req (DHAT) |")
+    print("|---|---|---|---|---|---|---|---|")
     for name in PORTS:
         u, s = split[name]
         n = sum(c for c, _ in calls[name].values()) / args.requests
         enter = calls[name].get("io_uring_enter", (0, 0))[0] / args.requests
         ins = instr.get(name) or instr.get("coregate-epoll" if name == "coregate" else name)
         ins_text = f"{ins:,.0f}" + (" (epoll run)" if name == "coregate" and ins else "") if ins else ""
-        print(f"| {name} | {u:.2f} | {s:.2f} | {s / (u + s):.0%} | {n:.2f} | {enter:.2f} | {ins_text} |")
+        alloc = f"{allocs[name]:.2f}" if name in allocs else ""
+        print(f"| {name} | {u:.2f} | {s:.2f} | {s / (u + s):.0%} | {n:.2f} | {enter:.2f} | {ins_text} | {alloc} |")
     print()
     print("Syscalls per request (errors, mostly EAGAIN, in brackets):")
     print()

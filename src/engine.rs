@@ -20,7 +20,7 @@ use std::time::{Duration, Instant};
 use crate::admission::Reason;
 use crate::context::{MSG_DRAIN, WorkerCtx};
 use crate::ring::DriverKind;
-use crate::ring::wheel::{Visit, Wheel};
+use crate::ring::wheel::{TICK, Visit, Wheel};
 use crate::ring::{Completion, Driver, RingConfig};
 use crate::stats::Report;
 use crate::stats::hub::MSG_STATS;
@@ -55,10 +55,17 @@ pub struct Io {
     pub wheel: Wheel,
     /// The time of this loop turn (one clock read per turn).
     pub now: Instant,
+    /// `now` as a wheel tick (rounded up).
+    pub tick: u64,
     pub draining: bool,
 }
 
 impl Io {
+    /// The wheel tick `d` from now (up to a tick late, never early).
+    pub fn tick_after(&self, d: Duration) -> u64 {
+        self.tick + ticks(d)
+    }
+
     /// Close `fd` once no operation on it is in flight.
     pub fn close(&mut self, fd: RawFd) {
         self.driver.forget(fd);
@@ -66,6 +73,15 @@ impl Io {
         // of its operations; nothing uses the number after this.
         unsafe { libc::close(fd) };
     }
+}
+
+/// Whole wheel ticks in `d`, rounded up; no 128-bit division.
+fn ticks(d: Duration) -> u64 {
+    const PER_SECOND: u64 = 1_000_000_000 / TICK.as_nanos() as u64;
+    const NANOS: u64 = TICK.as_nanos() as u64;
+    d.as_secs()
+        .saturating_mul(PER_SECOND)
+        .saturating_add(u64::from(d.subsec_nanos()).div_ceil(NANOS))
 }
 
 /// A kind of connection the loop serves: the state machine behind it.
@@ -80,6 +96,9 @@ pub trait Service {
     fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64);
     /// The worker drains: close what is idle, finish what is in flight.
     fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx);
+    /// The end of a loop turn: every completion and deadline of it was
+    /// handled.
+    fn turn_done(&mut self, _io: &mut Io, _ctx: &WorkerCtx) {}
     /// Housekeeping, every [`HOUSEKEEPING`] (idle pooled connections
     /// past their timeout, say).
     fn tick(&mut self, _io: &mut Io, _ctx: &WorkerCtx) {}
@@ -114,6 +133,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         driver,
         wheel: Wheel::new(Instant::now()),
         now: Instant::now(),
+        tick: 0,
         draining: false,
     };
     let mut listeners: Vec<Option<(RawFd, usize)>> = Vec::new();
@@ -176,6 +196,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
             std::process::exit(1);
         }
         io.now = Instant::now();
+        io.tick = io.wheel.tick_of(io.now);
         for c in done.drain(..) {
             let (kind, id) = untoken(c.user_data);
             match kind {
@@ -257,6 +278,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
                 io.wheel.insert(id, t);
             }
         }
+        service.turn_done(&mut io, ctx);
         if io.now >= housekeeping {
             housekeeping = io.now + HOUSEKEEPING;
             ctx.access_log.flush();
@@ -333,5 +355,20 @@ pub fn driver(kind: DriverKind) -> io::Result<Driver> {
     match kind {
         DriverKind::Epoll => Driver::epoll(config),
         _ => Driver::uring(config),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ticks_round_up_and_never_overflow() {
+        assert_eq!(ticks(Duration::ZERO), 0);
+        assert_eq!(ticks(Duration::from_millis(10)), 1);
+        assert_eq!(ticks(Duration::from_millis(11)), 2);
+        assert_eq!(ticks(Duration::from_secs(60)), 6000);
+        assert_eq!(ticks(Duration::from_millis(2500)), 250);
+        assert_eq!(ticks(Duration::MAX), u64::MAX);
     }
 }

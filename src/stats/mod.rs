@@ -63,9 +63,22 @@ impl Stamp {
         return Stamp;
     }
 
+    /// The stamp of `at`: an event loop stamps with its turn's time, one
+    /// clock read for every event of the turn.
+    #[inline]
+    pub fn at(at: Instant) -> Stamp {
+        #[cfg(feature = "stats")]
+        return Stamp(at);
+        #[cfg(not(feature = "stats"))]
+        {
+            let _ = at;
+            Stamp
+        }
+    }
+
     #[cfg(feature = "stats")]
-    fn elapsed_us(self) -> u64 {
-        self.0.elapsed().as_micros() as u64
+    fn micros_until(self, end: Stamp) -> u64 {
+        end.0.saturating_duration_since(self.0).as_micros() as u64
     }
 }
 
@@ -103,11 +116,18 @@ fn add(c: &Cell<u64>, n: u64) {
 }
 
 impl WorkerStats {
-    /// A request answered with `status`, from `started` to now. Status 0
-    /// (closed without an answer: the client went away, or a drop rule)
-    /// is not a response and is not counted.
+    /// A request answered with `status`, from `started` to `ended`.
+    /// Status 0 (closed without an answer: the client went away, or a drop
+    /// rule) is not a response and is not counted.
     #[inline]
-    pub fn response(&self, status: u16, started: Stamp, bytes_in: u64, bytes_out: u64) {
+    pub fn response(
+        &self,
+        status: u16,
+        started: Stamp,
+        ended: Stamp,
+        bytes_in: u64,
+        bytes_out: u64,
+    ) {
         #[cfg(feature = "stats")]
         {
             if !(100..600).contains(&status) {
@@ -119,10 +139,10 @@ impl WorkerStats {
             let _ = self
                 .latency
                 .borrow_mut()
-                .record(started.elapsed_us().clamp(1, HIST_MAX_US));
+                .record(started.micros_until(ended).clamp(1, HIST_MAX_US));
         }
         #[cfg(not(feature = "stats"))]
-        let _ = (status, started, bytes_in, bytes_out);
+        let _ = (status, started, ended, bytes_in, bytes_out);
     }
 
     /// An upstream exchange that took `elapsed` (connect or reuse to its
