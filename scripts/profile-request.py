@@ -12,10 +12,9 @@ a fixed number of keep-alive requests from `oha -n` (50 connections):
      (strace slows the proxy: these runs count calls, they are not timed),
      with io_uring_enter's share in a column of its own;
   3. user-space instructions per request, from callgrind
-     (`callgrind_control -z` after a warm-up, `-d` after the requests).
-     coregate runs on epoll under valgrind, which does not follow
-     io_uring's shared rings; the instructions of the proxy's own code
-     are the same on either driver.
+     (`callgrind_control -z` after a warm-up, `-d` after the requests),
+     coregate on both drivers: what the kernel does for the rings is not
+     counted, as a syscall's work is not.
   4. heap allocations per request in steady state, coregate only, from
      DHAT (valgrind --tool=dhat): two runs, each warmed up with the same
      1,000 requests, then N and 3N more (N = --requests / 10); the
@@ -53,7 +52,7 @@ ORIGIN_PORT = 19400
 PORTS = {"nginx": 19401, "coregate": 19402, "coregate-epoll": 19403}
 SPIKE = os.path.join(bench.ROOT, "target", "release", "examples", "uring_spike")
 SPIKES = {"spike-sm": 19404, "spike-task": 19405}  # added to PORTS by --spikes
-CALLGRIND = ["nginx", "coregate-epoll"]  # and the spikes, with --spikes
+CALLGRIND = ["nginx", "coregate", "coregate-epoll"]  # and the spikes, with --spikes
 
 
 def oha(tools, port, n, post_file):
@@ -234,8 +233,8 @@ def main():
         u, s = split[name]
         n = sum(c for c, _ in calls[name].values()) / args.requests
         enter = calls[name].get("io_uring_enter", (0, 0))[0] / args.requests
-        ins = instr.get(name) or instr.get("coregate-epoll" if name == "coregate" else name)
-        ins_text = f"{ins:,.0f}" + (" (epoll run)" if name == "coregate" and ins else "") if ins else ""
+        ins = instr.get(name)
+        ins_text = f"{ins:,.0f}" if ins else ""
         alloc = f"{allocs[name]:.2f}" if name in allocs else ""
         print(f"| {name} | {u:.2f} | {s:.2f} | {s / (u + s):.0%} | {n:.2f} | {enter:.2f} | {ins_text} | {alloc} |")
     print()

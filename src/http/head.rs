@@ -64,7 +64,9 @@ pub enum HeaderKind {
 }
 
 fn classify(name: &[u8]) -> HeaderKind {
-    if name.contains(&b'_') {
+    // Names are short: a loop the compiler inlines costs less than a call
+    // to `memchr` per field (callgrind: ~250 instructions a request).
+    if name.iter().any(|&b| b == b'_') {
         return classify_underscored(name);
     }
     classify_exact(name)
@@ -416,12 +418,28 @@ fn check_line_endings(head: &[u8], fields: usize) -> Result<(), HeadError> {
             _ => break,
         }
     }
-    let crs = head[start..].iter().filter(|&&b| b == b'\r').count();
-    if crs == fields + 2 {
+    if count_cr(&head[start..]) == fields + 2 {
         Ok(())
     } else {
         Err(HeadError::Malformed("bare LF"))
     }
+}
+
+/// CR bytes in `bytes`, eight at a time: a byte-by-byte count cost about
+/// 1,000 instructions a proxied request (request and response heads).
+fn count_cr(bytes: &[u8]) -> usize {
+    const LOW7: u64 = 0x7f7f_7f7f_7f7f_7f7f;
+    const CR: u64 = 0x0d0d_0d0d_0d0d_0d0d;
+    let mut words = bytes.chunks_exact(8);
+    let mut n = 0;
+    for w in &mut words {
+        let x = u64::from_le_bytes(w.try_into().expect("eight bytes")) ^ CR;
+        // Bit 7 of each byte of `x` that is zero (a CR), and no other bit:
+        // the sum cannot carry out of a byte.
+        let zero = !(((x & LOW7) + LOW7) | x | LOW7);
+        n += zero.count_ones() as usize;
+    }
+    n + words.remainder().iter().filter(|&&b| b == b'\r').count()
 }
 
 /// Shared between requests and responses: what the framing headers said.
@@ -1157,5 +1175,22 @@ mod tests {
             )
             .is_ok()
         );
+    }
+
+    #[test]
+    fn carriage_returns_are_counted_eight_at_a_time_as_one_at_a_time() {
+        let mut bytes = Vec::new();
+        for i in 0..300u32 {
+            bytes.push(match i % 7 {
+                0 => b'\r',
+                1 => 0x8d,
+                2 => 0x0c,
+                3 => b'\n',
+                _ => (i * 31 % 256) as u8,
+            });
+            let slow = bytes.iter().filter(|&&b| b == b'\r').count();
+            assert_eq!(count_cr(&bytes), slow, "{} bytes", bytes.len());
+            assert_eq!(count_cr(&bytes[1..]), slow - 1, "{} bytes", bytes.len());
+        }
     }
 }
