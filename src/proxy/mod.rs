@@ -31,6 +31,7 @@
 //! mix of two configs.
 
 pub mod decide;
+pub mod keep;
 pub mod pool;
 pub mod relay;
 pub mod timers;
@@ -47,7 +48,7 @@ use socket2::{Domain, SockAddr, SockRef, Socket, Type};
 
 use crate::admission::decode::{self, Coding, DecodeError, DecodeLimits};
 use crate::admission::fair::Ticket;
-use crate::admission::{Admit, After, Ask, DecodeGuard, PolicyState, Reason, Refusal, Slot};
+use crate::admission::{Admit, Ask, DecodeGuard, PolicyState, Reason, Refusal, Slot};
 use crate::balance::Outcome;
 use crate::config::BackendAddr;
 use crate::context::{Current, WorkerCtx};
@@ -61,6 +62,7 @@ use crate::ring::wheel::Visit;
 use crate::rules::HeaderPlan;
 use crate::stats::Stamp;
 use decide::{Decided, Edits, Inputs, Logged, Plan};
+use keep::{Keep, Next, UpstreamState, upstream_reusable};
 use relay::{BodyIn, BodyOut, Framer, RelayError};
 use timers::{Timer, Timers};
 
@@ -154,15 +156,6 @@ enum Phase {
     Linger,
 }
 
-/// How a request ended for the downstream connection.
-#[derive(Clone, Copy, PartialEq, Eq, Debug)]
-enum Next {
-    KeepAlive,
-    Close,
-    /// Close after draining what the client still sends.
-    LingerClose,
-}
-
 /// Why the upstream exchange failed before a response head came.
 #[derive(Clone, Copy, Debug)]
 enum UpstreamFailure {
@@ -229,9 +222,8 @@ struct Exchange {
     status: u16,
     received: u64,
     sent: u64,
-    /// Whether the client connection may serve another request after this
-    /// one, as far as the request goes.
-    keep: bool,
+    /// What the client connection's fate depends on (`keep`).
+    keep: Keep,
     /// The answer is whole in `out`: what follows once it is sent.
     next: Option<Next>,
     plan: Option<Plan>,
@@ -257,7 +249,6 @@ struct Exchange {
     up_started: Instant,
     /// The request body on its way upstream; `None`: no body.
     body_in: Option<Framer>,
-    body_done: bool,
     /// The response head went to the client.
     head_in: bool,
     body_out: Option<Framer>,
@@ -286,7 +277,7 @@ impl Default for Exchange {
             status: 0,
             received: 0,
             sent: 0,
-            keep: false,
+            keep: Keep::default(),
             next: None,
             plan: None,
             asks: [None, None],
@@ -305,7 +296,6 @@ impl Default for Exchange {
             up_head: 0,
             up_started: Instant::now(),
             body_in: None,
-            body_done: false,
             head_in: false,
             body_out: None,
             used: None,
@@ -513,7 +503,7 @@ impl Proxy {
             Some(ex) => match ex.phase {
                 Phase::Head => !self.head_complete(ctx, id),
                 Phase::Guard | Phase::Linger => true,
-                Phase::Forward => !ex.body_done,
+                Phase::Forward => !ex.keep.body_read,
                 Phase::Queued { .. } | Phase::Respond => false,
             },
         };
@@ -521,7 +511,7 @@ impl Proxy {
             return self.close_down(io, ctx, id);
         }
         if let Some(ex) = self.downs[id].ex.as_deref_mut() {
-            ex.keep = false;
+            ex.keep.asked = false;
         }
         self.advance(io, ctx, id);
     }
@@ -629,6 +619,7 @@ impl Proxy {
             ex.out = ctx.bufs.get();
         }
         ex.cur = Some(cur);
+        ex.keep = Keep::default();
         ex.active = true;
         ex.started = Stamp::at(io.now);
         ex.status = 0;
@@ -664,13 +655,12 @@ impl Proxy {
             &mut ex.edits,
         );
         ex.received = ex.req.len as u64;
-        ex.keep = ex.req.keep_alive;
+        ex.keep = Keep::for_request(&ex.req, io.draining);
         ex.asks = asks;
         ex.max_len = max_len;
         ex.decode = decode;
         ex.logged = logged;
-        ex.body_done = ex.req.framing == BodyFraming::None;
-        if ex.body_done {
+        if ex.keep.body_read {
             ex.timers.clear(Timer::Request);
         }
         ex.parsed = true;
@@ -768,8 +758,8 @@ impl Proxy {
             .ex
             .as_deref_mut()
             .expect("acted in an exchange");
-        let bodyless = ex.req.framing == BodyFraming::None;
-        let keep = bodyless && ex.req.keep_alive;
+        ex.keep.draining = io.draining;
+        let keep = ex.keep.keeps();
         let with_body = ex.req.method != Method::Head;
         let version = ex.req.version;
         match ex.plan.take().expect("a decided request has a plan") {
@@ -779,7 +769,6 @@ impl Proxy {
             }
             Plan::Refuse(reason) => self.refuse(io, ctx, id, Refusal::of(reason)),
             Plan::Probe { status, body } => {
-                let keep = keep && !io.draining;
                 let out = writable_out(false, ex, 0).expect("nothing is sent before an answer");
                 encode::write_fixed(
                     out,
@@ -791,21 +780,20 @@ impl Proxy {
                     version,
                     with_body,
                 );
-                self.respond(io, ctx, id, status, keep)
+                self.respond(io, ctx, id, status)
             }
             Plan::Fixed {
                 status,
                 fields,
                 body,
             } => {
-                let keep = keep && !io.draining;
                 let edits = std::mem::take(&mut ex.edits.response);
                 let out = writable_out(false, ex, 0).expect("nothing is sent before an answer");
                 encode::write_fixed(
                     out, status, &fields, &edits, &body, keep, version, with_body,
                 );
                 ex.edits.response = edits;
-                self.respond(io, ctx, id, status, keep)
+                self.respond(io, ctx, id, status)
             }
             Plan::Proxy {
                 group,
@@ -1091,7 +1079,7 @@ impl Proxy {
             && ex.req.version == Version::Http11
             && ex.buf.is_empty()
             && ex.body_in.is_some()
-            && !ex.body_done)
+            && !ex.keep.body_read)
         {
             return;
         }
@@ -1114,7 +1102,7 @@ impl Proxy {
             ex.timers.clear(Timer::BodyIdle);
             return;
         }
-        if let Some(framer) = ex.body_in.as_mut().filter(|_| !ex.body_done) {
+        if let Some(framer) = ex.body_in.as_mut().filter(|_| !ex.keep.body_read) {
             if u.sent == u.out.len() {
                 u.out.clear();
                 u.sent = 0;
@@ -1130,7 +1118,7 @@ impl Proxy {
                     ex.buf.consume(step.consumed);
                     ex.received += step.consumed as u64;
                     if step.done {
-                        ex.body_done = true;
+                        ex.keep.body_read = true;
                         ex.timers.clear(Timer::BodyIdle);
                         ex.timers.clear(Timer::Request);
                     }
@@ -1154,18 +1142,18 @@ impl Proxy {
             ex.timers.set(Timer::UpWrite, io.tick_after(timeout));
         } else {
             ex.timers.clear(Timer::UpWrite);
-            if ex.body_done && !ex.head_in && !ex.timers.is_set(Timer::Response) {
+            if ex.keep.body_read && !ex.head_in && !ex.timers.is_set(Timer::Response) {
                 // All of the request is with the backend: its answer is due.
                 let timeout = ex.cur().snapshot.upstreams[ex.group].response_timeout;
                 ex.timers.set(Timer::Response, io.tick_after(timeout));
             }
         }
-        if !ex.body_done {
+        if !ex.keep.body_read {
             self.arm_body_timer(io, id);
         }
         self.resume_down(io, id);
         let d = &self.downs[id];
-        if d.eof && d.ex.as_ref().is_some_and(|ex| !ex.body_done) {
+        if d.eof && d.ex.as_ref().is_some_and(|ex| !ex.keep.body_read) {
             self.close_down(io, ctx, id);
         }
     }
@@ -1424,7 +1412,7 @@ impl Proxy {
         cur.groups[ex.group].record(balance, ex.backend, outcome, io.now);
         ex.timers.clear(Timer::Response);
         let version = ex.req.version;
-        let mut keep = ex.keep;
+        let mut framed = true;
         let (body_in, out_framing, body_out) = match ex.res.framing {
             BodyFraming::None => (BodyIn::Length(0), OutFraming::AsIs, BodyOut::Verbatim),
             BodyFraming::Length(n) => (BodyIn::Length(n), OutFraming::AsIs, BodyOut::Verbatim),
@@ -1437,18 +1425,19 @@ impl Proxy {
                 if !ex.res.te_is_plain_chunked {
                     // An HTTP/1.0 client cannot undo a coding we cannot
                     // strip.
+                    ex.keep.framed = false;
                     self.release_upstream(io, ctx, id, false);
-                    self.reject(io, ctx, id, 502, false);
+                    self.reject(io, ctx, id, 502);
                     return false;
                 }
-                keep = false;
+                framed = false;
                 (BodyIn::Chunked, OutFraming::UntilClose, BodyOut::Dechunk)
             }
             BodyFraming::CloseDelimited if version == Version::Http11 => {
                 (BodyIn::UntilClose, OutFraming::Rechunk, BodyOut::Rechunk)
             }
             BodyFraming::CloseDelimited => {
-                keep = false;
+                framed = false;
                 (
                     BodyIn::UntilClose,
                     OutFraming::UntilClose,
@@ -1458,7 +1447,8 @@ impl Proxy {
         };
         // Decided now, with what the head says; a request body the
         // backend did not wait for ends it later (`response_done`).
-        ex.keep = keep && !io.draining;
+        ex.keep.framed = framed;
+        ex.keep.draining = io.draining;
         if ex.out_sent == ex.out.len() {
             ex.out.clear();
             ex.out_sent = 0;
@@ -1470,7 +1460,7 @@ impl Proxy {
             &ex.res,
             out_framing,
             version,
-            ex.keep && ex.body_done,
+            ex.keep.keeps(),
             &ex.edits.response,
         );
         u.buf.consume(ex.res.len);
@@ -1493,23 +1483,21 @@ impl Proxy {
         ex.timers.clear(Timer::UpRead);
         ex.timers.clear(Timer::UpWrite);
         ex.timers.clear(Timer::Response);
-        // A body on a method whose body has no defined meaning (RFC 9110
-        // 9.3.1, 9.3.2, 9.3.5) is forwarded with its framing, but a
-        // backend that ignores it would read it as a second request and
-        // answer it to the next client on this connection
-        // (desync-guardian's "Ambiguous" tier): never reused.
-        let body_without_meaning = ex.req.framing != BodyFraming::None
-            && matches!(ex.req.method, Method::Get | Method::Head | Method::Delete);
-        let reusable = ex.res.keep_alive && ex.body_done && !body_without_meaning && !io.draining;
-        let body_done = ex.body_done;
-        ex.next = Some(match (ex.keep && body_done, body_done) {
-            (true, _) => Next::KeepAlive,
-            // The upstream answered before taking the whole body: the
-            // client may still be sending, so linger or it gets a reset
-            // instead of the answer.
-            (false, false) => Next::LingerClose,
-            (false, true) => Next::Close,
-        });
+        let uid = ex.up.expect("a response comes from an upstream");
+        let u = &self.ups[uid];
+        let reusable = upstream_reusable(
+            &ex.req,
+            &ex.res,
+            ex.keep.body_read,
+            io.draining,
+            UpstreamState {
+                sending: u.sending,
+                eof: u.eof,
+                leftover: !u.buf.is_empty(),
+            },
+        );
+        ex.keep.draining = io.draining;
+        ex.next = Some(ex.keep.after_response());
         self.release_upstream(io, ctx, id, reusable);
     }
 
@@ -1526,7 +1514,7 @@ impl Proxy {
         let (g, b) = (ex.group, ex.backend);
         let u = &mut self.ups[uid];
         u.down = None;
-        let clean = reusable && !u.sending && !u.eof && !u.closing && u.buf.is_empty();
+        let clean = reusable && !u.closing;
         if clean && self.pool.put(ctx, &cur, g, b, uid as u32, io.now) {
             let u = &mut self.ups[uid];
             u.reused = false;
@@ -1614,7 +1602,6 @@ impl Proxy {
             .ex
             .as_deref_mut()
             .expect("an exchange failed");
-        let body_consumed = if unsent { bodyless } else { ex.body_done };
         // Retry elsewhere only when the request can be sent again as it
         // was: nothing of it reached the backend, or it is an idempotent
         // request without a body that met a broken connection (not a
@@ -1634,8 +1621,7 @@ impl Proxy {
             return self.connect(io, ctx, id, false);
         }
         ctx.bufs.put(head);
-        let keep = ex.req.keep_alive && body_consumed;
-        self.reject(io, ctx, id, status, keep)
+        self.reject(io, ctx, id, status)
     }
 
     /// Detach and close the exchange's upstream connection, and count the
@@ -1676,17 +1662,13 @@ impl Proxy {
             .ex
             .as_deref_mut()
             .expect("refused in an exchange");
-        let body_read = ex.active && ex.body_done;
-        let keep = match r.reason.after() {
-            After::Close => false,
-            After::KeepIfBodyRead => body_read && ex.req.keep_alive,
-        };
-        self.canned(io, ctx, id, r.status(), keep, r.retry_after)
+        ex.keep = ex.keep.refused(r.reason.after());
+        self.canned(io, ctx, id, r.status(), r.retry_after)
     }
 
     /// Answer with a canned response (a failure of ours or the upstream's).
-    fn reject(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, status: u16, keep: bool) {
-        self.canned(io, ctx, id, status, keep, None)
+    fn reject(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, status: u16) {
+        self.canned(io, ctx, id, status, None)
     }
 
     fn canned(
@@ -1695,12 +1677,12 @@ impl Proxy {
         ctx: &WorkerCtx,
         id: usize,
         status: u16,
-        keep: bool,
         retry_after: Option<u32>,
     ) {
-        let keep = keep && !io.draining;
         let d = &mut self.downs[id];
         let ex = d.ex.as_deref_mut().expect("answered in an exchange");
+        ex.keep.draining = io.draining;
+        let keep = ex.keep.keeps();
         // A HEAD answer carries no content (RFC 9110 9.3.2), or a
         // kept-alive client would read it as the start of its next
         // response. A head that never parsed is answered as HTTP/1.1.
@@ -1713,11 +1695,11 @@ impl Proxy {
             return self.close_down(io, ctx, id);
         };
         encode::write_canned(out, status, keep, version, with_body, retry_after);
-        self.respond(io, ctx, id, status, keep)
+        self.respond(io, ctx, id, status)
     }
 
     /// Our answer is (or goes) in `out`: send it, then end the request.
-    fn respond(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, status: u16, keep: bool) {
+    fn respond(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, status: u16) {
         let ex = self.downs[id]
             .ex
             .as_deref_mut()
@@ -1726,12 +1708,7 @@ impl Proxy {
         ex.phase = Phase::Respond;
         ex.status = status;
         ex.sent = (ex.out.len() - ex.out_sent) as u64;
-        ex.keep = keep;
-        ex.next = Some(if keep {
-            Next::KeepAlive
-        } else {
-            Next::LingerClose
-        });
+        ex.next = Some(ex.keep.after_own_answer());
         ex.timers.clear(Timer::Queue);
         ex.timers.clear(Timer::BodyIdle);
         ex.timers.clear(Timer::Request);
@@ -1816,8 +1793,8 @@ impl Proxy {
         let ex = d.ex.as_deref_mut().expect("a request ends in its exchange");
         let next = ex.next.take().expect("an ended request knows what follows");
         finish(ctx, ex, io.now);
-        match next {
-            Next::KeepAlive if !io.draining => {
+        match next.unless_draining(io.draining) {
+            Next::KeepAlive => {
                 ex.phase = Phase::Head;
                 let listener = d.listener as usize;
                 if ex.buf.is_empty() {
@@ -1832,7 +1809,7 @@ impl Proxy {
                     self.read_head(io, ctx, id);
                 }
             }
-            Next::KeepAlive | Next::Close => self.close_down(io, ctx, id),
+            Next::Close => self.close_down(io, ctx, id),
             Next::LingerClose => self.linger(io, ctx, id),
         }
     }
@@ -1897,10 +1874,10 @@ impl Proxy {
                 self.refuse(io, ctx, id, Refusal::of(reason))
             }
             Timer::Head => {}
-            Timer::Request if !ex.body_done => {
+            Timer::Request if !ex.keep.body_read => {
                 self.body_failure(io, ctx, id, RelayError::SrcDeadline)
             }
-            Timer::BodyIdle if !ex.body_done => {
+            Timer::BodyIdle if !ex.keep.body_read => {
                 self.body_failure(io, ctx, id, RelayError::SrcTimeout)
             }
             Timer::Request | Timer::BodyIdle => {}
@@ -1914,7 +1891,7 @@ impl Proxy {
             }
             Timer::UpWrite | Timer::Response => {
                 // The answer came; the rest of the body did not go.
-                if ex.body_done {
+                if ex.keep.body_read {
                     return;
                 }
                 self.close_down(io, ctx, id)
@@ -2105,7 +2082,7 @@ fn finish(ctx: &WorkerCtx, ex: &mut Exchange, now: Instant) {
     ex.used = None;
     ex.body_in = None;
     ex.body_out = None;
-    ex.body_done = false;
+    ex.keep = Keep::default();
     ex.head_in = false;
     ex.timers.clear_all();
 }
