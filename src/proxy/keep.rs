@@ -187,11 +187,15 @@ mod tests {
 
     #[test]
     fn an_upstream_is_reused_only_clean_after_a_whole_exchange() {
-        let mut req = RequestHead::default();
-        req.method = Method::Post;
-        req.framing = BodyFraming::Length(3);
-        let mut res = ResponseHead::default();
-        res.keep_alive = true;
+        let mut req = RequestHead {
+            method: Method::Post,
+            framing: BodyFraming::Length(3),
+            ..RequestHead::default()
+        };
+        let mut res = ResponseHead {
+            keep_alive: true,
+            ..ResponseHead::default()
+        };
         let clean = UpstreamState {
             sending: false,
             eof: false,
