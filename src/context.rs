@@ -1,6 +1,6 @@
 //! What a worker owns, shared by every connection it serves: its handle
 //! on the published configuration ([`Current`]), buffer and header pools,
-//! upstream pools, idle deadlines, counters and statistics.
+//! the count of idle upstream connections, counters and statistics.
 //!
 //! Owns: [`WorkerCtx`] and [`Current`], and the one-byte control messages
 //! a worker reads from its socketpair. Does not own: the thread, its event

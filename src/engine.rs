@@ -6,7 +6,7 @@
 //! accepts and the connection cap, the control socket (statistics
 //! requests, drain), the drain sequence, and panic isolation per
 //! completion. Does not own: what a connection does; that is a
-//! [`Service`] (today the built-in origin, `origin::Origin`).
+//! [`Service`] (`proxy::Proxy`, or the built-in `origin::Origin`).
 //!
 //! Tokens: the top byte of a completion's `user_data` says whose it is
 //! ([`Kind`]); the service owns every kind from [`Kind::Service`] up and

@@ -16,7 +16,7 @@ use crate::context::WorkerCtx;
 use crate::engine::Service;
 use crate::origin::{Origin, OriginBody};
 use crate::proxy::Proxy;
-use crate::ring::DriverKind;
+use crate::ring::{Driver, DriverKind, Setup};
 use crate::stats::Report;
 
 /// What the worker's connections do.
@@ -78,6 +78,17 @@ fn native_main(spec: WorkerSpec, driver: DriverKind) {
         }
     };
     crate::info!("worker {} on core {} running {}", spec.id, core, io.name());
+    if let Driver::Uring(ring) = &io
+        && ring.setup() != Setup::Deferred
+    {
+        // Linux before 6.1: completions cost an extra kernel entry or an
+        // interrupt (docs/design.md, "Ring setup, measured").
+        crate::warn!(
+            "worker {}: io_uring without DEFER_TASKRUN (setup: {})",
+            spec.id,
+            ring.setup().name()
+        );
+    }
     let mut ctx = WorkerCtx::new(spec.id, spec.workers, spec.published.clone(), driver);
     ctx.core = spec.core.map(|c| c.id);
     let mut service: Box<dyn Service> = match spec.role {

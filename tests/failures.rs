@@ -199,3 +199,96 @@ fn silent_connection_is_closed_after_header_timeout() {
         "closed after {waited:?}, not at header_timeout"
     );
 }
+
+#[test]
+fn a_reset_mid_close_delimited_body_never_looks_complete() {
+    // A backend that answers with a close-delimited body, and then resets
+    // the connection instead of closing it. Re-chunked for an HTTP/1.1
+    // client, the body must not get its last chunk: a reset is a
+    // truncation, not the end.
+    let backend = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let backend_addr = backend.local_addr().unwrap();
+    let (reset_now, reset) = std::sync::mpsc::channel::<()>();
+    let server = std::thread::spawn(move || {
+        let (mut s, _) = backend.accept().unwrap();
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            s.read_exact(&mut byte).unwrap();
+            head.push(byte[0]);
+        }
+        s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\n\r\npartial-body")
+            .unwrap();
+        let _ = reset.recv_timeout(Duration::from_secs(5));
+        let s = socket2::Socket::from(s);
+        s.set_linger(Some(Duration::ZERO)).unwrap();
+        drop(s);
+    });
+    let proxy = coregate(&config_for(&format!("tcp://{backend_addr}"), ""), &[]);
+    let mut c = TcpStream::connect(&proxy.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    c.write_all(b"GET /reset HTTP/1.1\r\nHost: t\r\n\r\n")
+        .unwrap();
+    let mut got = Vec::new();
+    let mut part = [0u8; 4096];
+    while !got.windows(12).any(|w| w == b"partial-body") {
+        match c.read(&mut part) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&part[..n]),
+            Err(e) => panic!("no body before the reset: {e}"),
+        }
+    }
+    reset_now.send(()).unwrap();
+    loop {
+        match c.read(&mut part) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&part[..n]),
+        }
+    }
+    server.join().unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.contains("Transfer-Encoding: chunked"), "{text}");
+    assert!(
+        !text.ends_with("0\r\n\r\n"),
+        "a reset body was completed: {text:?}"
+    );
+}
+
+#[test]
+fn a_pipelined_burst_answered_by_the_proxy_itself_is_answered_whole() {
+    // 8,000 probe requests in one write (about 288 KiB: past the backlog at
+    // which the proxy pauses its receive) are all answered, and a request
+    // sent after them is read: the receive paused on the burst is armed
+    // again as the proxy's own answers use it up.
+    let proxy = coregate(
+        &config_for(&format!("tcp://127.0.0.1:{}", dead_port()), ""),
+        &[],
+    );
+    let mut c = TcpStream::connect(&proxy.addr).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let request = b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
+    let burst: Vec<u8> = request.repeat(8000);
+    let writer = {
+        let mut c = c.try_clone().unwrap();
+        std::thread::spawn(move || c.write_all(&burst).unwrap())
+    };
+    let mut got = Vec::new();
+    let mut part = [0u8; 65536];
+    let count = |b: &[u8]| b.windows(15).filter(|w| w == b"HTTP/1.1 200 OK").count();
+    while count(&got) < 8000 {
+        match c.read(&mut part) {
+            Ok(0) => panic!("closed after {} answers", count(&got)),
+            Ok(n) => got.extend_from_slice(&part[..n]),
+            Err(e) => panic!("stalled after {} answers: {e}", count(&got)),
+        }
+    }
+    writer.join().unwrap();
+    c.write_all(request).unwrap();
+    while count(&got) < 8001 {
+        match c.read(&mut part) {
+            Ok(0) => panic!("closed before the request after the burst was answered"),
+            Ok(n) => got.extend_from_slice(&part[..n]),
+            Err(e) => panic!("the request after the burst was never read: {e}"),
+        }
+    }
+}

@@ -35,7 +35,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bucket::Buckets;
-use fair::{Full, Gate, Ticket};
+pub use fair::Ticket;
+use fair::{Full, Gate};
 
 use crate::rules::RequestView;
 
@@ -301,7 +302,9 @@ impl Drop for Slot {
 /// The outcome of the immediate checks.
 pub enum Admit {
     Go(Option<Slot>),
-    /// Queued: wait with [`PolicyState::wait`].
+    /// Queued: poll the ticket ([`Ticket::poll_granted`]) until its queue
+    /// timeout ([`PolicyState::queue_timeout`]), then [`PolicyState::claim`]
+    /// the slot.
     Wait(Ticket),
     Refuse(Refusal),
 }

@@ -125,6 +125,9 @@ struct Up {
     closing: bool,
     paused: bool,
     eof: bool,
+    /// The connection failed (a reset) rather than closed: what came
+    /// before is not a whole close-delimited body.
+    reset: bool,
     /// Taken from the pool (a silent close may have raced our request).
     reused: bool,
     /// A send to it failed: it takes no more of the request.
@@ -1245,6 +1248,7 @@ impl Proxy {
             _ => {
                 if let Some(id) = u.down.filter(|_| !u.closing) {
                     u.eof = true;
+                    u.reset = true;
                     return self.pump_response(io, ctx, id);
                 }
                 return self.close_up(io, ctx, uid);
@@ -1370,7 +1374,13 @@ impl Proxy {
             }
         };
         if !done && u.eof && u.buf.is_empty() {
-            match framer.at_eof(&mut ex.out) {
+            // A reset is never the end of a close-delimited body.
+            let ended = if u.reset {
+                Err(RelayError::SrcClosed)
+            } else {
+                framer.at_eof(&mut ex.out)
+            };
+            match ended {
                 Ok(()) => done = true,
                 Err(e) => {
                     // The head is out: all we can do is close, so the
@@ -1793,6 +1803,11 @@ impl Proxy {
         let ex = d.ex.as_deref_mut().expect("a request ends in its exchange");
         let next = ex.next.take().expect("an ended request knows what follows");
         finish(ctx, ex, io.now);
+        // Answers of our own use up pipelined bytes too: a receive paused
+        // on them is armed again here, before the connection may go idle.
+        self.resume_down(io, id);
+        let d = &mut self.downs[id];
+        let ex = d.ex.as_deref_mut().expect("a request ends in its exchange");
         match next.unless_draining(io.draining) {
             Next::KeepAlive => {
                 ex.phase = Phase::Head;

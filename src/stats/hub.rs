@@ -4,8 +4,8 @@
 //! socket, without blocking (a full socket means that worker has not read
 //! its earlier requests: it is stuck either way), and gathers the answers
 //! from one channel until every worker has answered or the timeout
-//! passes. Workers answer from their control task by a non-blocking
-//! channel send, so the exchange never stops a worker, and a worker that
+//! passes. A worker's event loop answers when its control socket's
+//! receive completes, by a non-blocking channel send, so the exchange never stops a worker, and a worker that
 //! does not answer shows as `stuck` in the reply instead of hanging it.
 //!
 //! Owns: the worker registry and the collection round. Does not own: what
