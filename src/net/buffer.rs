@@ -133,6 +133,12 @@ impl Buf {
         self.v.extend_from_slice(bytes);
     }
 
+    /// The storage and the offset of its first unread byte, leaving this
+    /// buffer empty and without storage.
+    pub fn take_parts(&mut self) -> (Vec<u8>, usize) {
+        (std::mem::take(&mut self.v), std::mem::take(&mut self.pos))
+    }
+
     /// Drop every unread byte.
     pub fn clear(&mut self) {
         self.v.clear();

@@ -394,6 +394,86 @@ fn upstream_socket(addr: &BackendAddr) -> std::io::Result<(RawFd, SockAddr)> {
     Ok((s.into_raw_fd(), to))
 }
 
+/// Body bytes straight from a receive's provided buffer into the buffer
+/// that sends them on, when nothing is queued ahead of them on either
+/// side: one copy in user space instead of two (kernel buffer → side
+/// buffer → send buffer). How many of `bytes` were taken; the rest goes
+/// through the side buffer as before.
+fn direct_copy(
+    framer: &mut Framer,
+    bytes: &[u8],
+    out: &mut Vec<u8>,
+    out_sent: &mut usize,
+) -> Result<usize, RelayError> {
+    if *out_sent == out.len() {
+        out.clear();
+        *out_sent = 0;
+    }
+    let room = BUF_SIZE.saturating_sub(out.len());
+    let window = &bytes[..bytes.len().min(room)];
+    let step = framer.step(window, out)?;
+    if step.verbatim {
+        out.extend_from_slice(&window[..step.consumed]);
+    }
+    Ok(step.consumed)
+}
+
+/// The response side of [`direct_copy`]: upstream `uid`'s bytes into its
+/// client's `out`, once the response head went out and while no send to
+/// the client is in flight.
+fn direct_response(
+    downs: &mut Slab<Down>,
+    uid: usize,
+    u: &mut Up,
+    bytes: &[u8],
+) -> Result<usize, RelayError> {
+    if !u.buf.is_empty() {
+        return Ok(0);
+    }
+    let Some(d) = u.down.and_then(|id| downs.get_mut(id)) else {
+        return Ok(0);
+    };
+    if d.sending || d.closing {
+        return Ok(0);
+    }
+    let Some(ex) =
+        d.ex.as_deref_mut()
+            .filter(|ex| ex.head_in && ex.up == Some(uid))
+    else {
+        return Ok(0);
+    };
+    let Some(framer) = ex.body_out.as_mut() else {
+        return Ok(0);
+    };
+    direct_copy(framer, bytes, &mut ex.out, &mut ex.out_sent)
+}
+
+/// The request side of [`direct_copy`]: a client's body bytes into its
+/// upstream's `out`, while the body is being forwarded and no send to the
+/// upstream is in flight.
+fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<usize, RelayError> {
+    if !matches!(ex.phase, Phase::Forward) || !ex.buf.is_empty() || ex.keep.body_read {
+        return Ok(0);
+    }
+    let Some(u) = ex.up.and_then(|uid| ups.get_mut(uid)) else {
+        return Ok(0);
+    };
+    if u.sending || u.connecting || u.closing || u.stopped {
+        return Ok(0);
+    }
+    let Some(framer) = ex.body_in.as_mut() else {
+        return Ok(0);
+    };
+    let taken = direct_copy(framer, bytes, &mut u.out, &mut u.sent)?;
+    ex.received += taken as u64;
+    if framer.done() {
+        ex.keep.body_read = true;
+        ex.timers.clear(Timer::BodyIdle);
+        ex.timers.clear(Timer::Request);
+    }
+    Ok(taken)
+}
+
 /// Append `bytes` to `buf`, taking a pooled buffer when it has none.
 fn take_in(ctx: &WorkerCtx, buf: &mut Buf, bytes: &[u8]) {
     if !buf.has_capacity() {
@@ -424,7 +504,9 @@ impl Proxy {
     // ---- Downstream receive: bytes in, then whatever phase is next. ----
 
     fn down_received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
-        let Proxy { downs, spare, .. } = self;
+        let Proxy {
+            downs, spare, ups, ..
+        } = self;
         let d = &mut downs[id];
         if !c.more() {
             d.recv_armed = false;
@@ -440,7 +522,17 @@ impl Proxy {
                     }
                     return;
                 }
-                take_in(ctx, &mut ex.buf, io.driver.buf(bid, n));
+                let bytes = io.driver.buf(bid, n);
+                let taken = match direct_body(ex, ups, bytes) {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        io.driver.recycle(bid);
+                        return self.body_failure(io, ctx, id, e);
+                    }
+                };
+                if taken < n {
+                    take_in(ctx, &mut ex.buf, &bytes[taken..]);
+                }
                 io.driver.recycle(bid);
             }
             (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !d.closing => {
@@ -1106,19 +1198,8 @@ impl Proxy {
             return;
         }
         if let Some(framer) = ex.body_in.as_mut().filter(|_| !ex.keep.body_read) {
-            if u.sent == u.out.len() {
-                u.out.clear();
-                u.sent = 0;
-            }
-            let data = ex.buf.data();
-            let room = BUF_SIZE.saturating_sub(u.out.len());
-            let window = &data[..data.len().min(room)];
-            match framer.step(window, &mut u.out) {
+            match framer.forward(&mut ex.buf, &mut u.out, &mut u.sent) {
                 Ok(step) => {
-                    if step.verbatim {
-                        u.out.extend_from_slice(&window[..step.consumed]);
-                    }
-                    ex.buf.consume(step.consumed);
                     ex.received += step.consumed as u64;
                     if step.done {
                         ex.keep.body_read = true;
@@ -1228,7 +1309,19 @@ impl Proxy {
                     io.driver.recycle(bid);
                     return self.close_up(io, ctx, uid);
                 }
-                take_in(ctx, &mut u.buf, io.driver.buf(bid, n));
+                let bytes = io.driver.buf(bid, n);
+                let taken = match direct_response(&mut self.downs, uid, u, bytes) {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        io.driver.recycle(bid);
+                        let id = u.down.expect("checked above");
+                        crate::debug!("response body: {e}");
+                        return self.close_down(io, ctx, id);
+                    }
+                };
+                if taken < n {
+                    take_in(ctx, &mut u.buf, &bytes[taken..]);
+                }
                 io.driver.recycle(bid);
             }
             (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !u.closing => {
@@ -1353,21 +1446,8 @@ impl Proxy {
             .body_out
             .as_mut()
             .expect("a response head sets the body's framing");
-        if ex.out_sent == ex.out.len() {
-            ex.out.clear();
-            ex.out_sent = 0;
-        }
-        let data = u.buf.data();
-        let room = BUF_SIZE.saturating_sub(ex.out.len());
-        let window = &data[..data.len().min(room)];
-        let mut done = match framer.step(window, &mut ex.out) {
-            Ok(step) => {
-                if step.verbatim {
-                    ex.out.extend_from_slice(&window[..step.consumed]);
-                }
-                u.buf.consume(step.consumed);
-                step.done
-            }
+        let mut done = match framer.forward(&mut u.buf, &mut ex.out, &mut ex.out_sent) {
+            Ok(step) => step.done,
             Err(e) => {
                 crate::debug!("response body to {}: {e}", d.client);
                 return self.close_down(io, ctx, id);

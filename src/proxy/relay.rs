@@ -9,7 +9,7 @@
 //! completions and never holds more than a buffer of a body).
 
 use crate::http::chunked::{ChunkError, ChunkedDecoder, LAST_CHUNK, write_chunk_header};
-use crate::net::buffer::BUF_SIZE;
+use crate::net::buffer::{BUF_SIZE, Buf};
 
 /// How the body arrives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -146,6 +146,48 @@ impl Framer {
         })
     }
 
+    /// Hand the body's bytes at the front of `src` on to `out`, whose
+    /// first `out_sent` bytes are already sent (nothing of `out` may be in
+    /// flight). When nothing waits in `out` and every byte in `src` is
+    /// body forwarded as it came, the two buffers trade storage instead of
+    /// the bytes being copied: `out` takes `src`'s (sending from its first
+    /// unread byte) and `src` gets `out`'s emptied one. A 256 KiB response
+    /// cost 1.7x nginx's CPU when it was copied twice in user space.
+    /// Otherwise the bytes are copied behind what `out` holds, within one
+    /// buffer.
+    pub fn forward(
+        &mut self,
+        src: &mut Buf,
+        out: &mut Vec<u8>,
+        out_sent: &mut usize,
+    ) -> Result<Step, RelayError> {
+        if *out_sent == out.len() {
+            out.clear();
+            *out_sent = 0;
+        }
+        let data = src.data();
+        if out.is_empty() && self.body_out == BodyOut::Verbatim {
+            let step = self.step(data, out)?;
+            if step.consumed == data.len() && step.consumed > 0 {
+                let (full, at) = src.take_parts();
+                *src = Buf::new(std::mem::replace(out, full));
+                *out_sent = at;
+            } else {
+                out.extend_from_slice(&data[..step.consumed]);
+                src.consume(step.consumed);
+            }
+            return Ok(step);
+        }
+        let room = BUF_SIZE.saturating_sub(out.len());
+        let window = &data[..data.len().min(room)];
+        let step = self.step(window, out)?;
+        if step.verbatim {
+            out.extend_from_slice(&window[..step.consumed]);
+        }
+        src.consume(step.consumed);
+        Ok(step)
+    }
+
     /// The source closed. A close-delimited body ends here (its last chunk
     /// goes into `out` when re-chunked); any other is truncated.
     pub fn at_eof(&mut self, out: &mut Vec<u8>) -> Result<(), RelayError> {
@@ -156,6 +198,15 @@ impl Framer {
             out.extend_from_slice(LAST_CHUNK);
         }
         Ok(())
+    }
+
+    /// Whether the body has ended.
+    pub fn done(&self) -> bool {
+        match self.body_in {
+            BodyIn::Length(_) => self.remaining == 0,
+            BodyIn::Chunked => self.decoder.is_done(),
+            BodyIn::UntilClose => false,
+        }
     }
 
     /// Body bytes so far: chunk data for a chunked body, all of it for
@@ -311,5 +362,35 @@ mod tests {
             taken += step.consumed;
         }
         assert_eq!(f.total(), body.len() as u64);
+    }
+
+    #[test]
+    fn forwarding_trades_buffers_when_out_is_empty_and_copies_otherwise() {
+        let mut f = Framer::new(BodyIn::Length(10), BodyOut::Verbatim, u64::MAX);
+        let mut src = Buf::new(Vec::with_capacity(64));
+        src.push(b"xxhello");
+        src.consume(2);
+        let mut out = Vec::with_capacity(64);
+        let mut sent = 0;
+        let src_storage = src.data().as_ptr();
+        let step = f.forward(&mut src, &mut out, &mut sent).unwrap();
+        assert_eq!((step.consumed, step.done), (5, false));
+        assert_eq!(&out[sent..], b"hello");
+        assert_eq!(out[sent..].as_ptr(), src_storage, "traded, not copied");
+        assert!(src.is_empty() && src.has_capacity());
+        // Something still waits in `out`: the next bytes are copied behind
+        // it, and bytes past the body's end stay in `src`.
+        src.push(b"worldNEXT");
+        let step = f.forward(&mut src, &mut out, &mut sent).unwrap();
+        assert_eq!((step.consumed, step.done), (5, true));
+        assert_eq!(&out[sent..], b"helloworld");
+        assert_eq!(src.data(), b"NEXT");
+        // A re-framed body is never traded.
+        let mut f = Framer::new(BodyIn::UntilClose, BodyOut::Rechunk, u64::MAX);
+        let mut src = Buf::new(Vec::with_capacity(64));
+        src.push(b"abc");
+        let (mut out, mut sent) = (Vec::with_capacity(64), 0);
+        f.forward(&mut src, &mut out, &mut sent).unwrap();
+        assert_eq!(&out[sent..], b"3\r\nabc\r\n");
     }
 }
