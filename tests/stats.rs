@@ -300,3 +300,38 @@ fn top_shows_every_core_and_quits_on_q() {
     assert!(rate > 0.0, "the total row shows traffic: {total}");
     assert!(closed, "q quits top");
 }
+
+#[test]
+fn an_upstream_connection_paused_by_a_large_response_is_reused() {
+    // A response far larger than the proxy buffers pauses the upstream's
+    // receive while the client catches up; the connection must still go
+    // back to the pool, not be closed and dialled anew for each request.
+    let origin = python_origin();
+    let (proxy, socket) = proxy_with_socket(
+        "[[route]]\nupstream = \"app\"\n",
+        &format!("[upstream.app]\nbackends = [\"tcp://{}\"]\n", origin.addr),
+    );
+    let url = format!("http://{}/bytes?n={}", proxy.addr, 4 << 20);
+    // curl fetches the three over one keep-alive connection.
+    let out = curl(&[
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code} ",
+        &url,
+        &url,
+        &url,
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "200 200 200 ");
+    let total = &stats_json(&socket)["total"];
+    let backend = &total["upstreams"][format!("app/tcp://{}", origin.addr)];
+    assert_eq!(
+        (n(&backend["connects"]), n(&backend["reuses"])),
+        (1, 2),
+        "{backend}"
+    );
+}

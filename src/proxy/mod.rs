@@ -1617,15 +1617,21 @@ impl Proxy {
                 }
             }
             u.sent = 0;
-            if !u.recv_armed && !u.paused {
+            // An idle pooled connection must have its receive armed. One
+            // paused by a large response is armed again here, or, while
+            // its cancellation is still on the way, when that completes
+            // (`resume_up`). Closing it instead cost a new connection per
+            // 256 KiB response (1.8x nginx's CPU per request).
+            if !u.recv_armed {
+                u.paused = false;
                 u.recv_armed = io
                     .driver
                     .recv_multi(u.fd, token(UP_RECV, uid as u64))
                     .is_ok();
-            }
-            if u.paused || !u.recv_armed {
-                self.pool.remove(ctx, uid as u32);
-                self.close_up(io, ctx, uid);
+                if !u.recv_armed {
+                    self.pool.remove(ctx, uid as u32);
+                    self.close_up(io, ctx, uid);
+                }
             }
         } else {
             self.close_up(io, ctx, uid);
