@@ -61,6 +61,23 @@ pub struct Io {
 }
 
 impl Io {
+    /// A closing connection's operations on `fd` still in flight, as
+    /// `(in flight, user_data)`: each is cancelled the `first` time the
+    /// connection closes, and true is returned while any is in flight
+    /// (its final completion comes back to the service, which closes
+    /// again). False: nothing of it is in the kernel, so it may be freed.
+    pub fn cancel_in_flight(&mut self, fd: RawFd, first: bool, ops: &[(bool, u64)]) -> bool {
+        let busy = ops.iter().any(|&(in_flight, _)| in_flight);
+        if busy && first {
+            for &(in_flight, user_data) in ops {
+                if in_flight {
+                    let _ = self.driver.cancel(fd, user_data);
+                }
+            }
+        }
+        busy
+    }
+
     /// The wheel tick `d` from now (up to a tick late, never early).
     pub fn tick_after(&self, d: Duration) -> u64 {
         self.tick + ticks(d)

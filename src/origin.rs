@@ -425,16 +425,11 @@ impl Origin {
         let conn = &mut self.conns[id];
         let first = !conn.closing;
         conn.closing = true;
-        if conn.recv_armed || conn.sending {
-            if first {
-                // Their final completions come back here.
-                if conn.recv_armed {
-                    let _ = io.driver.cancel(conn.fd, token(RECV, id as u64));
-                }
-                if conn.sending {
-                    let _ = io.driver.cancel(conn.fd, token(SEND, id as u64));
-                }
-            }
+        let ops = [
+            (conn.recv_armed, token(RECV, id as u64)),
+            (conn.sending, token(SEND, id as u64)),
+        ];
+        if io.cancel_in_flight(conn.fd, first, &ops) {
             return;
         }
         let conn = self.conns.remove(id);

@@ -2046,17 +2046,12 @@ impl Proxy {
         {
             self.release_upstream(io, ctx, id, false);
         }
-        let d = &mut self.downs[id];
-        if d.recv_armed || d.sending {
-            if first {
-                // Their final completions come back here.
-                if d.recv_armed {
-                    let _ = io.driver.cancel(d.fd, token(DOWN_RECV, id as u64));
-                }
-                if d.sending {
-                    let _ = io.driver.cancel(d.fd, token(DOWN_SEND, id as u64));
-                }
-            }
+        let d = &self.downs[id];
+        let ops = [
+            (d.recv_armed, token(DOWN_RECV, id as u64)),
+            (d.sending, token(DOWN_SEND, id as u64)),
+        ];
+        if io.cancel_in_flight(d.fd, first, &ops) {
             return;
         }
         let d = self.downs.remove(id);
@@ -2084,19 +2079,13 @@ impl Proxy {
         if first && u.down.is_none() {
             self.pool.remove(ctx, uid as u32);
         }
-        let u = &mut self.ups[uid];
-        if u.recv_armed || u.sending || u.connecting {
-            if first {
-                for (busy, kind) in [
-                    (u.recv_armed, UP_RECV),
-                    (u.sending, UP_SEND),
-                    (u.connecting, UP_CONNECT),
-                ] {
-                    if busy {
-                        let _ = io.driver.cancel(u.fd, token(kind, uid as u64));
-                    }
-                }
-            }
+        let u = &self.ups[uid];
+        let ops = [
+            (u.recv_armed, token(UP_RECV, uid as u64)),
+            (u.sending, token(UP_SEND, uid as u64)),
+            (u.connecting, token(UP_CONNECT, uid as u64)),
+        ];
+        if io.cancel_in_flight(u.fd, first, &ops) {
             return;
         }
         let u = self.ups.remove(uid);
