@@ -78,27 +78,6 @@ impl Io {
         busy
     }
 
-    /// Arm `fd`'s multishot receive again after a pause for backpressure,
-    /// once the paused receive has ended (`armed` is false) and the bytes
-    /// waiting are down to half of `cap`. `None`: not yet (or not
-    /// paused); `Some(armed)`: it was tried.
-    pub fn resume_receive(
-        &mut self,
-        fd: RawFd,
-        user_data: u64,
-        backlog: usize,
-        cap: usize,
-        paused: &mut bool,
-        armed: &mut bool,
-    ) -> Option<bool> {
-        if !*paused || *armed || backlog > cap / 2 {
-            return None;
-        }
-        *paused = false;
-        *armed = self.driver.recv_multi(fd, user_data).is_ok();
-        Some(*armed)
-    }
-
     /// The wheel tick `d` from now (up to a tick late, never early).
     pub fn tick_after(&self, d: Duration) -> u64 {
         self.tick + ticks(d)

@@ -405,13 +405,16 @@ impl Origin {
     /// half the cap and its receive has ended.
     fn resume(&mut self, io: &mut Io, id: usize) {
         let conn = &mut self.conns[id];
-        if conn.closing {
+        let backlog = conn.ex.as_ref().map_or(0, |ex| ex.buf.len());
+        if !conn.paused || conn.recv_armed || conn.closing || backlog > MAX_BUFFERED / 2 {
             return;
         }
-        let backlog = conn.ex.as_ref().map_or(0, |ex| ex.buf.len());
-        let ud = token(RECV, id as u64);
-        let (paused, armed) = (&mut conn.paused, &mut conn.recv_armed);
-        if io.resume_receive(conn.fd, ud, backlog, MAX_BUFFERED, paused, armed) == Some(false) {
+        conn.paused = false;
+        conn.recv_armed = io
+            .driver
+            .recv_multi(conn.fd, token(RECV, id as u64))
+            .is_ok();
+        if !conn.recv_armed {
             conn.closing = true;
         }
     }

@@ -139,8 +139,6 @@ struct Up {
     sent: usize,
     /// Bytes from the backend not yet handed on.
     buf: Buf,
-    /// Provided buffers received past the backlog cap.
-    held: Held,
     /// Where it connects to, alive until the connect completes.
     addr: Option<Box<SockAddr>>,
 }
@@ -206,8 +204,6 @@ struct Exchange {
     cur: Option<Rc<Current>>,
     /// Received from the client, not yet parsed or forwarded.
     buf: Buf,
-    /// Provided buffers received past the backlog cap.
-    held: Held,
     /// Bytes to the client; `out_sent` of them are out.
     out: Vec<u8>,
     out_sent: usize,
@@ -270,7 +266,6 @@ impl Default for Exchange {
             phase: Phase::Head,
             cur: None,
             buf: Buf::default(),
-            held: Held::default(),
             out: Vec::new(),
             out_sent: 0,
             req: RequestHead::default(),
@@ -432,7 +427,7 @@ fn direct_response(
     u: &mut Up,
     bytes: &[u8],
 ) -> Result<usize, RelayError> {
-    if !u.buf.is_empty() || !u.held.is_empty() {
+    if !u.buf.is_empty() {
         return Ok(0);
     }
     let Some(d) = u.down.and_then(|id| downs.get_mut(id)) else {
@@ -457,11 +452,7 @@ fn direct_response(
 /// upstream's `out`, while the body is being forwarded and no send to the
 /// upstream is in flight.
 fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<usize, RelayError> {
-    if !matches!(ex.phase, Phase::Forward)
-        || !ex.buf.is_empty()
-        || !ex.held.is_empty()
-        || ex.keep.body_read
-    {
+    if !matches!(ex.phase, Phase::Forward) || !ex.buf.is_empty() || ex.keep.body_read {
         return Ok(0);
     }
     let Some(u) = ex.up.and_then(|uid| ups.get_mut(uid)) else {
@@ -481,53 +472,6 @@ fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<us
         ex.timers.clear(Timer::Request);
     }
     Ok(taken)
-}
-
-/// Provided buffers a side keeps instead of copying them out, once its
-/// backlog is at the cap. A multishot receive delivers whatever the kernel
-/// has until the pause's cancellation lands (up to the whole ring in one
-/// turn); copied out, that grew a side buffer to megabytes. Held, it stays
-/// in the worker's fixed ring, in order, and is copied out as the backlog
-/// drains, before the receive is armed again.
-#[derive(Default)]
-struct Held(Vec<(u16, u32)>);
-
-impl Held {
-    fn is_empty(&self) -> bool {
-        self.0.is_empty()
-    }
-
-    /// Keep buffer `bid` (`n` bytes) when the backlog is at `cap`, or
-    /// others are held already (bytes stay in order). True when kept.
-    fn keep(&mut self, backlog: usize, cap: usize, bid: u16, n: usize) -> bool {
-        if self.0.is_empty() && backlog < cap {
-            return false;
-        }
-        self.0.push((bid, n as u32));
-        true
-    }
-
-    /// Copy held buffers into `buf`, oldest first, while its backlog is
-    /// under `cap`, giving each back to the ring.
-    fn drain_into(&mut self, ctx: &WorkerCtx, io: &mut Io, buf: &mut Buf, cap: usize) {
-        let mut taken = 0;
-        for &(bid, n) in &self.0 {
-            if buf.data().len() >= cap {
-                break;
-            }
-            take_in(ctx, buf, io.driver.buf(bid, n as usize));
-            io.driver.recycle(bid);
-            taken += 1;
-        }
-        self.0.drain(..taken);
-    }
-
-    /// Give every held buffer back to the ring (the side closes).
-    fn release(&mut self, io: &mut Io) {
-        for (bid, _) in self.0.drain(..) {
-            io.driver.recycle(bid);
-        }
-    }
 }
 
 /// Append `bytes` to `buf`, taking a pooled buffer when it has none.
@@ -578,26 +522,18 @@ impl Proxy {
                     }
                     return;
                 }
-                // The decode guard reads a whole body: no cap there.
-                let cap = if matches!(ex.phase, Phase::Guard) {
-                    usize::MAX
-                } else {
-                    MAX_BUFFERED
-                };
-                if !ex.held.keep(ex.buf.data().len(), cap, bid, n) {
-                    let bytes = io.driver.buf(bid, n);
-                    let taken = match direct_body(ex, ups, bytes) {
-                        Ok(taken) => taken,
-                        Err(e) => {
-                            io.driver.recycle(bid);
-                            return self.body_failure(io, ctx, id, e);
-                        }
-                    };
-                    if taken < n {
-                        take_in(ctx, &mut ex.buf, &bytes[taken..]);
+                let bytes = io.driver.buf(bid, n);
+                let taken = match direct_body(ex, ups, bytes) {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        io.driver.recycle(bid);
+                        return self.body_failure(io, ctx, id, e);
                     }
-                    io.driver.recycle(bid);
+                };
+                if taken < n {
+                    take_in(ctx, &mut ex.buf, &bytes[taken..]);
                 }
+                io.driver.recycle(bid);
             }
             (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !d.closing => {
                 // Every worker buffer was in use: receive again.
@@ -611,7 +547,7 @@ impl Proxy {
             (None, Err(e))
                 if e.raw_os_error() == Some(libc::ECANCELED) && d.paused && !d.closing =>
             {
-                return self.resume_down(io, ctx, id);
+                return self.resume_down(io, id);
             }
             (None, Ok(0)) if !d.closing => {
                 d.eof = true;
@@ -639,30 +575,17 @@ impl Proxy {
 
     /// Receive again on a paused connection once its backlog is down to
     /// half the cap and its receive has ended.
-    fn resume_down(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+    fn resume_down(&mut self, io: &mut Io, id: usize) {
         let d = &mut self.downs[id];
-        if d.closing {
-            return;
-        }
-        if let Some(ex) = d.ex.as_deref_mut() {
-            ex.held.drain_into(ctx, io, &mut ex.buf, MAX_BUFFERED);
-            if !ex.held.is_empty() {
-                return;
-            }
-        }
-        if d.eof {
-            return;
-        }
         let backlog = d.ex.as_ref().map_or(0, |ex| ex.buf.data().len());
-        let ud = token(DOWN_RECV, id as u64);
-        io.resume_receive(
-            d.fd,
-            ud,
-            backlog,
-            MAX_BUFFERED,
-            &mut d.paused,
-            &mut d.recv_armed,
-        );
+        if !d.paused || d.recv_armed || d.closing || d.eof || backlog > MAX_BUFFERED / 2 {
+            return;
+        }
+        d.paused = false;
+        d.recv_armed = io
+            .driver
+            .recv_multi(d.fd, token(DOWN_RECV, id as u64))
+            .is_ok();
     }
 
     /// The client closed its side. A request already read whole is still
@@ -1312,7 +1235,7 @@ impl Proxy {
         if !ex.keep.body_read {
             self.arm_body_timer(io, id);
         }
-        self.resume_down(io, ctx, id);
+        self.resume_down(io, id);
         let d = &self.downs[id];
         if d.eof && d.ex.as_ref().is_some_and(|ex| !ex.keep.body_read) {
             self.close_down(io, ctx, id);
@@ -1386,22 +1309,20 @@ impl Proxy {
                     io.driver.recycle(bid);
                     return self.close_up(io, ctx, uid);
                 }
-                if !u.held.keep(u.buf.data().len(), MAX_BUFFERED, bid, n) {
-                    let bytes = io.driver.buf(bid, n);
-                    let taken = match direct_response(&mut self.downs, uid, u, bytes) {
-                        Ok(taken) => taken,
-                        Err(e) => {
-                            io.driver.recycle(bid);
-                            let id = u.down.expect("checked above");
-                            crate::debug!("response body: {e}");
-                            return self.close_down(io, ctx, id);
-                        }
-                    };
-                    if taken < n {
-                        take_in(ctx, &mut u.buf, &bytes[taken..]);
+                let bytes = io.driver.buf(bid, n);
+                let taken = match direct_response(&mut self.downs, uid, u, bytes) {
+                    Ok(taken) => taken,
+                    Err(e) => {
+                        io.driver.recycle(bid);
+                        let id = u.down.expect("checked above");
+                        crate::debug!("response body: {e}");
+                        return self.close_down(io, ctx, id);
                     }
-                    io.driver.recycle(bid);
+                };
+                if taken < n {
+                    take_in(ctx, &mut u.buf, &bytes[taken..]);
                 }
+                io.driver.recycle(bid);
             }
             (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !u.closing => {
                 u.recv_armed = io
@@ -1413,7 +1334,7 @@ impl Proxy {
             (None, Err(e))
                 if e.raw_os_error() == Some(libc::ECANCELED) && u.paused && !u.closing =>
             {
-                return self.resume_up(io, ctx, uid);
+                return self.resume_up(io, uid);
             }
             (None, Ok(0)) if u.down.is_some() && !u.closing => u.eof = true,
             // Closed while idle, an error, or our own cancellation.
@@ -1435,24 +1356,17 @@ impl Proxy {
         self.pump_response(io, ctx, id);
     }
 
-    fn resume_up(&mut self, io: &mut Io, ctx: &WorkerCtx, uid: usize) {
+    fn resume_up(&mut self, io: &mut Io, uid: usize) {
         let u = &mut self.ups[uid];
-        if u.closing {
+        if !u.paused || u.recv_armed || u.closing || u.eof || u.buf.data().len() > MAX_BUFFERED / 2
+        {
             return;
         }
-        u.held.drain_into(ctx, io, &mut u.buf, MAX_BUFFERED);
-        if u.eof || !u.held.is_empty() {
-            return;
-        }
-        let (backlog, ud) = (u.buf.data().len(), token(UP_RECV, uid as u64));
-        io.resume_receive(
-            u.fd,
-            ud,
-            backlog,
-            MAX_BUFFERED,
-            &mut u.paused,
-            &mut u.recv_armed,
-        );
+        u.paused = false;
+        u.recv_armed = io
+            .driver
+            .recv_multi(u.fd, token(UP_RECV, uid as u64))
+            .is_ok();
     }
 
     // ---- Phase 6: the response. ----
@@ -1505,7 +1419,7 @@ impl Proxy {
                         return self.upstream_failed(io, ctx, id, failure);
                     }
                     Ok(Status::Partial) => {
-                        self.resume_up(io, ctx, uid);
+                        self.resume_up(io, uid);
                         return;
                     }
                     Err(e) => {
@@ -1563,7 +1477,7 @@ impl Proxy {
         } else {
             let timeout = ex.cur().snapshot.upstreams[ex.group].read_timeout;
             ex.timers.set(Timer::UpRead, io.tick_after(timeout));
-            self.resume_up(io, ctx, uid);
+            self.resume_up(io, uid);
         }
         self.flush_down(io, ctx, id);
     }
@@ -1669,7 +1583,7 @@ impl Proxy {
             UpstreamState {
                 sending: u.sending,
                 eof: u.eof,
-                leftover: !u.buf.is_empty() || !u.held.is_empty(),
+                leftover: !u.buf.is_empty(),
             },
         );
         ex.keep.draining = io.draining;
@@ -1977,7 +1891,7 @@ impl Proxy {
         finish(ctx, ex, io.now);
         // Answers of our own use up pipelined bytes too: a receive paused
         // on them is armed again here, before the connection may go idle.
-        self.resume_down(io, ctx, id);
+        self.resume_down(io, id);
         let d = &mut self.downs[id];
         let ex = d.ex.as_deref_mut().expect("a request ends in its exchange");
         match next.unless_draining(io.draining) {
@@ -2025,7 +1939,6 @@ impl Proxy {
         ex.phase = Phase::Linger;
         ex.lingered = ex.buf.data().len();
         ex.buf.clear();
-        ex.held.release(io);
         ex.timers.clear_all();
         ex.timers.set(Timer::Linger, io.tick_after(LINGER_TIME));
         if d.paused && !d.recv_armed {
@@ -2144,7 +2057,6 @@ impl Proxy {
         let d = self.downs.remove(id);
         io.close(d.fd);
         if let Some(mut ex) = d.ex {
-            ex.held.release(io);
             if ex.active {
                 // Counted and logged as any other request.
                 finish(ctx, &mut ex, io.now);
@@ -2176,8 +2088,7 @@ impl Proxy {
         if io.cancel_in_flight(u.fd, first, &ops) {
             return;
         }
-        let mut u = self.ups.remove(uid);
-        u.held.release(io);
+        let u = self.ups.remove(uid);
         io.close(u.fd);
         for v in [u.out, u.buf.into_inner()] {
             if v.capacity() > 0 {
@@ -2269,7 +2180,7 @@ fn finish(ctx: &WorkerCtx, ex: &mut Exchange, now: Instant) {
 /// An exchange made ready for its next request: buffers back to the
 /// worker's pool, its header arrays kept for reuse.
 fn recycle(mut ex: Box<Exchange>, ctx: &WorkerCtx) -> Box<Exchange> {
-    debug_assert!(ex.up.is_none() && !ex.inflight && ex.held.is_empty());
+    debug_assert!(ex.up.is_none() && !ex.inflight);
     for v in [
         std::mem::take(&mut ex.buf).into_inner(),
         std::mem::take(&mut ex.out),
