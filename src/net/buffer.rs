@@ -61,12 +61,13 @@ impl<T> VecPool<T> {
             .unwrap_or_else(|| Vec::with_capacity(self.capacity))
     }
 
-    /// Take a vector back. One smaller than the pool's size (a buffer lost
-    /// to a cancelled read has none) or grown past four times it is dropped
-    /// instead, so the pool neither hands out short buffers nor pins a
-    /// burst's largest ones.
+    /// Take a vector back. One of another size is dropped instead: a
+    /// shorter one (a buffer given up empty has none) would be handed out
+    /// short, and a grown one (a backlog received while a receive was
+    /// being paused, a body held whole for the decode guard) would pin a
+    /// burst's memory.
     pub fn put(&self, mut v: Vec<T>) {
-        if v.capacity() < self.capacity || v.capacity() > 4 * self.capacity {
+        if v.capacity() != self.capacity {
             return;
         }
         v.clear();
@@ -162,7 +163,7 @@ mod tests {
         assert_eq!(again.as_ptr(), ptr);
         pool.put(Vec::new());
         assert_eq!(pool.free_count(), 0);
-        pool.put(Vec::with_capacity(5 * BUF_SIZE));
+        pool.put(Vec::with_capacity(2 * BUF_SIZE));
         assert_eq!(pool.free_count(), 0);
     }
 

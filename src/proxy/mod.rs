@@ -536,6 +536,10 @@ impl Proxy {
                 io.driver.recycle(bid);
             }
             (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !d.closing => {
+                if d.paused {
+                    // Ended while being paused: armed again once drained.
+                    return self.resume_down(io, id);
+                }
                 // Every worker buffer was in use: receive again.
                 d.recv_armed = io
                     .driver
@@ -558,6 +562,14 @@ impl Proxy {
         }
         if d.closing {
             return self.close_down(io, ctx, id);
+        }
+        if !d.recv_armed && !d.paused && !d.eof {
+            // The kernel ended the multishot receive with data (a full
+            // completion queue does that): receive again.
+            d.recv_armed = io
+                .driver
+                .recv_multi(d.fd, token(DOWN_RECV, id as u64))
+                .is_ok();
         }
         let backlog = d.ex.as_ref().map_or(0, |ex| ex.buf.data().len());
         let guarding =
@@ -1325,6 +1337,9 @@ impl Proxy {
                 io.driver.recycle(bid);
             }
             (None, Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) && !u.closing => {
+                if u.paused {
+                    return self.resume_up(io, uid);
+                }
                 u.recv_armed = io
                     .driver
                     .recv_multi(u.fd, token(UP_RECV, uid as u64))
@@ -1348,6 +1363,13 @@ impl Proxy {
             }
         }
         let u = &mut self.ups[uid];
+        if !u.recv_armed && !u.paused && !u.eof && !u.closing {
+            // The kernel ended the multishot receive with data: again.
+            u.recv_armed = io
+                .driver
+                .recv_multi(u.fd, token(UP_RECV, uid as u64))
+                .is_ok();
+        }
         if u.buf.data().len() > MAX_BUFFERED && u.recv_armed && !u.paused {
             u.paused = true;
             let _ = io.driver.cancel(u.fd, token(UP_RECV, uid as u64));
@@ -1465,9 +1487,12 @@ impl Proxy {
                 Err(e) => {
                     // The head is out: all we can do is close, so the
                     // client sees a truncated message rather than a
-                    // complete-looking one.
+                    // complete-looking one, after what already came.
                     crate::debug!("response body to {}: {e}", d.client);
-                    return self.close_down(io, ctx, id);
+                    ex.sent += framer.total();
+                    ex.next = Some(Next::Close);
+                    self.release_upstream(io, ctx, id, false);
+                    return self.flush_down(io, ctx, id);
                 }
             }
         }
@@ -1595,6 +1620,16 @@ impl Proxy {
     /// nothing is left over on it), closed otherwise.
     fn release_upstream(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, reusable: bool) {
         let ex = self.downs[id].ex.as_deref_mut().expect("an exchange");
+        // The upstream's deadlines go with it: one left running would act
+        // on an exchange that has moved on (answered, or retried).
+        for t in [
+            Timer::Connect,
+            Timer::UpWrite,
+            Timer::Response,
+            Timer::UpRead,
+        ] {
+            ex.timers.clear(t);
+        }
         if ex.inflight {
             ex.cur().groups[ex.group].finish(ex.backend);
             ex.inflight = false;
@@ -1964,6 +1999,13 @@ impl Proxy {
         };
         let request_first = ex.timers.get(Timer::Request) <= ex.timers.get(Timer::Head);
         ex.timers.clear(timer);
+        let upstream_timer = matches!(
+            timer,
+            Timer::Connect | Timer::UpWrite | Timer::Response | Timer::UpRead
+        );
+        if upstream_timer && !(matches!(ex.phase, Phase::Forward) && ex.up.is_some()) {
+            return;
+        }
         match timer {
             Timer::Head | Timer::Request if matches!(ex.phase, Phase::Head) => {
                 // A client that started a head and stalled gets 408.
