@@ -590,7 +590,13 @@ impl Proxy {
     fn resume_down(&mut self, io: &mut Io, id: usize) {
         let d = &mut self.downs[id];
         let backlog = d.ex.as_ref().map_or(0, |ex| ex.buf.data().len());
-        if !d.paused || d.recv_armed || d.closing || d.eof || backlog > MAX_BUFFERED / 2 {
+        // The decode guard reads the whole body: no backlog cap there (a
+        // body that piled up while the request was queued resumes).
+        let guarding =
+            d.ex.as_ref()
+                .is_some_and(|ex| matches!(ex.phase, Phase::Guard));
+        let cap = if guarding { usize::MAX } else { MAX_BUFFERED };
+        if !d.paused || d.recv_armed || d.closing || d.eof || backlog > cap / 2 {
             return;
         }
         d.paused = false;
@@ -1012,9 +1018,9 @@ impl Proxy {
             }
             self.arm_body_timer(io, id);
             if self.downs[id].eof {
-                self.close_down(io, ctx, id);
+                return self.close_down(io, ctx, id);
             }
-            return;
+            return self.resume_down(io, id);
         }
         let (guard, codings) = ex.decode.take().expect("guarding with a guard");
         let body = match ex.req.framing {
