@@ -1,5 +1,7 @@
 //! What a proxied request and response look like on the other side.
 
+use std::io::{Read, Write};
+
 use crate::support::*;
 
 #[test]
@@ -248,4 +250,25 @@ fn upstream_connection_is_not_reused_after_a_get_with_a_body() {
         ports[1], ports[2],
         "the connection that carried a GET body is not reused"
     );
+}
+
+#[test]
+fn a_client_that_half_closes_after_its_whole_body_gets_its_answer() {
+    // Head, body and FIN in one go: the body is all here before the
+    // upstream connection is, and the answer must still come.
+    let origin = python_origin();
+    let proxy = proxy_to(&origin, "", &[]);
+    for _ in 0..5 {
+        let mut s = std::net::TcpStream::connect(&proxy.addr).unwrap();
+        s.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        s.write_all(b"POST /echo HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello")
+            .unwrap();
+        s.shutdown(std::net::Shutdown::Write).unwrap();
+        let mut got = Vec::new();
+        let _ = s.read_to_end(&mut got);
+        let text = String::from_utf8_lossy(&got);
+        assert!(text.starts_with("HTTP/1.1 200"), "{text:?}");
+        assert!(text.contains("\"body_len\": 5"), "{text}");
+    }
 }

@@ -474,6 +474,17 @@ fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<us
     Ok(taken)
 }
 
+/// Whether the request's body has been received whole: forwarded already,
+/// or the rest of it waiting in `buf`. A client may half-close once it
+/// has sent everything.
+fn body_received(ex: &Exchange) -> bool {
+    ex.keep.body_read
+        || ex
+            .body_in
+            .as_ref()
+            .is_none_or(|f| f.ends_within(ex.buf.data()))
+}
+
 /// Append `bytes` to `buf`, taking a pooled buffer when it has none.
 fn take_in(ctx: &WorkerCtx, buf: &mut Buf, bytes: &[u8]) {
     if !buf.has_capacity() {
@@ -616,7 +627,8 @@ impl Proxy {
             Some(ex) => match ex.phase {
                 Phase::Head => !self.head_complete(ctx, id),
                 Phase::Guard | Phase::Linger => true,
-                Phase::Forward => !ex.keep.body_read,
+                // Received whole is enough: forwarding it can finish.
+                Phase::Forward => !body_received(ex),
                 Phase::Queued { .. } | Phase::Respond => false,
             },
         };
@@ -1255,7 +1267,7 @@ impl Proxy {
         }
         self.resume_down(io, id);
         let d = &self.downs[id];
-        if d.eof && d.ex.as_ref().is_some_and(|ex| !ex.keep.body_read) {
+        if d.eof && d.ex.as_ref().is_some_and(|ex| !body_received(ex)) {
             self.close_down(io, ctx, id);
         }
     }

@@ -52,9 +52,9 @@ pub enum RelayError {
 
 /// The framing of one body, without I/O: told the bytes that arrived, it
 /// says how many belong to the body, whether the body ended, and (when the
-/// framing changes on the way) writes the re-framed bytes out. The async
-/// [`relay`] drives it from reads and writes; a completion-driven caller
+/// framing changes on the way) writes the re-framed bytes out. The proxy
 /// drives it from receive completions.
+#[derive(Clone)]
 pub struct Framer {
     body_in: BodyIn,
     body_out: BodyOut,
@@ -198,6 +198,27 @@ impl Framer {
             out.extend_from_slice(LAST_CHUNK);
         }
         Ok(())
+    }
+
+    /// Whether `data`, the bytes received and not yet taken, hold the rest
+    /// of the body (the framer itself is left as it is).
+    pub fn ends_within(&self, data: &[u8]) -> bool {
+        if self.done() {
+            return true;
+        }
+        let mut probe = self.clone();
+        let mut scratch = Vec::new();
+        let mut at = 0;
+        loop {
+            match probe.step(&data[at..], &mut scratch) {
+                Ok(step) if step.done => return true,
+                Ok(step) if step.consumed > 0 => {
+                    at += step.consumed;
+                    scratch.clear();
+                }
+                _ => return false,
+            }
+        }
     }
 
     /// Whether the body has ended.
