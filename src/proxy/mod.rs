@@ -840,7 +840,7 @@ impl Proxy {
     /// A queued request's ticket may have been granted (woken), or its
     /// queue deadline passed (`expired`): on with admission, or refused.
     fn queue_turn(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, expired: bool) {
-        let Some(d) = self.downs.get_mut(id) else {
+        let Some(d) = self.downs.get_mut(id).filter(|d| !d.closing) else {
             return;
         };
         let Some(ex) = d.ex.as_deref_mut() else {
@@ -1661,6 +1661,7 @@ impl Proxy {
         if clean && self.pool.put(ctx, &cur, g, b, uid as u32, io.now) {
             let u = &mut self.ups[uid];
             u.reused = false;
+            u.stopped = false;
             for v in [
                 std::mem::take(&mut u.out),
                 std::mem::take(&mut u.buf).into_inner(),
