@@ -398,28 +398,8 @@ fn upstream_socket(addr: &BackendAddr) -> std::io::Result<(RawFd, SockAddr)> {
 /// that sends them on, when nothing is queued ahead of them on either
 /// side: one copy in user space instead of two (kernel buffer → side
 /// buffer → send buffer). How many of `bytes` were taken; the rest goes
-/// through the side buffer as before.
-fn direct_copy(
-    framer: &mut Framer,
-    bytes: &[u8],
-    out: &mut Vec<u8>,
-    out_sent: &mut usize,
-) -> Result<usize, RelayError> {
-    if *out_sent == out.len() {
-        out.clear();
-        *out_sent = 0;
-    }
-    let room = BUF_SIZE.saturating_sub(out.len());
-    let window = &bytes[..bytes.len().min(room)];
-    let step = framer.step(window, out)?;
-    if step.verbatim {
-        out.extend_from_slice(&window[..step.consumed]);
-    }
-    Ok(step.consumed)
-}
-
-/// The response side of [`direct_copy`]: upstream `uid`'s bytes into its
-/// client's `out`, once the response head went out and while no send to
+/// through the side buffer as before. The response side: upstream
+/// `uid`'s bytes into its client's `out`, once the response head went out and while no send to
 /// the client is in flight.
 fn direct_response(
     downs: &mut Slab<Down>,
@@ -445,10 +425,12 @@ fn direct_response(
     let Some(framer) = ex.body_out.as_mut() else {
         return Ok(0);
     };
-    direct_copy(framer, bytes, &mut ex.out, &mut ex.out_sent)
+    Ok(framer
+        .copy_out(bytes, &mut ex.out, &mut ex.out_sent)?
+        .consumed)
 }
 
-/// The request side of [`direct_copy`]: a client's body bytes into its
+/// The request side of [`direct_response`]: a client's body bytes into its
 /// upstream's `out`, while the body is being forwarded and no send to the
 /// upstream is in flight.
 fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<usize, RelayError> {
@@ -464,7 +446,7 @@ fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<us
     let Some(framer) = ex.body_in.as_mut() else {
         return Ok(0);
     };
-    let taken = direct_copy(framer, bytes, &mut u.out, &mut u.sent)?;
+    let taken = framer.copy_out(bytes, &mut u.out, &mut u.sent)?.consumed;
     ex.received += taken as u64;
     if framer.done() {
         ex.keep.body_read = true;

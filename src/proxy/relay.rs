@@ -178,13 +178,31 @@ impl Framer {
             }
             return Ok(step);
         }
+        let step = self.copy_out(data, out, out_sent)?;
+        src.consume(step.consumed);
+        Ok(step)
+    }
+
+    /// Hand the body's bytes at the front of `bytes` on to `out` (first
+    /// `out_sent` bytes already sent, nothing in flight) by copying them
+    /// behind what it holds, within one buffer. The caller drops the
+    /// step's `consumed` bytes from its source.
+    pub fn copy_out(
+        &mut self,
+        bytes: &[u8],
+        out: &mut Vec<u8>,
+        out_sent: &mut usize,
+    ) -> Result<Step, RelayError> {
+        if *out_sent == out.len() {
+            out.clear();
+            *out_sent = 0;
+        }
         let room = BUF_SIZE.saturating_sub(out.len());
-        let window = &data[..data.len().min(room)];
+        let window = &bytes[..bytes.len().min(room)];
         let step = self.step(window, out)?;
         if step.verbatim {
             out.extend_from_slice(&window[..step.consumed]);
         }
-        src.consume(step.consumed);
         Ok(step)
     }
 
