@@ -104,7 +104,7 @@ fn filter(c: &mut Criterion) {
         g.bench_function(name, |b| {
             b.iter(|| {
                 out.clear();
-                write_upstream_request(&mut out, black_box(raw), &head, &fwd, None, &edits);
+                write_upstream_request(&mut out, black_box(raw), &head, &fwd, None, &edits, false);
                 out.len()
             })
         });

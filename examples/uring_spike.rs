@@ -433,6 +433,7 @@ mod sm {
                 },
                 None,
                 &self.plan,
+                false,
             );
             let head_len = d.req.len;
             d.buf.drain(..head_len);
@@ -1058,6 +1059,7 @@ mod task {
                 },
                 None,
                 &self.plan,
+                false,
             );
             buf.drain(..req.len);
             let Ok(mut out) = self.send(up, out, Op::UpSend).await else {

@@ -79,6 +79,9 @@ pub struct WorkerCtx {
     pub open_connections: Cell<usize>,
     /// Open connections per listener (index into the snapshot's).
     pub listener_connections: Vec<Cell<usize>>,
+    /// Tunnels per listener, open or waiting for their `101`
+    /// (`max_tunnels`).
+    pub listener_tunnels: Vec<Cell<usize>>,
     /// `rejected_total{reason}` of this worker.
     pub rejections: Rejections,
     pub stats: WorkerStats,
@@ -104,6 +107,7 @@ impl WorkerCtx {
             // Listen addresses cannot change on reload (`admin`), so
             // neither does their number.
             listener_connections: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
+            listener_tunnels: snapshot.listeners.iter().map(|_| Cell::new(0)).collect(),
             rejections: Rejections::default(),
             stats: WorkerStats::default(),
             current: RefCell::new(Rc::new(Current::new(

@@ -113,6 +113,10 @@ pub trait Service {
     fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64);
     /// The worker drains: close what is idle, finish what is in flight.
     fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx);
+    /// The drain's time is up: close every connection still open (a
+    /// tunnel, a request still running), each counted and logged as it
+    /// ends.
+    fn close_all(&mut self, _io: &mut Io, _ctx: &WorkerCtx) {}
     /// The end of a loop turn: every completion and deadline of it was
     /// handled.
     fn turn_done(&mut self, _io: &mut Io, _ctx: &WorkerCtx) {}
@@ -122,6 +126,10 @@ pub trait Service {
     /// Connections still open.
     fn open(&self) -> usize;
 }
+
+/// After the drain timeout's `close_all`, how long the loop still turns
+/// for the cancellations and closes to complete.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
 
 /// How long a listener whose accept failed (EMFILE, say) rests before it
 /// accepts again.
@@ -172,6 +180,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         .recv_multi(control, token(Kind::Control as u8, 0))
         .is_ok();
     let mut drain_deadline = None;
+    let mut closed_all = false;
     let mut housekeeping = io.now + HOUSEKEEPING;
     let mut done = Vec::with_capacity(256);
     let mut due = Vec::new();
@@ -195,11 +204,17 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         if let Some(d) = drain_deadline
             && io.now >= d
         {
+            if closed_all {
+                break;
+            }
             crate::warn!(
                 "drain timeout: closing {} connections still open",
                 service.open()
             );
-            break;
+            service.close_all(&mut io, ctx);
+            closed_all = true;
+            drain_deadline = Some(io.now + CLOSE_GRACE);
+            continue;
         }
         let mut wait = io
             .wheel

@@ -16,3 +16,4 @@ mod reload;
 mod rules;
 mod smuggling;
 mod stats;
+mod tunnels;

@@ -200,6 +200,10 @@ reasons! {
     NoRoute => "no_route", 404, Downstream, KeepIfBodyRead;
     Dropped => "dropped", 403, Downstream, KeepIfBodyRead;
     NoBackend => "no_backend", 503, Upstream, KeepIfBodyRead;
+    // An upgrade request may not carry a body (what follows the head
+    // would be both the body and the new protocol's first bytes).
+    UpgradeWithBody => "upgrade_with_body", 400, Downstream, Close;
+    TunnelLimit => "tunnel_limit", 503, Internal, KeepIfBodyRead;
     // Closed at accept, before a byte is read: the status is never sent.
     ConnectionLimit => "connection_limit", 503, Internal, Close;
 }

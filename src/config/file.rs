@@ -58,6 +58,10 @@ pub struct ListenerSection {
     pub request_timeout: Option<Spanned<String>>,
     /// Open connections per worker on this listener.
     pub max_connections: Option<Spanned<i64>>,
+    /// Open tunnels (upgraded connections) per worker on this listener.
+    pub max_tunnels: Option<Spanned<i64>>,
+    /// A tunnel with no bytes either way for this long is closed.
+    pub tunnel_idle_timeout: Option<Spanned<String>>,
     /// Liveness and readiness paths answered by the worker; "" turns one off.
     pub health_path: Option<Spanned<String>>,
     pub ready_path: Option<Spanned<String>>,
@@ -163,6 +167,11 @@ pub struct RuleSection {
     pub log: Option<Spanned<Vec<Spanned<String>>>>,
     /// Admission control for the route (routes only).
     pub limits: Option<Spanned<LimitsSection>>,
+    /// Protocols a request may switch to through this route (`Upgrade`):
+    /// routes with `upstream` only; `["websocket"]` when unset.
+    pub upgrade: Option<Spanned<Vec<Spanned<String>>>>,
+    /// Replaces the listener's for tunnels opened through this route.
+    pub tunnel_idle_timeout: Option<Spanned<String>>,
 }
 
 /// The matchers of `not = { ... }`: the same keys as a rule's.

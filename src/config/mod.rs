@@ -350,6 +350,18 @@ impl Validator<'_> {
             1..=1_000_000,
             10_000,
         ) as usize;
+        // Every tunnel is a connection: `max_connections` caps them too.
+        let max_tunnels = self.int(
+            &l.max_tunnels,
+            "listener.max_tunnels",
+            0..=1_000_000,
+            max_connections as i64,
+        ) as usize;
+        let tunnel_idle_timeout = self.duration(
+            &l.tunnel_idle_timeout,
+            "listener.tunnel_idle_timeout",
+            Duration::from_secs(3600),
+        );
         let health_path = self.probe_path(&l.health_path, "listener.health_path", "/healthz");
         let ready_path = self.probe_path(&l.ready_path, "listener.ready_path", "/readyz");
         let policy = self.policy(l.limits.as_ref(), limits::Owner::Listener)?;
@@ -367,6 +379,8 @@ impl Validator<'_> {
             send_timeout,
             request_timeout,
             max_connections,
+            max_tunnels,
+            tunnel_idle_timeout,
             health_path,
             ready_path,
             policy,
@@ -764,6 +778,59 @@ upstream = "missing"
         );
         assert!(text.contains("bad.toml:10: route.upstream:"), "{text}");
         assert_eq!(err.problems.len(), 4);
+    }
+
+    #[test]
+    fn upgrades_and_tunnel_limits_are_read_and_checked() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\n";
+        let good = format!(
+            "{base}max_tunnels = 5\ntunnel_idle_timeout = \"5m\"\n[upstream.a]\nbackends = [\"tcp://127.0.0.1:2\"]\n\
+             [[route]]\npath = \"/chat\"\nupstream = \"a\"\nupgrade = [\"WebSocket\", \"h2c\"]\ntunnel_idle_timeout = \"30s\"\n\
+             [[route]]\nupstream = \"a\"\n"
+        );
+        let s = parse(&good, "t").unwrap();
+        assert_eq!(s.listeners[0].max_tunnels, 5);
+        assert_eq!(s.listeners[0].tunnel_idle_timeout, Duration::from_secs(300));
+        let routes = s.rules.routes();
+        let names: Vec<&[u8]> = routes[0]
+            .upgrades
+            .protocols
+            .iter()
+            .map(|p| &p[..])
+            .collect();
+        assert_eq!(names, [&b"websocket"[..], &b"h2c"[..]]);
+        assert_eq!(
+            routes[0].upgrades.idle_timeout,
+            Some(Duration::from_secs(30))
+        );
+        // Unset: WebSocket only, the listener's timeout.
+        assert_eq!(routes[1].upgrades, crate::rules::Upgrades::default());
+        let q = quick("127.0.0.1:0", "tcp://127.0.0.1:9").unwrap();
+        assert_eq!(q.listeners[0].max_tunnels, q.listeners[0].max_connections);
+        assert_eq!(
+            q.listeners[0].tunnel_idle_timeout,
+            Duration::from_secs(3600)
+        );
+
+        let bad = format!(
+            "{base}[upstream.a]\nbackends = [\"tcp://127.0.0.1:2\"]\n\
+             [[route]]\npath = \"/a\"\nupstream = \"a\"\nupgrade = [\"web socket\"]\n\
+             [[route]]\npath = \"/b\"\nrespond = {{ status = 200 }}\nupgrade = [\"websocket\"]\n\
+             [[rule]]\nlog = [\"path\"]\ntunnel_idle_timeout = \"1s\"\n"
+        );
+        let text = parse(&bad, "u.toml").unwrap_err().to_string();
+        assert!(
+            text.contains("u.toml:8: route.upgrade: \"web socket\" is not a protocol name"),
+            "{text}"
+        );
+        assert!(
+            text.contains("u.toml:12: route.upgrade: only applies to a route with `upstream`"),
+            "{text}"
+        );
+        assert!(
+            text.contains("u.toml:15: rule.tunnel_idle_timeout: only applies"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -15,7 +15,7 @@ use super::file::{EditSection, FieldSection, MatchSection, OneOrMany, RuleSectio
 use crate::http::head::is_tchar;
 use crate::rules::action::{Action, HeaderEdits, LogField, Rewrite, Template};
 use crate::rules::matcher::{Cidr, Conditions, FieldTest, HostPattern, PathMatch, ValueTest};
-use crate::rules::{Rule, RuleSet, RuleSource};
+use crate::rules::{Rule, RuleSet, RuleSource, Upgrades};
 
 /// Compiled regexes above this size are refused: a pattern like
 /// `\w{1000}` compiles to megabytes per worker.
@@ -463,6 +463,7 @@ impl<'v, 't> RuleCompiler<'v, 't> {
             }
             (limits, _) => self.v.policy(limits.as_ref(), super::limits::Owner::Route),
         };
+        let upgrades = self.upgrades(r, kind);
         if self.v.problems.len() > before || !templates_ok {
             return None;
         }
@@ -499,10 +500,62 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                 log,
                 uses_captures,
                 policy,
+                upgrades,
                 // Set by `RuleSet::build`.
                 index: 0,
             },
         })
+    }
+
+    /// `upgrade` and `tunnel_idle_timeout`: for routes to an upstream.
+    fn upgrades(&mut self, r: &RuleSection, kind: Kind) -> Upgrades {
+        let k = kind.key();
+        let mut upgrades = Upgrades::default();
+        if kind == Kind::Rule || r.upstream.is_none() {
+            if let Some(s) = &r.upgrade {
+                self.v.problem(
+                    s.span(),
+                    format!("{k}.upgrade"),
+                    "only applies to a route with `upstream`",
+                );
+            }
+            if let Some(s) = &r.tunnel_idle_timeout {
+                self.v.problem(
+                    s.span(),
+                    format!("{k}.tunnel_idle_timeout"),
+                    "only applies to a route with `upstream`",
+                );
+            }
+            return upgrades;
+        }
+        if let Some(list) = &r.upgrade {
+            upgrades.protocols.clear();
+            for p in list.get_ref() {
+                let name = p.get_ref();
+                if name.is_empty() || !name.bytes().all(is_tchar) {
+                    self.v.problem(
+                        p.span(),
+                        "route.upgrade",
+                        format!(
+                            "{name:?} is not a protocol name; write e.g. \"websocket\" or \"h2c\""
+                        ),
+                    );
+                    continue;
+                }
+                let lower = name.to_ascii_lowercase().into_bytes().into_boxed_slice();
+                if !upgrades.protocols.contains(&lower) {
+                    upgrades.protocols.push(lower);
+                }
+            }
+        }
+        if r.tunnel_idle_timeout.is_some() {
+            upgrades.idle_timeout = Some(self.v.duration(
+                &r.tunnel_idle_timeout,
+                "route.tunnel_idle_timeout",
+                std::time::Duration::from_secs(3600),
+            ));
+        }
+        upgrades
     }
 
     fn conditions(&mut self, m: Matchers<'_>, k: &str) -> Conditions {

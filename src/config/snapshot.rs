@@ -52,6 +52,10 @@ pub struct Listener {
     pub request_timeout: Duration,
     /// Open connections per worker; beyond, new ones are closed at once.
     pub max_connections: usize,
+    /// Open tunnels per worker; beyond, an upgrade request gets 503.
+    pub max_tunnels: usize,
+    /// A tunnel quiet both ways for this long is closed.
+    pub tunnel_idle_timeout: Duration,
     /// Answered by the worker itself: liveness, and readiness.
     pub health_path: Option<Vec<u8>>,
     pub ready_path: Option<Vec<u8>>,

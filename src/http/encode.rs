@@ -90,7 +90,8 @@ pub struct Forwarded<'a> {
 /// The upstream side always speaks HTTP/1.1 with keep-alive. Hop-by-hop
 /// fields (Connection and the names it lists, Keep-Alive, TE, Trailer,
 /// Upgrade, Proxy-*) and Expect are removed: the proxy answers
-/// `100-continue` itself. Content-Length and Transfer-Encoding pass as
+/// `100-continue` itself. With `upgrade`, the request's Upgrade field
+/// goes on with `Connection: upgrade` (a route lets it switch protocols). Content-Length and Transfer-Encoding pass as
 /// validated; the body is forwarded in the framing it arrived in.
 ///
 /// `target` replaces the request target (a rewritten or normalised path
@@ -103,6 +104,7 @@ pub fn write_upstream_request(
     fwd: &Forwarded<'_>,
     target: Option<&[u8]>,
     edits: &HeaderPlan,
+    upgrade: bool,
 ) {
     out.extend_from_slice(head.method_span.get(buf));
     out.push(b' ');
@@ -119,8 +121,10 @@ pub fn write_upstream_request(
 
     for h in &head.headers {
         match h.kind {
+            HeaderKind::Upgrade if upgrade => {}
             HeaderKind::Connection
             | HeaderKind::HopByHop
+            | HeaderKind::Upgrade
             | HeaderKind::Expect
             | HeaderKind::Shadowing
             | HeaderKind::XForwardedFor
@@ -153,6 +157,9 @@ pub fn write_upstream_request(
     );
     header(out, b"X-Forwarded-Proto", fwd.proto);
     write_appended(out, b"Via", buf, headers, HeaderKind::Via, VIA_TOKEN);
+    if upgrade {
+        out.extend_from_slice(b"Connection: upgrade\r\n");
+    }
     out.extend_from_slice(b"\r\n");
 }
 
@@ -167,6 +174,9 @@ pub enum OutFraming {
     Rechunk,
     /// No framing header: the body ends when we close the connection.
     UntilClose,
+    /// A `101 Switching Protocols`: its Upgrade field goes on, with
+    /// `Connection: upgrade`; what follows is the new protocol's.
+    Switch,
 }
 
 /// Serialise the response head for the downstream client into `out`,
@@ -184,7 +194,11 @@ pub fn write_downstream_response(
     status_line(out, head.status, head.reason.get(buf));
     for h in &head.headers {
         match h.kind {
-            HeaderKind::Connection | HeaderKind::HopByHop | HeaderKind::Shadowing => continue,
+            HeaderKind::Upgrade if framing == OutFraming::Switch => {}
+            HeaderKind::Connection
+            | HeaderKind::HopByHop
+            | HeaderKind::Upgrade
+            | HeaderKind::Shadowing => continue,
             HeaderKind::TransferEncoding if framing != OutFraming::ChunkedVerbatim => continue,
             HeaderKind::Via => continue,
             HeaderKind::Other if head.is_connection_listed(buf, h.name) => continue,
@@ -200,6 +214,10 @@ pub fn write_downstream_response(
         out.extend_from_slice(b"Transfer-Encoding: chunked\r\n");
     }
     write_appended(out, b"Via", buf, &head.headers, HeaderKind::Via, VIA_TOKEN);
+    if framing == OutFraming::Switch {
+        out.extend_from_slice(b"Connection: upgrade\r\n\r\n");
+        return;
+    }
     end_response_head(out, keep_alive, client_version);
 }
 
@@ -207,6 +225,7 @@ pub fn write_downstream_response(
 pub fn reason_phrase(status: u16) -> &'static str {
     match status {
         100 => "Continue",
+        101 => "Switching Protocols",
         200 => "OK",
         201 => "Created",
         202 => "Accepted",
@@ -324,8 +343,54 @@ mod tests {
             &fwd,
             None,
             &HeaderPlan::default(),
+            false,
         );
         String::from_utf8(out).unwrap()
+    }
+
+    #[test]
+    fn an_upgrade_passes_with_connection_upgrade_only_when_allowed() {
+        let raw = "GET /ws HTTP/1.1\r\nHost: a\r\nConnection: Upgrade\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\n\r\n";
+        let mut head = RequestHead::default();
+        parse_request(raw.as_bytes(), &HeadLimits::default(), &mut head).unwrap();
+        let fwd = Forwarded {
+            client_ip: b"10.0.0.9",
+            proto: b"http",
+            default_host: b"backend:80",
+        };
+        let write = |upgrade| {
+            let mut out = Vec::new();
+            let plan = HeaderPlan::default();
+            write_upstream_request(&mut out, raw.as_bytes(), &head, &fwd, None, &plan, upgrade);
+            String::from_utf8(out).unwrap()
+        };
+        assert_eq!(
+            write(true),
+            "GET /ws HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\nSec-WebSocket-Key: k\r\nX-Forwarded-For: 10.0.0.9\r\nX-Forwarded-Proto: http\r\nVia: 1.1 coregate\r\nConnection: upgrade\r\n\r\n"
+        );
+        let plain = write(false);
+        assert!(
+            !plain.contains("Upgrade") && !plain.contains("upgrade"),
+            "{plain}"
+        );
+
+        let raw = "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Accept: x\r\n\r\n";
+        let mut res = ResponseHead::default();
+        parse_response(raw.as_bytes(), 16384, Method::Get, &mut res).unwrap();
+        let mut out = Vec::new();
+        write_downstream_response(
+            &mut out,
+            raw.as_bytes(),
+            &res,
+            OutFraming::Switch,
+            Version::Http11,
+            true,
+            &HeaderPlan::default(),
+        );
+        assert_eq!(
+            String::from_utf8(out).unwrap(),
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nSec-WebSocket-Accept: x\r\nVia: 1.1 coregate\r\nConnection: upgrade\r\n\r\n"
+        );
     }
 
     #[test]

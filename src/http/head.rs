@@ -51,8 +51,11 @@ pub enum HeaderKind {
     Host,
     Connection,
     /// Hop-by-hop by definition (RFC 9110 7.6.1): Keep-Alive, TE, Trailer,
-    /// Upgrade, Proxy-*.
+    /// Proxy-*.
     HopByHop,
+    /// Hop-by-hop too, but passed on when a route lets the request switch
+    /// protocols (RFC 9110 7.8).
+    Upgrade,
     Expect,
     XForwardedFor,
     XForwardedProto,
@@ -104,7 +107,7 @@ fn classify_exact(name: &[u8]) -> HeaderKind {
         4 if eq("host") => HeaderKind::Host,
         6 if eq("expect") => HeaderKind::Expect,
         7 if eq("trailer") => HeaderKind::HopByHop,
-        7 if eq("upgrade") => HeaderKind::HopByHop,
+        7 if eq("upgrade") => HeaderKind::Upgrade,
         10 if eq("connection") => HeaderKind::Connection,
         10 if eq("keep-alive") => HeaderKind::HopByHop,
         14 if eq("content-length") => HeaderKind::ContentLength,
@@ -287,6 +290,10 @@ pub struct RequestHead {
     pub expect_continue: bool,
     /// Header names listed in Connection: hop-by-hop, never forwarded.
     pub connection_names: Vec<Span>,
+    /// The protocols an HTTP/1.1 request offers to switch to: its Upgrade
+    /// field, when Connection lists `upgrade` too (RFC 9110 7.8; an
+    /// HTTP/1.0 request's Upgrade is ignored).
+    pub upgrade: Option<Span>,
 }
 
 impl Default for RequestHead {
@@ -305,6 +312,7 @@ impl Default for RequestHead {
             keep_alive: true,
             expect_continue: false,
             connection_names: Vec::new(),
+            upgrade: None,
         }
     }
 }
@@ -351,6 +359,8 @@ pub struct ResponseHead {
     pub connection_names: Vec<Span>,
     /// Value of Transfer-Encoding when it is exactly `chunked`, or a list.
     pub te_is_plain_chunked: bool,
+    /// The Upgrade field: in a 101, the protocols switched to.
+    pub upgrade: Option<Span>,
 }
 
 impl Default for ResponseHead {
@@ -365,6 +375,7 @@ impl Default for ResponseHead {
             keep_alive: true,
             connection_names: Vec::new(),
             te_is_plain_chunked: true,
+            upgrade: None,
         }
     }
 }
@@ -469,6 +480,9 @@ struct FramingFields {
     te_plain_chunked: bool,
     conn_close: bool,
     conn_keep_alive: bool,
+    /// Connection lists `upgrade`.
+    conn_upgrade: bool,
+    upgrade: Option<Span>,
 }
 
 impl FramingFields {
@@ -485,6 +499,15 @@ impl FramingFields {
             }
             HeaderKind::TransferEncoding => add_transfer_encoding(self, h.value.get(buf))?,
             HeaderKind::Connection => add_connection(self, buf, h.value.get(buf), names)?,
+            HeaderKind::Upgrade => {
+                if self.upgrade.is_some() {
+                    return Err(HeadError::Malformed("duplicate Upgrade"));
+                }
+                if upgrade_protocols(h.value.get(buf)).any(|p| p.is_none()) {
+                    return Err(HeadError::Malformed("invalid Upgrade"));
+                }
+                self.upgrade = Some(h.value);
+            }
             _ => {}
         }
         Ok(())
@@ -522,6 +545,30 @@ fn trim_ows(mut v: &[u8]) -> &[u8] {
         v = rest;
     }
     v
+}
+
+/// The protocols of an Upgrade field (`websocket`, `h2c, websocket/13`):
+/// each one's name, without its version, or `None` for an element that
+/// is not `token [ "/" token ]`.
+pub fn upgrade_protocols(v: &[u8]) -> impl Iterator<Item = Option<&[u8]>> {
+    v.split(|&b| b == b',').map(trim_ows).map(|p| {
+        let (name, version) = match p.iter().position(|&b| b == b'/') {
+            Some(i) => (&p[..i], Some(&p[i + 1..])),
+            None => (p, None),
+        };
+        let token = |t: &[u8]| !t.is_empty() && t.iter().all(|&b| is_tchar(b));
+        (token(name) && version.is_none_or(token)).then_some(name)
+    })
+}
+
+/// Whether every protocol of the Upgrade field `switched` (a 101's) is
+/// one of those `offered` (the request's).
+pub fn upgrade_answers(switched: &[u8], offered: &[u8]) -> bool {
+    upgrade_protocols(switched).all(|p| {
+        p.is_some_and(|p| {
+            upgrade_protocols(offered).any(|o| o.is_some_and(|o| o.eq_ignore_ascii_case(p)))
+        })
+    })
 }
 
 /// Transfer-Encoding is a list of codings; several fields concatenate.
@@ -571,6 +618,8 @@ fn add_connection(
             f.conn_close = true;
         } else if opt.eq_ignore_ascii_case(b"keep-alive") {
             f.conn_keep_alive = true;
+        } else if opt.eq_ignore_ascii_case(b"upgrade") {
+            f.conn_upgrade = true;
         } else {
             names.push(Span::of(base, opt));
         }
@@ -700,6 +749,9 @@ pub fn parse_request(
         return Err(HeadError::MissingHost);
     }
     head.framing = request_framing(&f, head.version)?;
+    head.upgrade = f
+        .upgrade
+        .filter(|_| f.conn_upgrade && head.version == Version::Http11);
     head.keep_alive = match head.version {
         Version::Http11 => !f.conn_close,
         Version::Http10 => f.conn_keep_alive && !f.conn_close,
@@ -849,6 +901,7 @@ pub fn parse_response(
         head.keep_alive = false;
     }
     head.te_is_plain_chunked = f.te_plain_chunked;
+    head.upgrade = f.upgrade;
     // RFC 9112 6.3, in order.
     head.framing = if request_method == Method::Head
         || (100..200).contains(&status)
@@ -1119,6 +1172,66 @@ mod tests {
             .find(|h| h.name.get(raw.as_bytes()) == b"X-Secret")
             .unwrap();
         assert!(head.is_connection_listed(raw.as_bytes(), x.name));
+    }
+
+    #[test]
+    fn an_upgrade_needs_http_1_1_and_connection_upgrade() {
+        let offer = |raw: &str| {
+            let (head, _) = req(raw).unwrap();
+            head.upgrade
+                .map(|s| String::from_utf8(s.get(raw.as_bytes()).to_vec()).unwrap())
+        };
+        assert_eq!(
+            offer("GET / HTTP/1.1\r\nHost: a\r\nConnection: keep-alive, Upgrade\r\nUpgrade: websocket\r\n\r\n")
+                .as_deref(),
+            Some("websocket")
+        );
+        // Without `Connection: upgrade` the field is not an offer; in
+        // HTTP/1.0 it is ignored (RFC 9110 7.8).
+        assert_eq!(
+            offer("GET / HTTP/1.1\r\nHost: a\r\nUpgrade: websocket\r\n\r\n"),
+            None
+        );
+        assert_eq!(
+            offer("GET / HTTP/1.0\r\nConnection: upgrade\r\nUpgrade: websocket\r\n\r\n"),
+            None
+        );
+        // `upgrade` in Connection is not a field name to strip.
+        let (head, _) =
+            req("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: h2c\r\n\r\n")
+                .unwrap();
+        assert!(head.connection_names.is_empty());
+        for bad in ["", "web socket", "websocket/", "a, , b"] {
+            let raw = format!(
+                "GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: {bad}\r\n\r\n"
+            );
+            assert!(req(&raw).is_err(), "{bad:?}");
+        }
+        assert!(
+            req("GET / HTTP/1.1\r\nHost: a\r\nConnection: upgrade\r\nUpgrade: websocket\r\nUpgrade: h2c\r\n\r\n")
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn a_switch_answers_only_protocols_offered() {
+        assert!(upgrade_answers(b"websocket", b"websocket"));
+        assert!(upgrade_answers(b"WebSocket", b"h2c, websocket/13"));
+        assert!(!upgrade_answers(b"h2c", b"websocket"));
+        assert!(!upgrade_answers(b"websocket, h2c", b"websocket"));
+        assert!(!upgrade_answers(b"", b"websocket"));
+        let names: Vec<_> = upgrade_protocols(b"h2c, websocket/13,x").collect();
+        assert_eq!(
+            names,
+            [Some(&b"h2c"[..]), Some(&b"websocket"[..]), Some(&b"x"[..])]
+        );
+        let r = res(
+            "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            Method::Get,
+        )
+        .unwrap();
+        assert_eq!(r.framing, BodyFraming::None);
+        assert!(r.upgrade.is_some());
     }
 
     #[test]

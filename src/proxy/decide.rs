@@ -10,7 +10,7 @@
 
 use std::net::IpAddr;
 use std::rc::Rc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::access_log;
 use crate::admission::decode::{self, Coding};
@@ -18,9 +18,9 @@ use crate::admission::{self, Ask, DecodeGuard, PolicyState, Readiness, Reason, R
 use crate::balance::{self, HashKey};
 use crate::config::snapshot::strip_port;
 use crate::context::{Current, WorkerCtx};
-use crate::http::head::{BodyFraming, RequestHead};
+use crate::http::head::{BodyFraming, RequestHead, upgrade_protocols};
 use crate::rules::matcher::{needs_normalizing, normalize_path};
-use crate::rules::{Action, Decision, HeaderPlan, LogField, RequestView, Rewrite};
+use crate::rules::{Action, Decision, HeaderPlan, LogField, RequestView, Rewrite, Upgrades};
 
 /// What the request gets, once admitted.
 pub enum Plan {
@@ -103,9 +103,13 @@ pub struct Decided {
     pub max_len: u64,
     /// The route's decode guard, with the request's content codings.
     pub decode: Option<(DecodeGuard, Vec<Coding>)>,
-    /// Refused before admission was asked (an undecodable body coding).
+    /// Refused before admission was asked (an undecodable body coding,
+    /// an upgrade with a body).
     pub refused: Option<Refusal>,
     pub logged: Option<Logged>,
+    /// The request's upgrade goes on to the backend, and a tunnel it
+    /// opens closes after this long without traffic.
+    pub tunnel: Option<Duration>,
 }
 
 /// `/healthz` (liveness: the worker answers) and `/readyz` (readiness of
@@ -188,6 +192,7 @@ pub fn decide(inp: &Inputs<'_>, edits: &mut Edits) -> Decided {
         decode: None,
         refused: None,
         logged: None,
+        tunnel: None,
     };
     let routing_path = req.routing_path(data);
     let (raw_path, query) = match routing_path.iter().position(|&b| b == b'?') {
@@ -334,7 +339,29 @@ pub fn decide(inp: &Inputs<'_>, edits: &mut Edits) -> Decided {
             }
         }
     };
+    // An upgrade the route allows goes on; one it does not is dropped
+    // with the other hop-by-hop fields, and the request is served as
+    // plain HTTP (nginx's behaviour without its two lines of config).
+    if let (Plan::Proxy { .. }, Some(offer), Some(route)) =
+        (&decided.plan, req.upgrade, decision.route)
+        && allows(&route.upgrades, offer.get(data))
+    {
+        if req.framing == BodyFraming::None {
+            let idle = route.upgrades.idle_timeout;
+            decided.tunnel = Some(idle.unwrap_or(listener.tunnel_idle_timeout));
+        } else {
+            decided
+                .refused
+                .get_or_insert(Refusal::of(Reason::UpgradeWithBody));
+        }
+    }
     edits.request = std::mem::take(&mut decision.request);
     edits.response = std::mem::take(&mut decision.response);
     decided
+}
+
+/// Whether a route allows every protocol an Upgrade field `offered`.
+fn allows(upgrades: &Upgrades, offered: &[u8]) -> bool {
+    upgrade_protocols(offered)
+        .all(|p| p.is_some_and(|p| upgrades.protocols.iter().any(|a| a.eq_ignore_ascii_case(p))))
 }

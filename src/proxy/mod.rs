@@ -35,6 +35,7 @@ pub mod keep;
 pub mod pool;
 pub mod relay;
 pub mod timers;
+mod tunnel;
 
 use std::cell::RefCell;
 use std::net::IpAddr;
@@ -65,6 +66,7 @@ use decide::{Decided, Edits, Inputs, Logged, Plan};
 use keep::{Keep, Next, UpstreamState, upstream_reusable};
 use relay::{BodyIn, BodyOut, Framer, RelayError};
 use timers::{Timer, Timers};
+use tunnel::Tunnel;
 
 /// Largest upstream response head accepted (nginx's proxy_buffer_size is
 /// 4-8 KiB; backends with large cookies need more).
@@ -143,6 +145,20 @@ struct Up {
     addr: Option<Box<SockAddr>>,
 }
 
+impl Up {
+    /// Send what waits in `out` from `sent` on; one send at a time.
+    fn send(&mut self, io: &mut Io, uid: usize) -> std::io::Result<()> {
+        debug_assert!(!self.sending && self.sent < self.out.len());
+        let bytes = &self.out[self.sent..];
+        // SAFETY: the bytes live in `out`'s heap storage, which stays put
+        // when the slab moves; `out` is not touched and the record not
+        // freed while `sending` is set (`up_sent`, `close_up`).
+        unsafe { io.driver.send(self.fd, bytes, token(UP_SEND, uid as u64))? };
+        self.sending = true;
+        Ok(())
+    }
+}
+
 /// Where a request is.
 enum Phase {
     /// Reading a request head (or idle between requests).
@@ -157,6 +173,8 @@ enum Phase {
     Respond,
     /// Answered and closing: discarding what the client still sends.
     Linger,
+    /// Switched protocols: raw bytes both ways (`tunnel`).
+    Tunnel,
 }
 
 /// Why the upstream exchange failed before a response head came.
@@ -258,6 +276,10 @@ struct Exchange {
     /// The backend last asked, for the access log.
     used: Option<(usize, usize)>,
     lingered: usize,
+    /// The response is counted in the worker's statistics (a 101 is, when
+    /// its tunnel opens).
+    counted: bool,
+    tunnel: Tunnel,
 }
 
 impl Default for Exchange {
@@ -303,6 +325,8 @@ impl Default for Exchange {
             body_out: None,
             used: None,
             lingered: 0,
+            counted: false,
+            tunnel: Tunnel::default(),
         }
     }
 }
@@ -416,9 +440,11 @@ fn direct_response(
     if d.sending || d.closing {
         return Ok(0);
     }
+    // An `out` without storage (a quiet tunnel gave it back) takes a
+    // pooled buffer through the side buffer instead of growing one here.
     let Some(ex) =
         d.ex.as_deref_mut()
-            .filter(|ex| ex.head_in && ex.up == Some(uid))
+            .filter(|ex| ex.head_in && ex.up == Some(uid) && ex.out.capacity() > 0)
     else {
         return Ok(0);
     };
@@ -434,13 +460,18 @@ fn direct_response(
 /// upstream's `out`, while the body is being forwarded and no send to the
 /// upstream is in flight.
 fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<usize, RelayError> {
-    if !matches!(ex.phase, Phase::Forward) || !ex.buf.is_empty() || ex.keep.body_read {
+    let open = match ex.phase {
+        Phase::Forward => !ex.keep.body_read,
+        Phase::Tunnel => !ex.tunnel.up_shut,
+        _ => false,
+    };
+    if !open || !ex.buf.is_empty() {
         return Ok(0);
     }
     let Some(u) = ex.up.and_then(|uid| ups.get_mut(uid)) else {
         return Ok(0);
     };
-    if u.sending || u.connecting || u.closing || u.stopped {
+    if u.sending || u.connecting || u.closing || u.stopped || u.out.capacity() == 0 {
         return Ok(0);
     }
     let Some(framer) = ex.body_in.as_mut() else {
@@ -611,7 +642,8 @@ impl Proxy {
                 Phase::Guard | Phase::Linger => true,
                 // Received whole is enough: forwarding it can finish.
                 Phase::Forward => !body_received(ex),
-                Phase::Queued { .. } | Phase::Respond => false,
+                // Passed on to the backend once all before it went.
+                Phase::Queued { .. } | Phase::Respond | Phase::Tunnel => false,
             },
         };
         if needs_bytes {
@@ -648,6 +680,7 @@ impl Proxy {
             Phase::Head => self.read_head(io, ctx, id),
             Phase::Guard => self.guard(io, ctx, id),
             Phase::Forward => self.pump_body(io, ctx, id),
+            Phase::Tunnel => self.pump_tunnel(io, ctx, id),
             Phase::Queued { .. } | Phase::Respond | Phase::Linger => {}
         }
     }
@@ -749,6 +782,7 @@ impl Proxy {
             decode,
             refused,
             logged,
+            tunnel,
         } = decide::decide(
             &Inputs {
                 ctx,
@@ -767,6 +801,13 @@ impl Proxy {
         ex.max_len = max_len;
         ex.decode = decode;
         ex.logged = logged;
+        ex.tunnel.idle = tunnel;
+        if tunnel.is_some()
+            && let Some(offer) = ex.req.upgrade
+        {
+            ex.tunnel.offer.clear();
+            ex.tunnel.offer.extend_from_slice(offer.get(ex.buf.data()));
+        }
         if ex.keep.body_read {
             ex.timers.clear(Timer::Request);
         }
@@ -909,6 +950,11 @@ impl Proxy {
             } => {
                 ex.group = group;
                 ex.key = key;
+                let listener = self.downs[id].listener as usize;
+                let ex = self.downs[id].ex.as_deref_mut().expect("acted");
+                if ex.tunnel.idle.is_some() && !tunnel::reserve(ctx, ex, listener) {
+                    return self.refuse(io, ctx, id, Refusal::of(Reason::TunnelLimit));
+                }
                 self.pick(io, ctx, id, rewritten)
             }
         }
@@ -947,6 +993,7 @@ impl Proxy {
             &fwd,
             rewritten.then_some(&ex.edits.target[..]),
             &ex.edits.request,
+            ex.tunnel.idle.is_some(),
         );
         consume_head(ex);
         ex.up_head = ex.fwd.len();
@@ -1201,6 +1248,9 @@ impl Proxy {
         let Proxy { downs, ups, .. } = self;
         let d = &mut downs[id];
         let ex = d.ex.as_deref_mut().expect("forwarding");
+        if matches!(ex.phase, Phase::Tunnel) {
+            return self.pump_tunnel(io, ctx, id);
+        }
         let Some(uid) = ex.up else { return };
         let u = &mut ups[uid];
         if u.sending || u.connecting || u.closing || u.stopped {
@@ -1223,14 +1273,7 @@ impl Proxy {
             }
         }
         if u.sent < u.out.len() {
-            u.sending = true;
-            let bytes = &u.out[u.sent..];
-            // SAFETY: the bytes live in `out`'s heap storage, which stays
-            // put when the slab moves; `out` is not touched and the record
-            // not freed while `sending` is set (`up_sent`, `close_up`).
-            let r = unsafe { io.driver.send(u.fd, bytes, token(UP_SEND, uid as u64)) };
-            if r.is_err() {
-                u.sending = false;
+            if u.send(io, uid).is_err() {
                 u.stopped = true;
                 return self.upstream_stopped_reading(io, ctx, id);
             }
@@ -1287,6 +1330,9 @@ impl Proxy {
     /// reading: its answer goes on, the rest of the body does not.
     fn upstream_stopped_reading(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
         let ex = self.downs[id].ex.as_deref_mut().expect("forwarding");
+        if matches!(ex.phase, Phase::Tunnel) {
+            return self.close_down(io, ctx, id);
+        }
         if ex.head_in {
             ex.timers.clear(Timer::UpWrite);
             return;
@@ -1402,6 +1448,9 @@ impl Proxy {
             return;
         }
         let ex = d.ex.as_deref_mut().expect("forwarding");
+        if matches!(ex.phase, Phase::Tunnel) {
+            return self.pump_tunnel(io, ctx, id);
+        }
         if d.sending {
             // Waiting on the client (`DownSend` bounds that), not on the
             // upstream: its silence is not counted meanwhile.
@@ -1419,17 +1468,15 @@ impl Proxy {
                     &mut ex.res,
                 );
                 match parsed {
-                    // Informational: 100 Continue was answered by us, 103
-                    // and others are optional; skip them. 101 would need
-                    // an Upgrade we never forward.
+                    // Switching protocols: only to what the request offered.
                     Ok(Status::Complete(_)) if ex.res.status == 101 => {
-                        return self.upstream_failed(
-                            io,
-                            ctx,
-                            id,
-                            UpFail::Failed(UpstreamFailure::BadGateway),
-                        );
+                        if !tunnel::answers(ex, u.buf.data()) {
+                            return self.refuse_switch(io, ctx, id);
+                        }
+                        break;
                     }
+                    // Informational: 100 Continue was answered by us, 103
+                    // and others are optional; skip them.
                     Ok(Status::Complete(n)) if ex.res.status < 200 => u.buf.consume(n),
                     Ok(Status::Complete(_)) => break,
                     Ok(Status::Partial) if u.eof => {
@@ -1457,6 +1504,13 @@ impl Proxy {
             }
             if !self.response_head(io, ctx, id) {
                 return;
+            }
+            if self.downs[id]
+                .ex
+                .as_ref()
+                .is_some_and(|ex| ex.res.status == 101)
+            {
+                return self.open_tunnel(io, ctx, id);
             }
         }
         let Proxy { downs, ups, .. } = self;
@@ -1529,6 +1583,10 @@ impl Proxy {
         let version = ex.req.version;
         let mut framed = true;
         let (body_in, out_framing, body_out) = match ex.res.framing {
+            // What follows a 101 is the new protocol's, as it comes.
+            _ if ex.res.status == 101 => {
+                (BodyIn::UntilClose, OutFraming::Switch, BodyOut::Verbatim)
+            }
             BodyFraming::None => (BodyIn::Length(0), OutFraming::AsIs, BodyOut::Verbatim),
             BodyFraming::Length(n) => (BodyIn::Length(n), OutFraming::AsIs, BodyOut::Verbatim),
             BodyFraming::Chunked if version == Version::Http11 => (
@@ -1911,6 +1969,7 @@ impl Proxy {
         }
         match ex.phase {
             Phase::Forward => self.pump_response(io, ctx, id),
+            Phase::Tunnel => self.pump_tunnel(io, ctx, id),
             // A `100 Continue` went out ahead of the guard's reading.
             _ => self.advance(io, ctx, id),
         }
@@ -2045,6 +2104,11 @@ impl Proxy {
                 self.close_down(io, ctx, id)
             }
             Timer::DownSend | Timer::Linger => self.close_down(io, ctx, id),
+            Timer::TunnelIdle => {
+                crate::debug!("tunnel of {} idle past its timeout", d.client);
+                ctx.stats.tunnels.idle_closed();
+                self.close_down(io, ctx, id)
+            }
         }
     }
 
@@ -2183,10 +2247,18 @@ fn due(d: &Down) -> u64 {
     }
 }
 
+/// Count the request's response in the worker's statistics, once.
+fn count_response(ctx: &WorkerCtx, ex: &mut Exchange, now: Instant) {
+    if !std::mem::replace(&mut ex.counted, true) {
+        ctx.stats
+            .response(ex.status, ex.started, Stamp::at(now), ex.received, ex.sent);
+    }
+}
+
 /// Count a request that ended, and write its access log line.
 fn finish(ctx: &WorkerCtx, ex: &mut Exchange, now: Instant) {
-    ctx.stats
-        .response(ex.status, ex.started, Stamp::at(now), ex.received, ex.sent);
+    tunnel::ended(ctx, ex);
+    count_response(ctx, ex, now);
     if let Some(logged) = ex.logged.take() {
         let cur = ex.cur();
         let label = ex
@@ -2217,6 +2289,11 @@ fn finish(ctx: &WorkerCtx, ex: &mut Exchange, now: Instant) {
     ex.body_out = None;
     ex.keep = Keep::default();
     ex.head_in = false;
+    ex.counted = false;
+    ex.tunnel.clear();
+    if matches!(ex.phase, Phase::Tunnel) {
+        ex.phase = Phase::Head;
+    }
     ex.timers.clear_all();
 }
 
@@ -2378,6 +2455,18 @@ impl Service for Proxy {
         self.pool.clear(ctx, &mut self.closing);
         self.close_pending(io, ctx);
         self.run_woken(io, ctx);
+    }
+
+    fn close_all(&mut self, io: &mut Io, ctx: &WorkerCtx) {
+        let open: Vec<usize> = self
+            .downs
+            .iter()
+            .filter(|(_, d)| !d.closing)
+            .map(|(id, _)| id)
+            .collect();
+        for id in open {
+            self.close_down(io, ctx, id);
+        }
     }
 
     fn tick(&mut self, io: &mut Io, ctx: &WorkerCtx) {

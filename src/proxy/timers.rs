@@ -26,9 +26,11 @@ pub enum Timer {
     DownSend,
     /// Reading what a refused client still sends, before closing.
     Linger,
+    /// A tunnel with no bytes either way (`tunnel_idle_timeout`).
+    TunnelIdle,
 }
 
-const COUNT: usize = Timer::Linger as usize + 1;
+const COUNT: usize = Timer::TunnelIdle as usize + 1;
 
 /// Ticks at which each [`Timer`] fires; `OFF` for one not running.
 #[derive(Clone, Copy, Debug)]
@@ -78,6 +80,7 @@ impl Timers {
             Timer::UpRead,
             Timer::DownSend,
             Timer::Linger,
+            Timer::TunnelIdle,
         ];
         ALL.iter()
             .copied()

@@ -42,9 +42,33 @@ pub struct Rule {
     pub uses_captures: bool,
     /// The route's own admission limits (`[route.limits]`).
     pub policy: Option<Arc<crate::admission::Policy>>,
+    /// What a request may switch to through the route, and its tunnels'
+    /// idle timeout.
+    pub upgrades: Upgrades,
     /// Position among the routes (or the stacking rules), for per-route
     /// counts.
     pub index: usize,
+}
+
+/// The protocols a route lets a request switch to (`Upgrade`, RFC 9110
+/// 7.8), and how long a tunnel opened through it may stay quiet.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Upgrades {
+    /// Protocol names, in lowercase: a request offering any other is
+    /// forwarded without its upgrade.
+    pub protocols: Vec<Box<[u8]>>,
+    /// Replaces the listener's `tunnel_idle_timeout`.
+    pub idle_timeout: Option<std::time::Duration>,
+}
+
+impl Default for Upgrades {
+    /// WebSocket passes with no configuration, as it does through HAProxy.
+    fn default() -> Self {
+        Upgrades {
+            protocols: vec![b"websocket".to_vec().into_boxed_slice()],
+            idle_timeout: None,
+        }
+    }
 }
 
 struct Table {

@@ -93,6 +93,43 @@ pub struct WorkerStats {
     rule_evaluations: Cell<u64>,
     latency: RefCell<Histogram<u64>>,
     upstream_latency: RefCell<Histogram<u64>>,
+    /// Upgraded connections: counted whatever the `stats` feature says,
+    /// as open connections are (none is on a request's path).
+    pub tunnels: TunnelStats,
+}
+
+/// A worker's tunnels (connections switched to another protocol).
+#[derive(Default)]
+pub struct TunnelStats {
+    open: Cell<u64>,
+    opened: Cell<u64>,
+    /// Bytes relayed from clients to backends, and back.
+    bytes_up: Cell<u64>,
+    bytes_down: Cell<u64>,
+    /// Closed for `tunnel_idle_timeout`.
+    idle_closed: Cell<u64>,
+}
+
+impl TunnelStats {
+    pub fn opened(&self) {
+        self.open.set(self.open.get() + 1);
+        self.opened.set(self.opened.get() + 1);
+    }
+
+    pub fn closed(&self) {
+        self.open.set(self.open.get() - 1);
+    }
+
+    pub fn idle_closed(&self) {
+        self.idle_closed.set(self.idle_closed.get() + 1);
+    }
+
+    /// Bytes relayed since the last call: `up` to the backend, `down` to
+    /// the client.
+    pub fn relayed(&self, up: u64, down: u64) {
+        self.bytes_up.set(self.bytes_up.get() + up);
+        self.bytes_down.set(self.bytes_down.get() + down);
+    }
 }
 
 impl Default for WorkerStats {
@@ -106,6 +143,7 @@ impl Default for WorkerStats {
             rule_evaluations: Cell::new(0),
             latency: RefCell::new(histogram()),
             upstream_latency: RefCell::new(histogram()),
+            tunnels: TunnelStats::default(),
         }
     }
 }
@@ -350,6 +388,19 @@ pub struct Report {
     pub rule_evaluations: u64,
     /// Heads refused as malformed, too large or with too long a target.
     pub parse_errors: u64,
+    /// Tunnels open now, and opened since start.
+    #[serde(default)]
+    pub tunnels_open: u64,
+    #[serde(default)]
+    pub tunnels_opened: u64,
+    /// Tunnels closed for their idle timeout.
+    #[serde(default)]
+    pub tunnels_idle_closed: u64,
+    /// Tunnel bytes from clients to backends, and from backends to clients.
+    #[serde(default)]
+    pub tunnel_bytes_up: u64,
+    #[serde(default)]
+    pub tunnel_bytes_down: u64,
 }
 
 /// What a worker knows that its `WorkerStats` does not hold.
@@ -424,6 +475,11 @@ impl WorkerStats {
             upstream_idle: c.upstream_idle,
             rule_evaluations: self.rule_evaluations.get(),
             parse_errors,
+            tunnels_open: self.tunnels.open.get(),
+            tunnels_opened: self.tunnels.opened.get(),
+            tunnels_idle_closed: self.tunnels.idle_closed.get(),
+            tunnel_bytes_up: self.tunnels.bytes_up.get(),
+            tunnel_bytes_down: self.tunnels.bytes_down.get(),
         }
     }
 }
@@ -498,6 +554,11 @@ impl Report {
             total.upstream_idle += r.upstream_idle;
             total.rule_evaluations += r.rule_evaluations;
             total.parse_errors += r.parse_errors;
+            total.tunnels_open += r.tunnels_open;
+            total.tunnels_opened += r.tunnels_opened;
+            total.tunnels_idle_closed += r.tunnels_idle_closed;
+            total.tunnel_bytes_up += r.tunnel_bytes_up;
+            total.tunnel_bytes_down += r.tunnel_bytes_down;
         }
         total.latency = Latency::of(&latency);
         total.upstream_latency = Latency::of(&upstream);

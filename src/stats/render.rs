@@ -149,6 +149,36 @@ pub fn prometheus(reports: &[Report]) -> String {
             "Request heads refused as malformed or too large.",
             |r| r.parse_errors,
         ),
+        (
+            "coregate_tunnels_open",
+            "gauge",
+            "Tunnels (upgraded connections, e.g. WebSocket) open now.",
+            |r| r.tunnels_open,
+        ),
+        (
+            "coregate_tunnels_opened_total",
+            "counter",
+            "Tunnels opened (a backend answered 101 Switching Protocols).",
+            |r| r.tunnels_opened,
+        ),
+        (
+            "coregate_tunnels_idle_closed_total",
+            "counter",
+            "Tunnels closed after tunnel_idle_timeout without traffic.",
+            |r| r.tunnels_idle_closed,
+        ),
+        (
+            "coregate_tunnel_upstream_bytes_total",
+            "counter",
+            "Tunnel bytes relayed from clients to backends.",
+            |r| r.tunnel_bytes_up,
+        ),
+        (
+            "coregate_tunnel_downstream_bytes_total",
+            "counter",
+            "Tunnel bytes relayed from backends to clients.",
+            |r| r.tunnel_bytes_down,
+        ),
     ] {
         family(name, kind, help, scalar(name, pick));
     }
@@ -243,6 +273,7 @@ struct Row {
     errors: u64,
     rejected: u64,
     open: u64,
+    tunnels: u64,
     epoch: u64,
 }
 
@@ -269,6 +300,7 @@ fn row(name: String, r: &Report, before: Option<&Report>, seconds: f64, windowed
         errors,
         rejected,
         open: r.connections_open,
+        tunnels: r.tunnels_open,
         epoch: r.epoch,
     }
 }
@@ -314,7 +346,7 @@ pub fn table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>6}",
+        "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
         "worker",
         "state",
         "req/s",
@@ -325,12 +357,13 @@ pub fn table(
         "5xx",
         "rejected",
         "conns",
+        "tunnels",
         "epoch"
     );
     for r in &rows {
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>6}",
+            "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
             r.name,
             r.state,
             r.rate
@@ -343,6 +376,7 @@ pub fn table(
             r.errors,
             r.rejected,
             r.open,
+            r.tunnels,
             r.epoch
         );
     }
@@ -361,6 +395,16 @@ pub fn table(
             reasons.join(" ")
         }
     );
+    if total.tunnels_opened > 0 {
+        let _ = writeln!(
+            out,
+            "tunnels (since start): {} opened, {} closed idle, {} bytes up, {} bytes down",
+            total.tunnels_opened,
+            total.tunnels_idle_closed,
+            total.tunnel_bytes_up,
+            total.tunnel_bytes_down
+        );
+    }
     out
 }
 

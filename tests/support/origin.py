@@ -19,6 +19,12 @@ Listens on 127.0.0.1 (TCP, port 0 by default) or on a UNIX socket, prints
   /ignore         broken on purpose: answers without reading the request
                   body and keeps the connection, so the body is read as
                   the next request (the CL.0 desync)
+  /switch?to=P    answers 101 with `Upgrade: P` (none when P is empty),
+                  whatever the request asked, then echoes raw bytes until
+                  the client's end of stream, and closes
+  /switch?to=P&first=N
+                  the same, but sends N bytes and shuts its writing side
+                  first, then reads until the client's end of stream
 
 Every connection stops after 60 s, so a stuck test cannot keep it alive.
 """
@@ -98,6 +104,25 @@ class Handler(BaseHTTPRequestHandler):
             remaining -= len(part)
         self.wfile.write(b"0\r\n\r\n")
 
+    def switch(self, to, first):
+        head = "HTTP/1.1 101 Switching Protocols\r\n"
+        if to:
+            head += f"Upgrade: {to}\r\nConnection: upgrade\r\n"
+        self.wfile.write((head + "\r\n").encode())
+        self.wfile.flush()
+        self.close_connection = True
+        if first is not None:
+            self.wfile.write(pattern(int(first)))
+            self.wfile.flush()
+            self.connection.shutdown(socket.SHUT_WR)
+        while True:
+            part = self.rfile.read1(65536)
+            if not part:
+                break
+            if first is None:
+                self.wfile.write(part)
+                self.wfile.flush()
+
     def echo(self):
         total, sha = self.read_body()
         peer = self.client_address[1] if isinstance(self.client_address, tuple) else 0
@@ -161,6 +186,8 @@ class Handler(BaseHTTPRequestHandler):
             self.send_body(200, b"ignored\n", "text/plain")
         elif url.path.startswith("/stream-echo"):
             self.stream_echo()
+        elif url.path.startswith("/switch"):
+            self.switch(q.get("to", ""), q.get("first"))
         elif url.path.startswith("/early413"):
             self.send_body(413, b"too large\n", "text/plain", extra=[("Connection", "close")])
             self.close_connection = True
