@@ -1,9 +1,11 @@
 """Pieces the Python benchmark scripts share (imported, not run):
-scripts/bench, scripts/admission-figures.py (and balance-figures.py
-through it), scripts/idle-memory.py and scripts/profile-request.py.
+scripts/bench, scripts/ws-bench, scripts/admission-figures.py (and
+balance-figures.py through it), scripts/idle-memory.py and
+scripts/profile-request.py.
 
 Processes every run starts, the open-files limit, waiting for a port,
-idle keep-alive connections, and resident memory from /proc.
+idle keep-alive connections, and CPU time and resident memory of a
+process tree from /proc.
 """
 import os
 import resource
@@ -87,6 +89,34 @@ def wait_port(port, limit=10.0, host="127.0.0.1"):
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"nothing accepts on {host}:{port}")
+
+
+def cpu_ticks(pid):
+    """utime+stime of PID and all its descendants, in clock ticks (threads
+    are included in their process's figures)."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append((int(entry), int(fields[11]) + int(fields[12])))
+    total = 0
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total = int(fields[11]) + int(fields[12])
+    except OSError:
+        return 0
+    todo = [pid]
+    while todo:
+        for child, ticks in children.get(todo.pop(), []):
+            total += ticks
+            todo.append(child)
+    return total
 
 
 def proc_status_kib(pid, field):
