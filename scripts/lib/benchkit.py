@@ -91,9 +91,9 @@ def wait_port(port, limit=10.0, host="127.0.0.1"):
     raise RuntimeError(f"nothing accepts on {host}:{port}")
 
 
-def cpu_ticks(pid):
-    """utime+stime of PID and all its descendants, in clock ticks (threads
-    are included in their process's figures)."""
+def cpu_ticks_split(pid):
+    """(utime, stime) of PID and all its descendants, in clock ticks
+    (threads are included in their process's figures)."""
     children = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -103,20 +103,25 @@ def cpu_ticks(pid):
                 fields = f.read().rsplit(")", 1)[1].split()
         except OSError:
             continue
-        children.setdefault(int(fields[1]), []).append((int(entry), int(fields[11]) + int(fields[12])))
-    total = 0
+        children.setdefault(int(fields[1]), []).append((int(entry), int(fields[11]), int(fields[12])))
     try:
         with open(f"/proc/{pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
-        total = int(fields[11]) + int(fields[12])
+        user, system = int(fields[11]), int(fields[12])
     except OSError:
-        return 0
+        return 0, 0
     todo = [pid]
     while todo:
-        for child, ticks in children.get(todo.pop(), []):
-            total += ticks
+        for child, u, s in children.get(todo.pop(), []):
+            user += u
+            system += s
             todo.append(child)
-    return total
+    return user, system
+
+
+def cpu_ticks(pid):
+    """utime+stime of PID and all its descendants, in clock ticks."""
+    return sum(cpu_ticks_split(pid))
 
 
 def proc_status_kib(pid, field):

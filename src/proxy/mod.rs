@@ -57,7 +57,7 @@ use crate::engine::{Io, Kind, Service, token, untoken};
 use crate::http::chunked::ChunkedDecoder;
 use crate::http::encode::{self, Forwarded, OutFraming};
 use crate::http::head::{self, BodyFraming, Method, RequestHead, ResponseHead, Status, Version};
-use crate::net::buffer::{BUF_SIZE, Buf};
+use crate::net::buffer::{BUF_SIZE, Buf, BufPool};
 use crate::ring::Completion;
 use crate::ring::wheel::Visit;
 use crate::rules::HeaderPlan;
@@ -430,6 +430,7 @@ fn direct_response(
     uid: usize,
     u: &mut Up,
     bytes: &[u8],
+    bufs: &BufPool,
 ) -> Result<usize, RelayError> {
     if !u.buf.is_empty() {
         return Ok(0);
@@ -440,14 +441,16 @@ fn direct_response(
     if d.sending || d.closing {
         return Ok(0);
     }
-    // An `out` without storage (a quiet tunnel gave it back) takes a
-    // pooled buffer through the side buffer instead of growing one here.
     let Some(ex) =
         d.ex.as_deref_mut()
-            .filter(|ex| ex.head_in && ex.up == Some(uid) && ex.out.capacity() > 0)
+            .filter(|ex| ex.head_in && ex.up == Some(uid))
     else {
         return Ok(0);
     };
+    if ex.out.capacity() == 0 {
+        // A quiet tunnel gave its buffer back.
+        ex.out = bufs.get();
+    }
     let Some(framer) = ex.body_out.as_mut() else {
         return Ok(0);
     };
@@ -459,7 +462,12 @@ fn direct_response(
 /// The request side of [`direct_response`]: a client's body bytes into its
 /// upstream's `out`, while the body is being forwarded and no send to the
 /// upstream is in flight.
-fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<usize, RelayError> {
+fn direct_body(
+    ex: &mut Exchange,
+    ups: &mut Slab<Up>,
+    bytes: &[u8],
+    bufs: &BufPool,
+) -> Result<usize, RelayError> {
     let open = match ex.phase {
         Phase::Forward => !ex.keep.body_read,
         Phase::Tunnel => !ex.tunnel.up_shut,
@@ -471,8 +479,12 @@ fn direct_body(ex: &mut Exchange, ups: &mut Slab<Up>, bytes: &[u8]) -> Result<us
     let Some(u) = ex.up.and_then(|uid| ups.get_mut(uid)) else {
         return Ok(0);
     };
-    if u.sending || u.connecting || u.closing || u.stopped || u.out.capacity() == 0 {
+    if u.sending || u.connecting || u.closing || u.stopped {
         return Ok(0);
+    }
+    if u.out.capacity() == 0 {
+        // A quiet tunnel gave its buffer back.
+        u.out = bufs.get();
     }
     let Some(framer) = ex.body_in.as_mut() else {
         return Ok(0);
@@ -547,7 +559,7 @@ impl Proxy {
                     return;
                 }
                 let bytes = io.driver.buf(bid, n);
-                let taken = match direct_body(ex, ups, bytes) {
+                let taken = match direct_body(ex, ups, bytes, &ctx.bufs) {
                     Ok(taken) => taken,
                     Err(e) => {
                         io.driver.recycle(bid);
@@ -613,6 +625,9 @@ impl Proxy {
     /// half the cap and its receive has ended.
     fn resume_down(&mut self, io: &mut Io, id: usize) {
         let d = &mut self.downs[id];
+        if !d.paused {
+            return;
+        }
         let backlog = d.ex.as_ref().map_or(0, |ex| ex.buf.data().len());
         // The decode guard reads the whole body: no backlog cap there (a
         // body that piled up while the request was queued resumes).
@@ -1368,7 +1383,7 @@ impl Proxy {
                     return self.close_up(io, ctx, uid);
                 }
                 let bytes = io.driver.buf(bid, n);
-                let taken = match direct_response(&mut self.downs, uid, u, bytes) {
+                let taken = match direct_response(&mut self.downs, uid, u, bytes, &ctx.bufs) {
                     Ok(taken) => taken,
                     Err(e) => {
                         io.driver.recycle(bid);
@@ -1426,8 +1441,10 @@ impl Proxy {
 
     fn resume_up(&mut self, io: &mut Io, uid: usize) {
         let u = &mut self.ups[uid];
-        if !u.paused || u.recv_armed || u.closing || u.eof || u.buf.data().len() > MAX_BUFFERED / 2
-        {
+        if !u.paused {
+            return;
+        }
+        if u.recv_armed || u.closing || u.eof || u.buf.data().len() > MAX_BUFFERED / 2 {
             return;
         }
         u.paused = false;
@@ -2105,6 +2122,12 @@ impl Proxy {
             }
             Timer::DownSend | Timer::Linger => self.close_down(io, ctx, id),
             Timer::TunnelIdle => {
+                // Bytes moved since it was set: it is set again from the
+                // last of them (one store per event instead of a timer).
+                if let Some(due) = ex.tunnel.idle_due().filter(|&due| due > io.tick) {
+                    ex.timers.set(Timer::TunnelIdle, due);
+                    return;
+                }
                 crate::debug!("tunnel of {} idle past its timeout", d.client);
                 ctx.stats.tunnels.idle_closed();
                 self.close_down(io, ctx, id)

@@ -64,7 +64,10 @@ impl Timers {
 
     /// The earliest running deadline, if any.
     pub fn next(&self) -> Option<u64> {
-        self.0.iter().copied().filter(|&v| v != OFF).min()
+        // `OFF` is the largest tick: the plain minimum, without a branch
+        // per timer (it runs after every completion).
+        let earliest = self.0.iter().fold(OFF, |m, &v| m.min(v));
+        (earliest != OFF).then_some(earliest)
     }
 
     /// A deadline due at `tick`, earliest first.

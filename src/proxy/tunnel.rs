@@ -46,9 +46,18 @@ pub(super) struct Tunnel {
     /// Bytes each way already added to the worker's counters.
     pub counted_up: u64,
     pub counted_down: u64,
+    /// The tick of the tunnel's last event, and its idle timeout in ticks.
+    pub active: u64,
+    pub idle_ticks: u64,
 }
 
 impl Tunnel {
+    /// When the tunnel is idle past its timeout, counted from its last
+    /// event; `None` before it opened.
+    pub fn idle_due(&self) -> Option<u64> {
+        (self.idle_ticks > 0).then(|| self.active.saturating_add(self.idle_ticks))
+    }
+
     /// Ready for the connection's next request (the offer's storage kept).
     pub fn clear(&mut self) {
         self.offer.clear();
@@ -146,6 +155,13 @@ impl Proxy {
             .as_deref_mut()
             .expect("a tunnel is an exchange");
         ex.phase = Phase::Tunnel;
+        let idle = ex
+            .tunnel
+            .idle
+            .expect("an upgrade passed on has its idle timeout");
+        ex.tunnel.idle_ticks = io.tick_after(idle) - io.tick;
+        ex.tunnel.active = io.tick;
+        ex.timers.set(Timer::TunnelIdle, io.tick_after(idle));
         ex.body_in = Some(Framer::new(BodyIn::UntilClose, BodyOut::Verbatim, u64::MAX));
         for t in [
             Timer::Request,
@@ -232,8 +248,7 @@ impl Proxy {
         if ex.tunnel.up_shut && ex.tunnel.down_shut {
             return self.close_down(io, ctx, id);
         }
-        let idle = ex.tunnel.idle.expect("a tunnel has its idle timeout");
-        ex.timers.set(Timer::TunnelIdle, io.tick_after(idle));
+        ex.tunnel.active = io.tick;
         // Emptied buffers go back to the pool: a quiet tunnel holds none.
         // One a send is reading from stays.
         for (v, sent, busy) in [
