@@ -7,12 +7,12 @@
 use std::hint::black_box;
 
 use coregate::http::chunked::ChunkedDecoder;
+use coregate::http::edits::HeaderPlan;
 use coregate::http::encode::{Forwarded, write_upstream_request};
 use coregate::http::head::{
     HeadLimits, Method, RequestHead, ResponseHead, parse_request, parse_response,
 };
 use coregate::net::buffer::BufPool;
-use coregate::rules::HeaderPlan;
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 
 /// What a desktop browser sends for a page (Firefox, trimmed cookies).

@@ -12,7 +12,8 @@
 
 use std::hint::black_box;
 
-use coregate::rules::{Decision, RequestView, Scratch};
+use coregate::http::view::RequestView;
+use coregate::rules::{Decision, Scratch};
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
 
 fn config(n: usize) -> String {

@@ -38,13 +38,13 @@ use std::pin::Pin;
 use std::rc::Rc;
 use std::task::{Context, Poll, RawWaker, RawWakerVTable, Waker};
 
+use coregate::http::edits::HeaderPlan;
 use coregate::http::encode::{self, Forwarded, OutFraming};
 use coregate::http::head::{
     self, BodyFraming, HeadLimits, Method, RequestHead, ResponseHead, Status,
 };
 use coregate::net::buffer::BufPool;
 use coregate::ring::{Completion, Ring, RingConfig, Setup};
-use coregate::rules::HeaderPlan;
 use slab::Slab;
 
 const MAX_UPSTREAM_HEAD: usize = 32 * 1024;

@@ -16,7 +16,8 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use crate::rules::{LogField, RequestView};
+use crate::http::view::RequestView;
+use crate::rules::LogField;
 
 /// Buffered log bytes that trigger a write. Small enough that a quiet
 /// worker's lines appear within one housekeeping tick anyway.

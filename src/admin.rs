@@ -7,9 +7,9 @@
 //!
 //! Owns: the socket's life (stale-file cleanup, permissions, removal at
 //! exit), its thread, the reload sequence (load, validate, compile, check
-//! against what cannot change live, publish), and the client side used by
-//! `coregate reload`. Does not own: what a snapshot holds (`config`) or how
-//! workers pick it up (`config::epoch`, `worker`).
+//! against what cannot change live, publish). Does not own: what a snapshot
+//! holds (`config`), how workers pick it up (`config::epoch`, `worker`), or
+//! the client side of the socket (`client`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::fs::PermissionsExt;
@@ -313,30 +313,4 @@ fn scrape(stream: std::net::TcpStream, hub: &Hub) {
     if method != "HEAD" {
         let _ = out.write_all(body.as_bytes());
     }
-}
-
-/// Send `command` and return the whole answer as text (`metrics`).
-pub fn request_text(path: &Path, command: &str) -> anyhow::Result<String> {
-    let mut stream = UnixStream::connect(path)
-        .with_context(|| format!("connect to admin socket {}", path.display()))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    writeln!(stream, "{command}")?;
-    let mut text = String::new();
-    stream
-        .read_to_string(&mut text)
-        .context("read the admin socket's answer")?;
-    Ok(text)
-}
-
-pub fn request(path: &Path, command: &str) -> anyhow::Result<serde_json::Value> {
-    let mut stream = UnixStream::connect(path)
-        .with_context(|| format!("connect to admin socket {}", path.display()))?;
-    // A reload of a large rule set takes a while; never hang forever.
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    writeln!(stream, "{command}")?;
-    let mut line = String::new();
-    BufReader::new(&stream)
-        .read_line(&mut line)
-        .context("read the admin socket's answer")?;
-    serde_json::from_str(&line).with_context(|| format!("admin socket answered {line:?}"))
 }

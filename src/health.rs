@@ -24,17 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::config::epoch::Published;
-use crate::config::{BackendAddr, Snapshot};
-
-/// A group's `health_check` settings.
-#[derive(Debug, Clone)]
-pub struct Check {
-    pub path: String,
-    pub interval: Duration,
-    pub timeout: Duration,
-    pub healthy: u32,
-    pub unhealthy: u32,
-}
+use crate::config::{BackendAddr, Check, Snapshot};
 
 /// How often the thread looks for checks that are due.
 const TICK: Duration = Duration::from_millis(50);

@@ -45,6 +45,7 @@ pub mod admin;
 pub mod admission;
 pub mod balance;
 pub mod cli;
+pub mod client;
 pub mod config;
 pub mod context;
 pub mod control;

@@ -8,6 +8,7 @@ use clap::Parser;
 
 use coregate::admin::{self, Reloader};
 use coregate::cli::{Cli, Command, RunArgs, WorkerArgs};
+use coregate::client;
 use coregate::config::epoch::Published;
 use coregate::config::{self, Snapshot};
 use coregate::control::{self, RunOptions, Server, parse_core_list};
@@ -67,7 +68,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
             interval,
         } => stats(&socket, json, per_core, prometheus, &interval),
         Command::Top { socket } => {
-            coregate::stats::top::run(&socket)?;
+            coregate::client::top::run(&socket)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Origin {
@@ -161,7 +162,7 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 fn reload(socket: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let reply = admin::request(socket, "reload")?;
+    let reply = client::request(socket, "reload")?;
     let ok = reply["ok"].as_bool() == Some(true);
     if ok {
         println!(
@@ -195,11 +196,14 @@ fn stats(
     // SAFETY: restoring the default action of one signal, before any thread.
     unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     if prometheus {
-        print!("{}", admin::request_text(socket, "metrics")?);
+        print!("{}", client::request_text(socket, "metrics")?);
         return Ok(ExitCode::SUCCESS);
     }
     let sample = || -> anyhow::Result<(Vec<Report>, std::time::Instant)> {
-        Ok((coregate::stats::fetch(socket)?, std::time::Instant::now()))
+        Ok((
+            coregate::client::fetch_stats(socket)?,
+            std::time::Instant::now(),
+        ))
     };
     if json {
         let (workers, _) = sample()?;

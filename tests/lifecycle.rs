@@ -38,7 +38,7 @@ fn drain_over_the_admin_socket_finishes_requests_in_flight() {
     let url = format!("http://{}/slow?ms=1000", proxy.addr);
     let client = std::thread::spawn(move || curl(&["-w", "\n%{http_code}", &url]));
     std::thread::sleep(Duration::from_millis(300));
-    let reply = coregate::admin::request(&socket, "drain").expect("admin socket");
+    let reply = coregate::client::request(&socket, "drain").expect("admin socket");
     assert_eq!(reply["draining"], true, "{reply}");
     let out = client.join().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("\n200"));

@@ -10,6 +10,7 @@ mod bodies;
 mod failures;
 mod forwarding;
 mod lifecycle;
+mod modules;
 mod nginx;
 mod origin;
 mod reload;

@@ -4,7 +4,7 @@
 //! normalising it again changes nothing.
 #![no_main]
 
-use coregate::rules::matcher::normalize_path;
+use coregate::http::view::normalize_path;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|input: &[u8]| {

@@ -38,7 +38,7 @@ use bucket::Buckets;
 pub use fair::Ticket;
 use fair::{Full, Gate};
 
-use crate::rules::RequestView;
+use crate::http::view::RequestView;
 
 /// Where a request's principal (rate limits) or tenant (fair queuing)
 /// comes from.

@@ -32,10 +32,7 @@
 pub mod maglev;
 
 use std::cell::{Cell, RefCell};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
-
-use crate::config::UpstreamGroup;
 
 /// How a group picks a backend.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -198,6 +195,19 @@ impl BackendView {
     }
 }
 
+/// What balancing reads of an upstream group: its settings, and its
+/// backends' health and labels. The configuration's group implements it
+/// (`config::UpstreamGroup`); balancing never sees the config type.
+pub trait Group {
+    fn balance(&self) -> &Balance;
+    fn backend_count(&self) -> usize;
+    /// Whether active health checks let backend `i` be picked.
+    fn healthy(&self, i: usize) -> bool;
+    /// Backend `i`'s label: what a worker learned of a backend follows
+    /// it by label across a reload.
+    fn label(&self, i: usize) -> &str;
+}
+
 /// One worker's view of one group.
 #[derive(Debug)]
 pub struct GroupView {
@@ -213,8 +223,8 @@ pub struct GroupView {
 impl GroupView {
     /// A fresh view; `seed` differs per worker so that workers do not
     /// start on the same backend.
-    pub fn new(group: &UpstreamGroup, seed: usize) -> Self {
-        let n = group.backends.len();
+    pub fn new(group: &impl Group, seed: usize) -> Self {
+        let n = group.backend_count();
         GroupView {
             backends: (0..n).map(|_| BackendView::default()).collect(),
             cursor: Cell::new(seed % n.max(1)),
@@ -223,7 +233,7 @@ impl GroupView {
                 0x9E37_79B9_7F4A_7C15 ^ (seed as u64).wrapping_mul(0xA076_1D64_78BD_642F) | 1,
             ),
             // A budget of 0 turns retries off, floor included.
-            retry_tokens: Cell::new(if group.balance.retry_budget > 0.0 {
+            retry_tokens: Cell::new(if group.balance().retry_budget > 0.0 {
                 RETRY_FLOOR
             } else {
                 0
@@ -235,10 +245,11 @@ impl GroupView {
     /// that `old` had too (same label): EWMA, ejection, failure streak.
     /// Inflight counts start at zero: requests in flight release into the
     /// view they started on, so a copied count would never come down.
-    pub fn carry(old: &UpstreamGroup, view: &GroupView, new: &UpstreamGroup, seed: usize) -> Self {
+    pub fn carry(old: &impl Group, view: &GroupView, new: &impl Group, seed: usize) -> Self {
         let next = GroupView::new(new, seed);
-        for (b, v) in old.backends.iter().zip(&view.backends) {
-            if let Some(i) = new.backends.iter().position(|n| n.label == b.label) {
+        for (b, v) in view.backends.iter().enumerate() {
+            let label = old.label(b);
+            if let Some(i) = (0..new.backend_count()).find(|&i| new.label(i) == label) {
                 let n = &next.backends[i];
                 n.ewma_us.set(v.ewma_us.get());
                 n.fails.set(v.fails.get());
@@ -269,22 +280,18 @@ impl GroupView {
     /// `None`: every backend is ejected and the group does not fail open.
     pub fn pick(
         &self,
-        group: &UpstreamGroup,
+        group: &impl Group,
         key: u64,
         now: Instant,
         avoid: Option<usize>,
     ) -> Option<usize> {
-        let b = &group.balance;
+        let b = group.balance();
         let n = self.backends.len();
         // A cap holds even when failing open: it protects the backend.
         let at_cap = |i: usize| b.max_conns > 0 && self.backends[i].inflight.get() >= b.max_conns;
         // Down by active checks, ejected by this worker's own failures,
         // or at its connection cap.
-        let out = |i: usize| {
-            self.backends[i].ejected(now)
-                || !group.backends[i].healthy.load(Ordering::Relaxed)
-                || at_cap(i)
-        };
+        let out = |i: usize| self.backends[i].ejected(now) || !group.healthy(i) || at_cap(i);
         if n == 1 {
             let ok = !out(0) || (b.fail_open && !at_cap(0));
             return ok.then_some(0);
@@ -437,6 +444,7 @@ impl GroupView {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::UpstreamGroup;
 
     fn group(n: usize) -> UpstreamGroup {
         let text = format!(

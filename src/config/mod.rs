@@ -30,7 +30,7 @@ use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
 use crate::net::buffer::BUF_SIZE;
 use crate::rules::RuleSet;
 use file::{FileConfig, ListenerSection, UpstreamSection};
-pub use snapshot::{Backend, BackendAddr, Listener, Snapshot, UpstreamGroup};
+pub use snapshot::{Backend, BackendAddr, Check, Listener, Snapshot, UpstreamGroup};
 
 /// One thing wrong with a config, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -414,7 +414,7 @@ impl Validator<'_> {
                     format!("{:?} is not a path; write e.g. \"/health\"", c.path),
                 );
             }
-            crate::health::Check {
+            Check {
                 path: c.path.clone(),
                 interval: self.duration(
                     &c.interval,
@@ -732,7 +732,7 @@ upstream = "app"
         assert_eq!(s.upstreams[0].connect_timeout, Duration::from_millis(250));
         assert_eq!(s.rules.routes().len(), 2);
         let route = |host: &'static [u8], path: &'static [u8]| {
-            let view = crate::rules::RequestView {
+            let view = crate::http::view::RequestView {
                 method: b"GET",
                 host: Some(host),
                 authority: Some(host),

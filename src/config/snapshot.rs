@@ -80,7 +80,41 @@ pub struct UpstreamGroup {
     /// How backends are picked, ejected and retried.
     pub balance: crate::balance::Balance,
     /// Active health checks (`health_check`), if configured.
-    pub health_check: Option<crate::health::Check>,
+    pub health_check: Option<Check>,
+}
+
+impl crate::balance::Group for UpstreamGroup {
+    fn balance(&self) -> &crate::balance::Balance {
+        &self.balance
+    }
+
+    fn backend_count(&self) -> usize {
+        self.backends.len()
+    }
+
+    fn healthy(&self, i: usize) -> bool {
+        self.backends[i]
+            .healthy
+            .load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    fn label(&self, i: usize) -> &str {
+        &self.backends[i].label
+    }
+}
+
+/// A group's active health checks (`health_check`), run by the health
+/// thread (`health`).
+#[derive(Debug, Clone)]
+pub struct Check {
+    /// The path asked with GET; a 2xx or 3xx answer is a pass.
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Passes in a row that mark a backend up, and failures that mark it
+    /// down.
+    pub healthy: u32,
+    pub unhealthy: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -5,8 +5,8 @@
 //! Owns: header filtering and head serialisation into a caller's buffer.
 //! Does not own: deciding framing (see `head`) or any I/O.
 
+use super::edits::HeaderPlan;
 use super::head::{HeaderKind, HeaderSpan, RequestHead, ResponseHead, Version};
-use crate::rules::HeaderPlan;
 
 /// The token this proxy adds to Via (RFC 9110 7.6.3).
 pub const VIA_TOKEN: &[u8] = b"1.1 coregate";

@@ -5,5 +5,7 @@
 //! on its own. The proxy state machine drives it from `proxy`.
 
 pub mod chunked;
+pub mod edits;
 pub mod encode;
 pub mod head;
+pub mod view;

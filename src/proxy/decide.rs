@@ -18,9 +18,10 @@ use crate::admission::{self, Ask, DecodeGuard, PolicyState, Readiness, Reason, R
 use crate::balance::{self, HashKey};
 use crate::config::snapshot::strip_port;
 use crate::context::{Current, WorkerCtx};
+use crate::http::edits::HeaderPlan;
 use crate::http::head::{BodyFraming, RequestHead, upgrade_protocols};
-use crate::rules::matcher::{needs_normalizing, normalize_path};
-use crate::rules::{Action, Decision, HeaderPlan, LogField, RequestView, Rewrite, Upgrades};
+use crate::http::view::{RequestView, needs_normalizing, normalize_path};
+use crate::rules::{Action, Decision, LogField, PlanEdits, Rewrite, Upgrades};
 
 /// What the request gets, once admitted.
 pub enum Plan {

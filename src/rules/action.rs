@@ -8,7 +8,8 @@
 
 use regex::bytes::CaptureLocations;
 
-use super::matcher::RequestView;
+use crate::http::edits::HeaderPlan;
+use crate::http::view::RequestView;
 
 /// A route's terminal action.
 #[derive(Debug)]
@@ -227,31 +228,28 @@ impl HeaderEdits {
     }
 }
 
-/// The header edits one request collected from every rule it matched,
-/// ready for the encoder: names to drop from the message, and fields to
-/// append (values expanded into `values`).
-#[derive(Debug, Default)]
-pub struct HeaderPlan {
-    /// Lowercase names dropped from the original message.
-    pub removed: Vec<Box<[u8]>>,
-    /// `(name, value range in values)`
-    pub added: Vec<(Box<[u8]>, std::ops::Range<usize>)>,
-    pub values: Vec<u8>,
+/// A rule's header edits planned into a request's [`HeaderPlan`], with
+/// their templates expanded for that request.
+pub trait PlanEdits {
+    /// Apply one rule's edits on top of what earlier rules planned.
+    fn apply(
+        &mut self,
+        edits: &HeaderEdits,
+        req: &RequestView<'_>,
+        caps: Option<&CaptureLocations>,
+    );
+    /// Append a field whose value is `value` expanded for `req`.
+    fn push(
+        &mut self,
+        name: &[u8],
+        value: &Template,
+        req: &RequestView<'_>,
+        caps: Option<&CaptureLocations>,
+    );
 }
 
-impl HeaderPlan {
-    pub fn is_empty(&self) -> bool {
-        self.removed.is_empty() && self.added.is_empty()
-    }
-
-    pub fn clear(&mut self) {
-        self.removed.clear();
-        self.added.clear();
-        self.values.clear();
-    }
-
-    /// Apply one rule's edits on top of what earlier rules planned.
-    pub fn apply(
+impl PlanEdits for HeaderPlan {
+    fn apply(
         &mut self,
         edits: &HeaderEdits,
         req: &RequestView<'_>,
@@ -259,38 +257,21 @@ impl HeaderPlan {
     ) {
         let names = edits.remove.iter().chain(edits.set.iter().map(|(n, _)| n));
         for name in names {
-            self.added.retain(|(n, _)| !n.eq_ignore_ascii_case(name));
-            if !self.drops(name) {
-                self.removed.push(name.to_ascii_lowercase().into());
-            }
+            self.remove(name);
         }
         for (name, value) in edits.set.iter().chain(&edits.add) {
             self.push(name, value, req, caps);
         }
     }
 
-    /// Append a field whose value is `value` expanded for `req`.
-    pub fn push(
+    fn push(
         &mut self,
         name: &[u8],
         value: &Template,
         req: &RequestView<'_>,
         caps: Option<&CaptureLocations>,
     ) {
-        let start = self.values.len();
-        value.expand(&mut self.values, req, caps);
-        self.added.push((name.into(), start..self.values.len()));
-    }
-
-    /// Whether a field of the original message is dropped.
-    pub fn drops(&self, name: &[u8]) -> bool {
-        self.removed.iter().any(|n| n.eq_ignore_ascii_case(name))
-    }
-
-    pub fn fields(&self) -> impl Iterator<Item = (&[u8], &[u8])> {
-        self.added
-            .iter()
-            .map(|(n, r)| (&n[..], &self.values[r.clone()]))
+        self.add_with(name, |out| value.expand(out, req, caps));
     }
 }
 

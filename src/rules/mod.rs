@@ -20,9 +20,13 @@ use std::sync::Arc;
 
 use regex::bytes::{CaptureLocations, Regex, RegexSet};
 
-pub use action::{Action, HeaderEdits, HeaderPlan, LogField, Rewrite, Template};
+pub use action::{Action, HeaderEdits, LogField, PlanEdits, Rewrite, Template};
+
+use crate::http::edits::HeaderPlan;
 use index::{Entry, Index, RuleId};
-pub use matcher::{Conditions, RequestView};
+pub use matcher::Conditions;
+
+use crate::http::view::RequestView;
 
 /// One rule: conditions, optional negation, and what it does.
 #[derive(Debug)]

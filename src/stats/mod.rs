@@ -22,7 +22,6 @@
 
 pub mod hub;
 pub mod render;
-pub mod top;
 
 use std::cell::{Cell, RefCell};
 use std::collections::BTreeMap;
@@ -576,14 +575,6 @@ pub fn window(earlier: &Latency, later: &Latency) -> Latency {
         h = later.histogram();
     }
     Latency::of(&h)
-}
-
-/// Every worker's report, asked of a running coregate's admin socket
-/// (`coregate stats` and `coregate top`).
-pub fn fetch(socket: &std::path::Path) -> anyhow::Result<Vec<Report>> {
-    use anyhow::Context;
-    let reply = crate::admin::request(socket, "stats")?;
-    serde_json::from_value(reply["workers"].clone()).context("the admin socket's stats answer")
 }
 
 /// How long the admin side waits for every worker's report.

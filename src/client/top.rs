@@ -8,14 +8,14 @@
 //! two cumulative histograms, 5xx and refusals.
 //!
 //! Owns: the terminal and the refresh loop. Does not own: the table
-//! (`render`) or the socket protocol (`admin`).
+//! (`stats::render`) or the socket protocol (`client`).
 
 use std::io::Write;
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use super::{Report, render};
+use crate::stats::{Report, render};
 
 const REFRESH: Duration = Duration::from_secs(1);
 
@@ -102,7 +102,7 @@ pub fn run(socket: &Path) -> anyhow::Result<()> {
     let mut before: Option<(Vec<Report>, Instant)> = None;
     let mut out = std::io::stdout();
     loop {
-        let reports = super::fetch(socket)?;
+        let reports = super::fetch_stats(socket)?;
         let at = Instant::now();
         let table = match &before {
             Some((b, t)) => render::table(&reports, Some(b), (at - *t).as_secs_f64(), true, true),
