@@ -44,6 +44,7 @@ fn view(path: &[u8]) -> RequestView<'_> {
         buf: b"",
         headers: &[],
         client: "10.1.2.3".parse().expect("address"),
+        tls: false,
     }
 }
 

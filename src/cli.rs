@@ -89,6 +89,12 @@ pub struct RunArgs {
     /// Quick proxy: backend, tcp://HOST:PORT or unix:/PATH (with --listen).
     #[arg(long, requires = "listen")]
     pub upstream: Option<String>,
+    /// Quick proxy over HTTPS: certificate chain, PEM (with --tls-key).
+    #[arg(long, requires_all = ["listen", "tls_key"])]
+    pub tls_cert: Option<PathBuf>,
+    /// Quick proxy over HTTPS: private key, PEM (with --tls-cert).
+    #[arg(long, requires_all = ["listen", "tls_cert"])]
+    pub tls_key: Option<PathBuf>,
     /// Admin UNIX socket (overrides server.admin_socket).
     #[arg(long)]
     pub admin_socket: Option<PathBuf>,

@@ -59,4 +59,5 @@ pub mod proxy;
 pub mod ring;
 pub mod rules;
 pub mod stats;
+pub mod tls;
 pub mod worker;

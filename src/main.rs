@@ -109,9 +109,10 @@ fn run_options(w: &WorkerArgs) -> anyhow::Result<RunOptions> {
 
 fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     let started = std::time::Instant::now();
+    let tls = args.tls_cert.as_deref().zip(args.tls_key.as_deref());
     let snapshot = match (&args.config, &args.listen, &args.upstream) {
         (Some(path), _, _) => config::load(path),
-        (None, Some(listen), Some(upstream)) => config::quick(listen, upstream),
+        (None, Some(listen), Some(upstream)) => config::quick(listen, upstream, tls),
         _ => anyhow::bail!("give --config FILE, or --listen ADDR with --upstream URL"),
     };
     let snapshot = match snapshot {
@@ -122,6 +123,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    let schemes: Vec<&str> = snapshot
+        .listeners
+        .iter()
+        .map(|l| if l.tls.is_some() { "https" } else { "http" })
+        .collect();
     control::block_signals();
     let admin_path = args.admin_socket.clone().or(snapshot.admin_socket.clone());
     let snapshot_metrics = snapshot.metrics_listen;
@@ -148,8 +154,8 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         Role::Proxy,
         Some(&hub),
     )?;
-    for addr in server.local_addrs() {
-        println!("coregate listening on http://{addr}");
+    for (addr, scheme) in server.local_addrs().iter().zip(&schemes) {
+        println!("coregate listening on {scheme}://{addr}");
     }
     if let Some(p) = &admin_path {
         println!("admin socket {}", p.display());
@@ -230,7 +236,7 @@ fn stats(
 
 fn origin_snapshot(listen: &str) -> anyhow::Result<Arc<Snapshot>> {
     // The origin reuses listener parsing; its one route is never consulted.
-    let s = config::quick(listen, "tcp://127.0.0.1:9").map_err(|e| anyhow::anyhow!("{e}"))?;
+    let s = config::quick(listen, "tcp://127.0.0.1:9", None).map_err(|e| anyhow::anyhow!("{e}"))?;
     Ok(Arc::new(s))
 }
 

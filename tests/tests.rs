@@ -17,4 +17,5 @@ mod reload;
 mod rules;
 mod smuggling;
 mod stats;
+mod tls;
 mod tunnels;

@@ -66,6 +66,27 @@ pub struct ListenerSection {
     pub health_path: Option<Spanned<String>>,
     pub ready_path: Option<Spanned<String>>,
     pub limits: Option<Spanned<LimitsSection>>,
+    /// `[listener.tls]`: HTTPS on this listener.
+    pub tls: Option<Spanned<TlsSection>>,
+}
+
+/// `[listener.tls]`: certificates, chosen by SNI (the first when the
+/// client names none or none matches).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// `[{ cert = "site.pem", key = "site.key" }, ...]`: PEM files,
+    /// relative to the config file's directory unless absolute.
+    pub certs: Spanned<Vec<Spanned<CertSection>>>,
+    /// From accept to the end of the handshake.
+    pub handshake_timeout: Option<Spanned<String>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CertSection {
+    pub cert: String,
+    pub key: String,
 }
 
 /// `[listener.limits]` and `[route.limits]`: admission control.
@@ -151,6 +172,8 @@ pub struct RuleSection {
     pub header: Option<Vec<Spanned<FieldSection>>>,
     pub query: Option<Vec<Spanned<FieldSection>>>,
     pub client: Option<Spanned<Vec<Spanned<String>>>>,
+    /// `"http"` or `"https"`: how the request came.
+    pub scheme: Option<Spanned<String>>,
     /// The rule does not match when all of these hold.
     pub not: Option<Spanned<MatchSection>>,
     // Terminal actions (routes only): exactly one.
@@ -186,6 +209,7 @@ pub struct MatchSection {
     pub header: Option<Vec<Spanned<FieldSection>>>,
     pub query: Option<Vec<Spanned<FieldSection>>>,
     pub client: Option<Spanned<Vec<Spanned<String>>>>,
+    pub scheme: Option<Spanned<String>>,
 }
 
 /// `"a"` or `["a", "b"]`.

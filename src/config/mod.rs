@@ -29,7 +29,8 @@ use crate::http::head::is_tchar;
 use crate::http::head::{HeadLimits, MAX_HEADERS_HARD};
 use crate::net::buffer::BUF_SIZE;
 use crate::rules::RuleSet;
-use file::{FileConfig, ListenerSection, UpstreamSection};
+use crate::tls;
+use file::{FileConfig, ListenerSection, TlsSection, UpstreamSection};
 pub use snapshot::{Backend, BackendAddr, Check, Listener, Snapshot, UpstreamGroup};
 
 /// One thing wrong with a config, located.
@@ -78,8 +79,13 @@ pub fn load(path: &Path) -> Result<Snapshot, ConfigError> {
 
 /// Validate config text; `source` names it in errors.
 pub fn parse(text: &str, source: &str) -> Result<Snapshot, ConfigError> {
+    let base = std::path::Path::new(source)
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty() && p.is_dir())
+        .map_or_else(|| std::path::PathBuf::from("."), |p| p.to_path_buf());
     let mut v = Validator {
         text,
+        base,
         problems: Vec::new(),
         policies: Vec::new(),
     };
@@ -120,9 +126,20 @@ pub fn parse(text: &str, source: &str) -> Result<Snapshot, ConfigError> {
 
 /// A config for `coregate run --listen ADDR --upstream URL`, checked by the
 /// same validator as a file.
-pub fn quick(listen: &str, upstream: &str) -> Result<Snapshot, ConfigError> {
+pub fn quick(
+    listen: &str,
+    upstream: &str,
+    tls: Option<(&std::path::Path, &std::path::Path)>,
+) -> Result<Snapshot, ConfigError> {
+    let tls = tls.map_or(String::new(), |(cert, key)| {
+        format!(
+            "[listener.tls]\ncerts = [{{ cert = {}, key = {} }}]\n",
+            toml_string(&cert.to_string_lossy()),
+            toml_string(&key.to_string_lossy())
+        )
+    });
     let text = format!(
-        "[[listener]]\nlisten = {}\n\n[upstream.default]\nbackends = [{}]\n\n[[route]]\nupstream = \"default\"\n",
+        "[[listener]]\nlisten = {}\n{tls}\n[upstream.default]\nbackends = [{}]\n\n[[route]]\nupstream = \"default\"\n",
         toml_string(listen),
         toml_string(upstream)
     );
@@ -154,6 +171,9 @@ pub fn parse_duration(s: &str) -> Option<Duration> {
 
 struct Validator<'t> {
     text: &'t str,
+    /// Where relative file names in the config are found: the config
+    /// file's directory.
+    base: std::path::PathBuf,
     problems: Vec<Problem>,
     /// Admission policies in the order compiled; a policy's id is its
     /// index here.
@@ -364,6 +384,7 @@ impl Validator<'_> {
         );
         let health_path = self.probe_path(&l.health_path, "listener.health_path", "/healthz");
         let ready_path = self.probe_path(&l.ready_path, "listener.ready_path", "/readyz");
+        let (tls, handshake_timeout) = self.tls(l.tls.as_ref());
         let policy = self.policy(l.limits.as_ref(), limits::Owner::Listener)?;
         Some(Listener {
             addr: addr?,
@@ -384,7 +405,65 @@ impl Validator<'_> {
             health_path,
             ready_path,
             policy,
+            tls,
+            handshake_timeout,
         })
+    }
+
+    /// `[listener.tls]`: every certificate and key read and checked now,
+    /// so a bad one is refused here (at start or reload) and never
+    /// reaches a worker.
+    fn tls(&mut self, section: Option<&Spanned<TlsSection>>) -> (Option<tls::Acceptor>, Duration) {
+        let default_timeout = Duration::from_secs(10);
+        let Some(section) = section else {
+            return (None, default_timeout);
+        };
+        let t = section.get_ref();
+        let timeout = self.duration(
+            &t.handshake_timeout,
+            "listener.tls.handshake_timeout",
+            default_timeout,
+        );
+        if t.certs.get_ref().is_empty() {
+            self.problem(
+                t.certs.span(),
+                "listener.tls.certs",
+                "list at least one { cert = \"FILE\", key = \"FILE\" }",
+            );
+            return (None, timeout);
+        }
+        let files: Vec<(std::path::PathBuf, std::path::PathBuf)> = t
+            .certs
+            .get_ref()
+            .iter()
+            .map(|c| {
+                (
+                    self.base.join(&c.get_ref().cert),
+                    self.base.join(&c.get_ref().key),
+                )
+            })
+            .collect();
+        let pairs: Vec<(&std::path::Path, &std::path::Path)> = files
+            .iter()
+            .map(|(c, k)| (c.as_path(), k.as_path()))
+            .collect();
+        match tls::acceptor(&pairs) {
+            Ok(a) => (Some(a), timeout),
+            Err(e) => {
+                // The entry at fault when the message names its file.
+                let span = t
+                    .certs
+                    .get_ref()
+                    .iter()
+                    .zip(&files)
+                    .find(|(_, (c, k))| {
+                        e.contains(&*c.to_string_lossy()) || e.contains(&*k.to_string_lossy())
+                    })
+                    .map_or(t.certs.span(), |(c, _)| c.span());
+                self.problem(span, "listener.tls.certs", e);
+                (None, timeout)
+            }
+        }
     }
 
     fn upstream(&mut self, name: &str, section: &Spanned<UpstreamSection>) -> UpstreamGroup {
@@ -741,6 +820,7 @@ upstream = "app"
                 buf: b"",
                 headers: &[],
                 client: "127.0.0.1".parse().unwrap(),
+                tls: false,
             };
             let mut scratch = crate::rules::Scratch::default();
             s.rules.route(&view, &mut scratch).map(|r| r.name.clone())
@@ -805,7 +885,7 @@ upstream = "missing"
         );
         // Unset: WebSocket only, the listener's timeout.
         assert_eq!(routes[1].upgrades, crate::rules::Upgrades::default());
-        let q = quick("127.0.0.1:0", "tcp://127.0.0.1:9").unwrap();
+        let q = quick("127.0.0.1:0", "tcp://127.0.0.1:9", None).unwrap();
         assert_eq!(q.listeners[0].max_tunnels, q.listeners[0].max_connections);
         assert_eq!(
             q.listeners[0].tunnel_idle_timeout,
@@ -933,9 +1013,9 @@ upstream = "missing"
 
     #[test]
     fn quick_config() {
-        let s = quick("127.0.0.1:0", "tcp://127.0.0.1:9").unwrap();
+        let s = quick("127.0.0.1:0", "tcp://127.0.0.1:9", None).unwrap();
         assert_eq!(s.rules.routes().len(), 1);
-        let err = quick("127.0.0.1:0", "ftp://x").unwrap_err();
+        let err = quick("127.0.0.1:0", "ftp://x", None).unwrap_err();
         assert!(err.to_string().starts_with("<command line>:"), "{err}");
     }
 }

@@ -75,6 +75,7 @@ struct Matchers<'a> {
     header: &'a Option<Vec<Spanned<FieldSection>>>,
     query: &'a Option<Vec<Spanned<FieldSection>>>,
     client: &'a Option<Spanned<Vec<Spanned<String>>>>,
+    scheme: &'a Option<Spanned<String>>,
 }
 
 impl<'a> From<&'a RuleSection> for Matchers<'a> {
@@ -88,6 +89,7 @@ impl<'a> From<&'a RuleSection> for Matchers<'a> {
             header: &r.header,
             query: &r.query,
             client: &r.client,
+            scheme: &r.scheme,
         }
     }
 }
@@ -103,6 +105,7 @@ impl<'a> From<&'a MatchSection> for Matchers<'a> {
             header: &r.header,
             query: &r.query,
             client: &r.client,
+            scheme: &r.scheme,
         }
     }
 }
@@ -651,6 +654,17 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                     Ok(n) => c.clients.push(n),
                     Err(e) => v.problem(net.span(), format!("{k}.client"), e),
                 }
+            }
+        }
+        if let Some(scheme) = m.scheme {
+            match scheme.get_ref().to_ascii_lowercase().as_str() {
+                "http" => c.tls = Some(false),
+                "https" => c.tls = Some(true),
+                other => v.problem(
+                    scheme.span(),
+                    format!("{k}.scheme"),
+                    format!("{other:?}: write \"http\" or \"https\""),
+                ),
             }
         }
         for (which, list) in [("header", m.header), ("query", m.query)] {

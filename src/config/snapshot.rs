@@ -61,6 +61,11 @@ pub struct Listener {
     pub ready_path: Option<Vec<u8>>,
     /// Admission limits every request on this listener passes.
     pub policy: Arc<Policy>,
+    /// HTTPS: the certificates' server configuration, shared by every
+    /// worker (so TLS sessions resume on any of them).
+    pub tls: Option<crate::tls::Acceptor>,
+    /// From accept to the end of a TLS handshake.
+    pub handshake_timeout: Duration,
 }
 
 #[derive(Debug)]

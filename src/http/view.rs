@@ -24,6 +24,8 @@ pub struct RequestView<'a> {
     pub buf: &'a [u8],
     pub headers: &'a [HeaderSpan],
     pub client: IpAddr,
+    /// It came over TLS (`$scheme` is `https`).
+    pub tls: bool,
 }
 
 impl RequestView<'_> {

@@ -73,6 +73,8 @@ pub struct Inputs<'a> {
     /// The bytes `req` indexes into.
     pub data: &'a [u8],
     pub draining: bool,
+    /// The connection is TLS.
+    pub tls: bool,
 }
 
 /// Where `decide` writes what outlives the head's bytes; pooled with the
@@ -217,6 +219,7 @@ pub fn decide(inp: &Inputs<'_>, edits: &mut Edits) -> Decided {
         buf: data,
         headers: &req.headers,
         client,
+        tls: inp.tls,
     };
     let listener = &cur.snapshot.listeners[inp.listener];
     if let Some(probe) = probe(cur, listener, path, inp.draining) {

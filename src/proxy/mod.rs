@@ -35,6 +35,7 @@ pub mod keep;
 pub mod pool;
 pub mod relay;
 pub mod timers;
+mod tls;
 mod tunnel;
 
 use std::cell::RefCell;
@@ -112,6 +113,8 @@ struct Down {
     /// The tick of the connection's live wheel entry; `NEVER`: none.
     filed: u64,
     ex: Option<Box<Exchange>>,
+    /// The TLS session of an HTTPS listener's connection.
+    tls: Option<Box<crate::tls::Session>>,
 }
 
 /// An upstream connection: in use by one exchange, or idle in the pool.
@@ -540,13 +543,22 @@ impl Proxy {
     // ---- Downstream receive: bytes in, then whatever phase is next. ----
 
     fn down_received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
+        let d = &mut self.downs[id];
+        if !c.more() {
+            d.recv_armed = false;
+        }
+        if d.tls.is_some()
+            && let (Some(bid), Ok(n)) = (c.buffer(), c.io_result())
+        {
+            if self.tls_received(io, ctx, id, bid, n) {
+                self.received(io, ctx, id);
+            }
+            return;
+        }
         let Proxy {
             downs, spare, ups, ..
         } = self;
         let d = &mut downs[id];
-        if !c.more() {
-            d.recv_armed = false;
-        }
         match (c.buffer(), c.io_result()) {
             (Some(bid), Ok(n)) => {
                 let ex = d.ex.get_or_insert_with(|| spare.pop().unwrap_or_default());
@@ -596,8 +608,20 @@ impl Proxy {
             // An error, or our own cancellation.
             _ => return self.close_down(io, ctx, id),
         }
+        self.received(io, ctx, id);
+    }
+
+    /// Bytes were taken in (into the exchange's `buf`, or handed on):
+    /// keep receiving, push back on a client that sends faster than its
+    /// bytes go on, and move the request on.
+    fn received(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
         if d.closing {
             return self.close_down(io, ctx, id);
+        }
+        if d.eof {
+            // A TLS client's close_notify.
+            return self.after_client_eof(io, ctx, id);
         }
         if !d.recv_armed && !d.paused && !d.eof {
             // The kernel ended the multishot receive with data (a full
@@ -807,6 +831,7 @@ impl Proxy {
                 req: &ex.req,
                 data: ex.buf.data(),
                 draining: io.draining,
+                tls: d.tls.is_some(),
             },
             &mut ex.edits,
         );
@@ -982,6 +1007,7 @@ impl Proxy {
     fn pick(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, rewritten: bool) {
         let d = &mut self.downs[id];
         let client = d.client;
+        let proto: &[u8] = if d.tls.is_some() { b"https" } else { b"http" };
         let ex = d.ex.as_deref_mut().expect("picked in an exchange");
         let cur = ex.cur().clone();
         let group = &cur.snapshot.upstreams[ex.group];
@@ -994,7 +1020,7 @@ impl Proxy {
         let mut ip = [0u8; 48];
         let fwd = Forwarded {
             client_ip: write_ip(&mut ip, client),
-            proto: b"http",
+            proto,
             default_host: group.backends[backend].authority.as_bytes(),
         };
         if ex.fwd.capacity() == 0 {
@@ -1940,6 +1966,9 @@ impl Proxy {
         if d.sending || d.closing {
             return;
         }
+        if d.tls.is_some() {
+            return self.flush_tls(io, ctx, id);
+        }
         let listener = d.listener as usize;
         let ex = d.ex.as_deref_mut().expect("sending from an exchange");
         if ex.out_sent == ex.out.len() {
@@ -1973,6 +2002,15 @@ impl Proxy {
             Ok(n) if n > 0 && !d.closing => n,
             _ => return self.close_down(io, ctx, id),
         };
+        let n = if d.tls.is_some() {
+            match self.tls_sent(io, ctx, id, n) {
+                Some(plain) => plain,
+                None => return,
+            }
+        } else {
+            n
+        };
+        let d = &mut self.downs[id];
         let ex = d.ex.as_deref_mut().expect("a send comes from an exchange");
         ex.out_sent += n;
         if ex.out_sent < ex.out.len() {
@@ -2170,6 +2208,15 @@ impl Proxy {
         let first = !d.closing;
         d.closing = true;
         if first
+            && let Some(s) = d.tls.as_deref_mut()
+            && s.is_handshaking()
+            && !s.failed
+        {
+            // The client went away (or the worker drains) mid-handshake.
+            s.failed = true;
+            ctx.stats.tls.failed(crate::tls::Failure::Closed);
+        }
+        if first
             && d.ex
                 .as_ref()
                 .is_some_and(|ex| ex.up.is_some() || ex.inflight)
@@ -2355,7 +2402,20 @@ impl Service for Proxy {
         // A new connection gets `header_timeout` to send its first byte
         // (nginx's client_header_timeout); between requests it may idle
         // for `keepalive_timeout`.
-        let timeout = ctx.current().snapshot.listeners[listener].header_timeout;
+        let cur = ctx.current();
+        let config = &cur.snapshot.listeners[listener];
+        // An HTTPS connection's first deadline is its handshake's.
+        let (tls, timeout) = match &config.tls {
+            None => (None, config.header_timeout),
+            Some(acceptor) => match crate::tls::Session::new(acceptor) {
+                Ok(s) => (Some(Box::new(s)), config.handshake_timeout),
+                Err(e) => {
+                    crate::warn!("TLS session: {e}");
+                    io.close(fd);
+                    return;
+                }
+            },
+        };
         let id = self.downs.insert(Down {
             fd,
             listener: listener as u16,
@@ -2368,6 +2428,7 @@ impl Service for Proxy {
             idle_until: io.tick_after(timeout),
             filed: NEVER,
             ex: None,
+            tls,
         });
         for open in [&ctx.open_connections, &ctx.listener_connections[listener]] {
             open.set(open.get() + 1);
@@ -2437,7 +2498,16 @@ impl Service for Proxy {
             }
             match d.ex.as_deref().and_then(|ex| ex.timers.expired(tick)) {
                 Some(timer) => self.expire(io, ctx, id, timer),
-                None if d.ex.is_none() => self.close_down(io, ctx, id),
+                None if d.ex.is_none() => {
+                    if let Some(s) = self.downs[id].tls.as_deref_mut()
+                        && s.is_handshaking()
+                        && !s.failed
+                    {
+                        s.failed = true;
+                        ctx.stats.tls.failed(crate::tls::Failure::Timeout);
+                    }
+                    self.close_down(io, ctx, id)
+                }
                 None => break,
             }
         }

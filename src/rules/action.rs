@@ -76,7 +76,7 @@ pub enum Var {
     /// Path and query: what the client asked for.
     RequestUri,
     Method,
-    /// `http` (no TLS termination yet).
+    /// `https` on a TLS listener, else `http`.
     Scheme,
     RemoteAddr,
 }
@@ -202,6 +202,7 @@ fn write_var(out: &mut Vec<u8>, v: Var, req: &RequestView<'_>) {
             }
         }
         Var::Method => out.extend_from_slice(req.method),
+        Var::Scheme if req.tls => out.extend_from_slice(b"https"),
         Var::Scheme => out.extend_from_slice(b"http"),
         Var::RemoteAddr => {
             use std::io::Write;
@@ -358,6 +359,7 @@ mod tests {
             buf: b"",
             headers: &[],
             client: "10.0.0.1".parse().unwrap(),
+            tls: false,
         }
     }
 

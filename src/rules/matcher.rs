@@ -27,6 +27,8 @@ pub struct Conditions {
     pub query: Vec<FieldTest>,
     /// Any of these client networks.
     pub clients: Vec<Cidr>,
+    /// Over TLS (`scheme = "https"`) or not (`"http"`); either when unset.
+    pub tls: Option<bool>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,6 +142,9 @@ impl Conditions {
             return false;
         }
         if !self.clients.is_empty() && !self.clients.iter().any(|c| c.contains(req.client)) {
+            return false;
+        }
+        if self.tls.is_some_and(|tls| tls != req.tls) {
             return false;
         }
         self.headers.iter().all(|t| header_test(t, req, regexes))

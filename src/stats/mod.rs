@@ -95,6 +95,35 @@ pub struct WorkerStats {
     /// Upgraded connections: counted whatever the `stats` feature says,
     /// as open connections are (none is on a request's path).
     pub tunnels: TunnelStats,
+    /// TLS handshakes, counted the same way.
+    pub tls: TlsStats,
+}
+
+/// A worker's TLS handshakes: done, resumed, by version, failed by reason.
+#[derive(Default)]
+pub struct TlsStats {
+    handshakes: Cell<u64>,
+    resumed: Cell<u64>,
+    tls13: Cell<u64>,
+    failures: [Cell<u64>; crate::tls::Failure::ALL.len()],
+}
+
+impl TlsStats {
+    pub fn handshake(&self, resumed: bool, version: Option<&str>) {
+        let bump = |c: &Cell<u64>| c.set(c.get() + 1);
+        bump(&self.handshakes);
+        if resumed {
+            bump(&self.resumed);
+        }
+        if version == Some("TLSv1.3") {
+            bump(&self.tls13);
+        }
+    }
+
+    pub fn failed(&self, why: crate::tls::Failure) {
+        let c = &self.failures[why as usize];
+        c.set(c.get() + 1);
+    }
 }
 
 /// A worker's tunnels (connections switched to another protocol).
@@ -143,6 +172,7 @@ impl Default for WorkerStats {
             latency: RefCell::new(histogram()),
             upstream_latency: RefCell::new(histogram()),
             tunnels: TunnelStats::default(),
+            tls: TlsStats::default(),
         }
     }
 }
@@ -400,6 +430,16 @@ pub struct Report {
     pub tunnel_bytes_up: u64,
     #[serde(default)]
     pub tunnel_bytes_down: u64,
+    /// TLS handshakes completed, of them resumed, and by version.
+    #[serde(default)]
+    pub tls_handshakes: u64,
+    #[serde(default)]
+    pub tls_resumed: u64,
+    #[serde(default)]
+    pub tls_versions: BTreeMap<String, u64>,
+    /// Failed handshakes by reason (`tls::Failure`).
+    #[serde(default)]
+    pub tls_failures: BTreeMap<String, u64>,
 }
 
 /// What a worker knows that its `WorkerStats` does not hold.
@@ -479,6 +519,20 @@ impl WorkerStats {
             tunnels_idle_closed: self.tunnels.idle_closed.get(),
             tunnel_bytes_up: self.tunnels.bytes_up.get(),
             tunnel_bytes_down: self.tunnels.bytes_down.get(),
+            tls_handshakes: self.tls.handshakes.get(),
+            tls_resumed: self.tls.resumed.get(),
+            tls_versions: [
+                ("TLSv1.3".to_string(), self.tls.tls13.get()),
+                (
+                    "TLSv1.2".to_string(),
+                    self.tls.handshakes.get() - self.tls.tls13.get(),
+                ),
+            ]
+            .into(),
+            tls_failures: crate::tls::Failure::ALL
+                .iter()
+                .map(|f| (f.name().to_string(), self.tls.failures[*f as usize].get()))
+                .collect(),
         }
     }
 }
@@ -558,6 +612,10 @@ impl Report {
             total.tunnels_idle_closed += r.tunnels_idle_closed;
             total.tunnel_bytes_up += r.tunnel_bytes_up;
             total.tunnel_bytes_down += r.tunnel_bytes_down;
+            total.tls_handshakes += r.tls_handshakes;
+            total.tls_resumed += r.tls_resumed;
+            sum(&mut total.tls_versions, &r.tls_versions);
+            sum(&mut total.tls_failures, &r.tls_failures);
         }
         total.latency = Latency::of(&latency);
         total.upstream_latency = Latency::of(&upstream);

@@ -90,6 +90,22 @@ pub fn prometheus(reports: &[Report]) -> String {
         counter_map("coregate_route_requests_total", "route", |r| &r.routes),
     );
     family(
+        "coregate_tls_handshake_failures_total",
+        "counter",
+        "TLS handshakes that failed, by reason.",
+        counter_map("coregate_tls_handshake_failures_total", "reason", |r| {
+            &r.tls_failures
+        }),
+    );
+    family(
+        "coregate_tls_versions_total",
+        "counter",
+        "TLS handshakes completed, by protocol version.",
+        counter_map("coregate_tls_versions_total", "version", |r| {
+            &r.tls_versions
+        }),
+    );
+    family(
         "coregate_rejected_total",
         "counter",
         "Requests and connections refused, by reason.",
@@ -148,6 +164,18 @@ pub fn prometheus(reports: &[Report]) -> String {
             "counter",
             "Request heads refused as malformed or too large.",
             |r| r.parse_errors,
+        ),
+        (
+            "coregate_tls_handshakes_total",
+            "counter",
+            "TLS handshakes completed.",
+            |r| r.tls_handshakes,
+        ),
+        (
+            "coregate_tls_resumed_total",
+            "counter",
+            "TLS handshakes that resumed a session (ticket or cache).",
+            |r| r.tls_resumed,
         ),
         (
             "coregate_tunnels_open",
@@ -395,6 +423,25 @@ pub fn table(
             reasons.join(" ")
         }
     );
+    if total.tls_handshakes > 0 || total.tls_failures.values().any(|&n| n > 0) {
+        let failures: Vec<String> = total
+            .tls_failures
+            .iter()
+            .filter(|(_, n)| **n > 0)
+            .map(|(k, n)| format!("{k}={n}"))
+            .collect();
+        let _ = writeln!(
+            out,
+            "tls (since start): {} handshakes, {} resumed; failed: {}",
+            total.tls_handshakes,
+            total.tls_resumed,
+            if failures.is_empty() {
+                "none".into()
+            } else {
+                failures.join(" ")
+            }
+        );
+    }
     if total.tunnels_opened > 0 {
         let _ = writeln!(
             out,

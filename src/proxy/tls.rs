@@ -1,0 +1,162 @@
+//! A client connection over TLS: the proxy's receive and send paths with a
+//! `tls::Session` between the socket and the exchange.
+//!
+//! Received ciphertext is decrypted into the exchange's `buf`, so every
+//! phase after it reads plaintext as on a plain connection; the direct
+//! copy from a provided buffer into the upstream's `out` is not used
+//! (the bytes there are ciphertext). What the exchange puts in `out` is
+//! sealed into the session's own buffer and sent from there: `out_sent`
+//! moves on once the records carrying those bytes are out, so a send in
+//! flight never reads storage the exchange may touch.
+//!
+//! Owns: the handshake's progress on a connection, sealing and sending,
+//! and closing after an alert. Does not own: the TLS session itself
+//! (`crate::tls`) or anything a plaintext connection does too.
+
+use super::{Phase, Proxy, Timer, take_in};
+use crate::context::WorkerCtx;
+use crate::engine::{Io, token};
+
+use super::DOWN_SEND;
+
+impl Proxy {
+    /// Ciphertext came on TLS connection `id`: decrypted into the
+    /// exchange (one is taken when plaintext arrives), the handshake moved
+    /// on, its replies sent. False when the connection is closing.
+    pub(super) fn tls_received(
+        &mut self,
+        io: &mut Io,
+        ctx: &WorkerCtx,
+        id: usize,
+        bid: u16,
+        n: usize,
+    ) -> bool {
+        let Proxy { downs, spare, .. } = self;
+        let d = &mut downs[id];
+        let session = d.tls.as_deref_mut().expect("a TLS connection");
+        if session.failed || d.closing {
+            // Closing after an alert: what still comes is not read.
+            io.driver.recycle(bid);
+            return false;
+        }
+        let handshaking = session.is_handshaking();
+        let ex_slot = &mut d.ex;
+        let got = session.receive(io.driver.buf(bid, n), |plain| {
+            let ex = ex_slot.get_or_insert_with(|| spare.pop().unwrap_or_default());
+            if matches!(ex.phase, Phase::Linger) {
+                ex.lingered += plain.len();
+            } else {
+                take_in(ctx, &mut ex.buf, plain);
+            }
+        });
+        io.driver.recycle(bid);
+        match got {
+            Err(why) => {
+                crate::debug!("TLS from {}: {}", d.client, why.name());
+                if handshaking {
+                    ctx.stats.tls.failed(why);
+                }
+                session.failed = true;
+                // The alert rustls queued goes out, then the connection
+                // closes (`flush_tls`, `down_sent`).
+                self.flush_down(io, ctx, id);
+                false
+            }
+            Ok(r) => {
+                if r.handshaken {
+                    ctx.stats
+                        .tls
+                        .handshake(session.resumed(), session.version());
+                    if d.ex.is_none() {
+                        // Now the first request's head has its own time.
+                        let cur = ctx.current();
+                        let timeout = cur.snapshot.listeners[d.listener as usize].header_timeout;
+                        d.idle_until = io.tick_after(timeout);
+                    }
+                }
+                if r.closed && !d.eof {
+                    // close_notify: the client's end of stream.
+                    d.eof = true;
+                }
+                // Handshake replies and tickets.
+                self.flush_down(io, ctx, id);
+                true
+            }
+        }
+    }
+
+    /// `flush_down` on a TLS connection: send the ciphertext waiting, or
+    /// seal what waits in the exchange's `out` and send that.
+    pub(super) fn flush_tls(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        let listener = d.listener as usize;
+        let session = d.tls.as_deref_mut().expect("a TLS connection");
+        if !session.pending() {
+            match d.ex.as_deref() {
+                Some(ex)
+                    if !session.is_handshaking()
+                        && !session.failed
+                        && ex.out_sent + session.carried < ex.out.len() =>
+                {
+                    session.seal(&ex.out[ex.out_sent + session.carried..]);
+                }
+                _ => session.flush(),
+            }
+        }
+        if !session.pending() {
+            if session.failed {
+                return self.close_down(io, ctx, id);
+            }
+            // Nothing to send: where the plaintext path finds `out` sent.
+            if let Some(ex) = d.ex.as_deref_mut()
+                && ex.out_sent == ex.out.len()
+            {
+                ex.timers.clear(Timer::DownSend);
+                if ex.next.is_some() {
+                    return self.end_request(io, ctx, id);
+                }
+            }
+            return;
+        }
+        d.sending = true;
+        let bytes = &session.out[session.sent..];
+        // SAFETY: the bytes live in the session's `out`, on the heap behind
+        // the connection's box, which stays put when the slab moves; while
+        // `sending` is set `out` is neither sealed into nor flushed (both
+        // run only from here, with no send in flight) and the record is
+        // not freed (`close_down` waits for the send's completion).
+        let r = unsafe { io.driver.send(d.fd, bytes, token(DOWN_SEND, id as u64)) };
+        if r.is_err() {
+            d.sending = false;
+            return self.close_down(io, ctx, id);
+        }
+        if let Some(ex) = d.ex.as_deref_mut()
+            && let Some(cur) = ex.cur.as_ref()
+        {
+            let timeout = cur.snapshot.listeners[listener].send_timeout;
+            ex.timers.set(Timer::DownSend, io.tick_after(timeout));
+        }
+    }
+
+    /// A send on a TLS connection completed with `n` bytes: the plaintext
+    /// bytes the exchange may count as sent, or `None` when there is more
+    /// of the session's own to send first (or the connection closes).
+    pub(super) fn tls_sent(
+        &mut self,
+        io: &mut Io,
+        ctx: &WorkerCtx,
+        id: usize,
+        n: usize,
+    ) -> Option<usize> {
+        let d = &mut self.downs[id];
+        let session = d.tls.as_deref_mut().expect("a TLS connection");
+        session.sent += n;
+        if session.pending() || session.failed || d.ex.is_none() {
+            // The rest of the records, the alert before closing, or
+            // handshake messages and tickets.
+            self.flush_down(io, ctx, id);
+            return None;
+        }
+        Some(std::mem::take(&mut session.carried))
+    }
+}

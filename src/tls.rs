@@ -1,0 +1,353 @@
+//! TLS termination with rustls (aws-lc-rs provider): the server
+//! configuration a listener's certificates compile to, the certificate
+//! choice by SNI, and one connection's TLS session driven without I/O.
+//!
+//! rustls's connection type is sans-I/O, which fits the native core: the
+//! proxy hands [`Session::receive`] the ciphertext a receive completion
+//! brought and gets plaintext back, and gets ciphertext to send from
+//! [`Session::seal`] and [`Session::flush`]; nothing here blocks or
+//! touches a socket.
+//!
+//! Resumption works whichever worker accepts the next connection: every
+//! worker's connections share one `ServerConfig` (in the snapshot), so
+//! they share its ticket keys (rotated by rustls's ticketer) and its
+//! bounded session cache. Kernel TLS offload would send from the socket
+//! once the handshake is done; this machine's kernel has no `tls` ULP, so
+//! records are sealed here (the seam is [`Session::seal`]).
+//!
+//! Owns: loading certificates and keys, SNI matching, the handshake and
+//! record layer of a session, and naming why a handshake failed. Does not
+//! own: sockets, buffers or when to send (`proxy`), or where the files are
+//! named (`config`).
+
+use std::collections::HashMap;
+use std::io::Read;
+use std::path::Path;
+use std::sync::Arc;
+
+use rustls::crypto::aws_lc_rs;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerConnection};
+use rustls::sign::CertifiedKey;
+
+/// TLS sessions kept for resumption by ID (TLS 1.2), per listener.
+const SESSION_CACHE: usize = 10_000;
+
+/// Plaintext a session takes to seal at once: a pooled buffer's worth.
+const SEAL_LIMIT: usize = 64 * 1024;
+
+/// One certificate chain and its key, and the names it serves.
+#[derive(Debug)]
+struct Entry {
+    key: Arc<CertifiedKey>,
+}
+
+/// The certificate for a ClientHello: the one whose names match its SNI
+/// (exact names first, then `*.` wildcards one label deep), else the first.
+#[derive(Debug)]
+struct SniResolver {
+    entries: Vec<Entry>,
+    exact: HashMap<String, usize>,
+    /// `example.com` for `*.example.com`.
+    wildcard: HashMap<String, usize>,
+}
+
+impl SniResolver {
+    fn pick(&self, sni: Option<&str>) -> usize {
+        let Some(name) = sni.map(str::to_ascii_lowercase) else {
+            return 0;
+        };
+        if let Some(&i) = self.exact.get(&name) {
+            return i;
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent).copied())
+            .unwrap_or(0)
+    }
+}
+
+impl ResolvesServerCert for SniResolver {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.entries[self.pick(hello.server_name())].key.clone())
+    }
+}
+
+/// A listener's TLS: its rustls configuration, shared by every worker.
+#[derive(Debug, Clone)]
+pub struct Acceptor {
+    pub config: Arc<ServerConfig>,
+    /// The names of each certificate, in order (for `check` and logs).
+    pub names: Vec<Vec<String>>,
+}
+
+/// Load one certificate chain and its key. Errors name the file and why.
+fn load(cert: &Path, key: &Path) -> Result<(Arc<CertifiedKey>, Vec<String>), String> {
+    let chain: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .collect::<Result<_, _>>()
+        .map_err(|e| format!("{}: {e}", cert.display()))?;
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate in the file", cert.display()));
+    }
+    let der = PrivateKeyDer::from_pem_file(key).map_err(|e| format!("{}: {e}", key.display()))?;
+    let provider = aws_lc_rs::default_provider();
+    let signing = provider
+        .key_provider
+        .load_private_key(der)
+        .map_err(|e| format!("{}: {e}", key.display()))?;
+    let certified = CertifiedKey::new(chain, signing);
+    certified
+        .keys_match()
+        .map_err(|e| format!("{} does not match {}: {e}", key.display(), cert.display()))?;
+    let end = webpki::EndEntityCert::try_from(&certified.cert[0])
+        .map_err(|e| format!("{}: {e:?}", cert.display()))?;
+    let names = end.valid_dns_names().map(str::to_ascii_lowercase).collect();
+    Ok((Arc::new(certified), names))
+}
+
+/// The server configuration for `certs` (certificate and key file
+/// pairs): TLS 1.3 and 1.2 only, ALPN `http/1.1`, tickets and a session
+/// cache for resumption, the certificate chosen by SNI.
+pub fn acceptor(certs: &[(&Path, &Path)]) -> Result<Acceptor, String> {
+    let mut resolver = SniResolver {
+        entries: Vec::new(),
+        exact: HashMap::new(),
+        wildcard: HashMap::new(),
+    };
+    let mut all_names = Vec::new();
+    for (i, (cert, key)) in certs.iter().enumerate() {
+        let (key, names) = load(cert, key)?;
+        for name in &names {
+            match name.strip_prefix("*.") {
+                Some(parent) => resolver.wildcard.entry(parent.to_string()).or_insert(i),
+                None => resolver.exact.entry(name.clone()).or_insert(i),
+            };
+        }
+        resolver.entries.push(Entry { key });
+        all_names.push(names);
+    }
+    if resolver.entries.is_empty() {
+        return Err("no certificate".into());
+    }
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_cert_resolver(Arc::new(resolver));
+    // A client offering ALPN without `http/1.1` (only `h2`) is refused
+    // with `no_application_protocol`; one offering none is served.
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    config.session_storage = rustls::server::ServerSessionMemoryCache::new(SESSION_CACHE);
+    config.ticketer = aws_lc_rs::Ticketer::new().map_err(|e| e.to_string())?;
+    // TLS 1.3 tickets: two per handshake (rustls's default is 2 too, set
+    // here so the choice is visible).
+    config.send_tls13_tickets = 2;
+    Ok(Acceptor {
+        config: Arc::new(config),
+        names: all_names,
+    })
+}
+
+/// Why a handshake (or a session) failed, for the counters.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// Not TLS at all, or a malformed record or handshake message.
+    Malformed,
+    /// No version, cipher suite or ALPN protocol in common.
+    Incompatible,
+    /// The client sent an alert (it refused our certificate, say).
+    Alert,
+    /// The client closed or reset mid-handshake.
+    Closed,
+    /// The handshake did not finish within its timeout.
+    Timeout,
+    Other,
+}
+
+impl Failure {
+    pub const ALL: [Failure; 6] = [
+        Failure::Malformed,
+        Failure::Incompatible,
+        Failure::Alert,
+        Failure::Closed,
+        Failure::Timeout,
+        Failure::Other,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Failure::Malformed => "malformed",
+            Failure::Incompatible => "incompatible",
+            Failure::Alert => "alert",
+            Failure::Closed => "closed",
+            Failure::Timeout => "timeout",
+            Failure::Other => "other",
+        }
+    }
+
+    fn of(e: &rustls::Error) -> Failure {
+        use rustls::Error as E;
+        match e {
+            E::InvalidMessage(_) | E::InappropriateMessage { .. } => Failure::Malformed,
+            E::InappropriateHandshakeMessage { .. } | E::DecryptError => Failure::Malformed,
+            E::PeerIncompatible(_) | E::NoApplicationProtocol => Failure::Incompatible,
+            E::AlertReceived(_) => Failure::Alert,
+            _ => Failure::Other,
+        }
+    }
+}
+
+/// What a receive brought, besides plaintext.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Received {
+    /// The handshake completed with this receive.
+    pub handshaken: bool,
+    /// The client sent `close_notify`: no more plaintext will come.
+    pub closed: bool,
+}
+
+/// One connection's TLS session, and the ciphertext waiting to be sent.
+pub struct Session {
+    conn: ServerConnection,
+    /// Ciphertext to send; `sent` of it is out.
+    pub out: Vec<u8>,
+    pub sent: usize,
+    /// Plaintext bytes the ciphertext in `out` carries: the caller counts
+    /// them as sent once `out` is.
+    pub carried: usize,
+    /// The session failed (counted, its alert queued): the connection
+    /// closes once the alert is out.
+    pub failed: bool,
+    handshaken: bool,
+}
+
+impl Session {
+    pub fn new(acceptor: &Acceptor) -> Result<Session, rustls::Error> {
+        let mut conn = ServerConnection::new(acceptor.config.clone())?;
+        conn.set_buffer_limit(Some(SEAL_LIMIT));
+        Ok(Session {
+            conn,
+            out: Vec::new(),
+            sent: 0,
+            carried: 0,
+            failed: false,
+            handshaken: false,
+        })
+    }
+
+    pub fn is_handshaking(&self) -> bool {
+        !self.handshaken
+    }
+
+    /// Whether the session was resumed (a ticket or a cached session).
+    pub fn resumed(&self) -> bool {
+        self.conn.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    /// `TLSv1.3` or `TLSv1.2`, once the handshake is done.
+    pub fn version(&self) -> Option<&'static str> {
+        match self.conn.protocol_version()? {
+            rustls::ProtocolVersion::TLSv1_3 => Some("TLSv1.3"),
+            rustls::ProtocolVersion::TLSv1_2 => Some("TLSv1.2"),
+            _ => None,
+        }
+    }
+
+    /// Take in ciphertext; every piece of plaintext it held goes to
+    /// `plain`. On a failure the alert for the client is queued (send it
+    /// with [`Session::flush`], then close).
+    pub fn receive(
+        &mut self,
+        mut bytes: &[u8],
+        mut plain: impl FnMut(&[u8]),
+    ) -> Result<Received, Failure> {
+        let mut got = Received::default();
+        let mut scratch = [0u8; 16 * 1024];
+        while !bytes.is_empty() {
+            if self.conn.read_tls(&mut bytes).is_err() {
+                return Err(Failure::Other);
+            }
+            let state = self
+                .conn
+                .process_new_packets()
+                .map_err(|e| Failure::of(&e))?;
+            if !self.handshaken && !self.conn.is_handshaking() {
+                self.handshaken = true;
+                got.handshaken = true;
+            }
+            let mut left = state.plaintext_bytes_to_read();
+            while left > 0 {
+                match self.conn.reader().read(&mut scratch) {
+                    Ok(0) => break,
+                    Ok(n) => {
+                        plain(&scratch[..n]);
+                        left = left.saturating_sub(n);
+                    }
+                    Err(_) => break,
+                }
+            }
+            if state.peer_has_closed() {
+                got.closed = true;
+            }
+        }
+        Ok(got)
+    }
+
+    /// Seal plaintext into `out` (behind what it holds); how many bytes
+    /// of `plain` were taken (at most [`SEAL_LIMIT`] at a time).
+    pub fn seal(&mut self, plain: &[u8]) -> usize {
+        let taken = std::io::Write::write(&mut self.conn.writer(), plain).unwrap_or(0);
+        self.carried += taken;
+        self.flush();
+        taken
+    }
+
+    /// Move what the session has to send (handshake messages, alerts,
+    /// sealed records) into `out`.
+    pub fn flush(&mut self) {
+        if self.sent == self.out.len() {
+            self.out.clear();
+            self.sent = 0;
+        }
+        while self.conn.wants_write() {
+            if self.conn.write_tls(&mut self.out).is_err() {
+                break;
+            }
+        }
+    }
+
+    /// Queue `close_notify`: the client learns the stream ended here and
+    /// was not cut.
+    pub fn close_notify(&mut self) {
+        self.conn.send_close_notify();
+        self.flush();
+    }
+
+    /// Ciphertext waits to be sent.
+    pub fn pending(&self) -> bool {
+        self.sent < self.out.len()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sni_picks_exact_then_wildcard_then_the_first() {
+        let r = SniResolver {
+            entries: Vec::new(),
+            exact: [("a.test".to_string(), 1), ("b.test".to_string(), 2)].into(),
+            wildcard: [("b.test".to_string(), 3)].into(),
+        };
+        assert_eq!(r.pick(Some("A.test")), 1);
+        assert_eq!(r.pick(Some("b.test")), 2);
+        assert_eq!(r.pick(Some("x.b.test")), 3);
+        // A wildcard covers one label only.
+        assert_eq!(r.pick(Some("y.x.b.test")), 0);
+        assert_eq!(r.pick(Some("other.test")), 0);
+        assert_eq!(r.pick(None), 0);
+    }
+}

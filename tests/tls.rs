@@ -1,0 +1,488 @@
+//! HTTPS listeners: real TLS clients (curl, `openssl s_client`, Python's
+//! `ssl`) against coregate terminating TLS in front of the Python origin.
+//! Certificates are made by each test with `openssl req` (ECDSA P-256,
+//! self-signed, a few days valid): no key is committed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::*;
+
+/// A self-signed certificate for `names` (the first is its CN) and its
+/// key, in `dir`: (cert, key).
+fn cert(dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    let cert = dir.join(format!("{file}.pem"));
+    let key = dir.join(format!("{file}.key"));
+    let san = names
+        .iter()
+        .map(|n| format!("DNS:{n}"))
+        .collect::<Vec<_>>()
+        .join(",");
+    let out = Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-days",
+            "3",
+            "-subj",
+            &format!("/CN={}", names[0]),
+        ])
+        .args(["-addext", &format!("subjectAltName={san}")])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert)
+        .output()
+        .expect("run openssl req");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (cert, key)
+}
+
+/// coregate on `config`, waiting for every listener it prints: their
+/// URLs, in order.
+fn start_listeners(config: &str, listeners: usize) -> (Proc, Vec<String>) {
+    let dir = temp_dir();
+    let path = dir.join("coregate.toml");
+    std::fs::write(&path, config).expect("write config");
+    let mut cmd = Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .args(["--workers", "2"]);
+    if let Ok(driver) = std::env::var("COREGATE_TEST_DRIVER") {
+        cmd.args(["--driver", &driver]);
+    }
+    let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(stderr)
+        .spawn()
+        .expect("spawn coregate");
+    let stdout = child.stdout.take().expect("piped stdout");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Some(url) = line.strip_prefix("coregate listening on ") {
+                let _ = tx.send(url.to_string());
+            }
+        }
+    });
+    let mut urls = Vec::new();
+    for _ in 0..listeners {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(u) => urls.push(u),
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                panic!("coregate did not listen within 15 s:\n{log}");
+            }
+        }
+    }
+    let addr = urls[0].rsplit('/').next().expect("an address").to_string();
+    (Proc { child, addr, dir }, urls)
+}
+
+/// One HTTPS listener with `certs` in front of `origin`, an admin socket
+/// at `dir/admin.sock`, and `extra` config.
+fn https_config(origin: &str, certs: &[(PathBuf, PathBuf)], dir: &Path, extra: &str) -> String {
+    let list = certs
+        .iter()
+        .map(|(c, k)| {
+            format!(
+                "{{ cert = \"{}\", key = \"{}\" }}",
+                c.display(),
+                k.display()
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ");
+    format!(
+        "[server]\nadmin_socket = \"{}\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [listener.tls]\ncerts = [{list}]\nhandshake_timeout = \"1s\"\n\n\
+         [upstream.app]\nbackends = [\"tcp://{origin}\"]\n\n{extra}\n[[route]]\nupstream = \"app\"\n",
+        dir.join("admin.sock").display()
+    )
+}
+
+/// curl over HTTPS to `name` (resolved to the proxy) trusting `ca`.
+fn curl_https(proxy: &str, name: &str, ca: &Path, path: &str, more: &[&str]) -> Output {
+    let port = proxy.rsplit(':').next().expect("a port");
+    let resolve = format!("{name}:{port}:127.0.0.1");
+    let url = format!("https://{name}:{port}{path}");
+    let mut args = vec![
+        "--cacert",
+        ca.to_str().expect("a path"),
+        "--resolve",
+        &resolve,
+    ];
+    args.extend_from_slice(more);
+    args.push(&url);
+    curl(&args)
+}
+
+/// `openssl s_client` with `args`, stdin held open for half a second so
+/// TLS 1.3 tickets arrive; everything it printed.
+fn s_client(addr: &str, args: &[&str]) -> String {
+    let mut child = Command::new("openssl")
+        .args(["s_client", "-connect", addr])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run openssl s_client");
+    std::thread::sleep(Duration::from_millis(500));
+    drop(child.stdin.take());
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        if let Ok(Some(_)) = child.try_wait() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let out = child.wait_with_output().expect("s_client output");
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+fn stats_total(socket: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .expect("run coregate stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
+    v["total"].clone()
+}
+
+/// The stats total's `key` (a path of names) once `ok` holds (10 s).
+fn stat_when(socket: &Path, key: &[&str], ok: impl Fn(u64) -> bool) -> u64 {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut v = stats_total(socket);
+        for k in key {
+            v = v[*k].clone();
+        }
+        let n = v.as_u64().unwrap_or(u64::MAX);
+        if ok(n) || Instant::now() > end {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn each_sni_name_gets_its_certificate_and_requests_say_https() {
+    let origin = python_origin();
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let b = cert(&dir, "b", &["b.test", "*.b.test"]);
+    let (proxy, _) = start_listeners(
+        &https_config(&origin.addr, &[a.clone(), b.clone()], &dir, ""),
+        1,
+    );
+    let out = curl_https(&proxy.addr, "a.test", &a.0, "/echo", &["-d", "hello"]);
+    let echo = echo_json(&out.stdout);
+    assert_eq!(
+        echo["body_len"],
+        5,
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(header(&echo, "X-Forwarded-Proto"), Some("https"));
+    // b.test and a name under its wildcard verify against b's certificate
+    // only: the one chosen by SNI.
+    for name in ["b.test", "x.b.test"] {
+        let out = curl_https(
+            &proxy.addr,
+            name,
+            &b.0,
+            "/bytes?n=100000",
+            &["-o", "/dev/null", "-w", "%{http_code}"],
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "{name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let wrong = curl_https(&proxy.addr, "b.test", &a.0, "/echo", &[]);
+    assert!(
+        !wrong.status.success(),
+        "b.test verified against a's certificate"
+    );
+    // No SNI, or a name no certificate has: the first certificate.
+    let none = s_client(&proxy.addr, &["-noservername"]);
+    assert!(
+        none.contains("CN = a.test") || none.contains("CN=a.test"),
+        "{none}"
+    );
+    let other = s_client(&proxy.addr, &["-servername", "c.test"]);
+    assert!(
+        other.contains("CN = a.test") || other.contains("CN=a.test"),
+        "{other}"
+    );
+}
+
+#[test]
+fn versions_alpn_and_resumption_as_openssl_sees_them() {
+    let origin = python_origin();
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let (proxy, _) = start_listeners(&https_config(&origin.addr, &[a], &dir, ""), 1);
+    let old = s_client(&proxy.addr, &["-tls1_1"]);
+    assert!(!old.contains("New, TLSv1.1"), "{old}");
+    assert!(old.contains("alert") || old.contains("error"), "{old}");
+    let alpn = s_client(&proxy.addr, &["-alpn", "h2,http/1.1"]);
+    assert!(alpn.contains("ALPN protocol: http/1.1"), "{alpn}");
+    let h2 = s_client(&proxy.addr, &["-alpn", "h2"]);
+    assert!(h2.contains("no application protocol"), "{h2}");
+    // Sessions resume whichever of the two workers accepts (tickets for
+    // TLS 1.3, the session cache for TLS 1.2).
+    for version in ["-tls1_3", "-tls1_2"] {
+        let sess = dir.join(format!("session{version}"));
+        let sess = sess.to_str().expect("a path");
+        let first = s_client(&proxy.addr, &[version, "-sess_out", sess]);
+        assert!(first.contains("New, TLSv1."), "{first}");
+        for _ in 0..3 {
+            let again = s_client(&proxy.addr, &[version, "-sess_in", sess]);
+            assert!(again.contains("Reused, TLSv1."), "{version}: {again}");
+        }
+    }
+    let total = stats_total(&dir.join("admin.sock"));
+    assert!(total["tls_resumed"].as_u64().unwrap() >= 6, "{total}");
+    assert_eq!(total["tls_failures"]["incompatible"], 2, "{total}");
+}
+
+#[test]
+fn python_keeps_a_connection_alive_and_stats_count_the_handshake() {
+    let origin = python_origin();
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let (proxy, _) = start_listeners(
+        &https_config(&origin.addr, std::slice::from_ref(&a), &dir, ""),
+        1,
+    );
+    let port = proxy.addr.rsplit(':').next().unwrap();
+    let script = format!(
+        "import http.client, ssl, socket\n\
+         ctx = ssl.create_default_context(cafile={cafile:?})\n\
+         class C(http.client.HTTPSConnection):\n    def connect(self):\n        \
+         self.sock = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port}), timeout=10), server_hostname='a.test')\n\
+         c = C('a.test', {port}, context=ctx)\n\
+         for i in range(3):\n    c.request('POST', '/echo', body=b'x' * 70000)\n    r = c.getresponse(); body = r.read()\n    print(r.status, len(body), c.sock.version())\n",
+        cafile = a.0.to_str().unwrap()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(text.lines().count(), 3, "{text}");
+    assert!(
+        text.lines()
+            .all(|l| l.starts_with("200 ") && l.ends_with("TLSv1.3")),
+        "{text}"
+    );
+    let socket = dir.join("admin.sock");
+    assert_eq!(stat_when(&socket, &["tls_handshakes"], |n| n == 1), 1);
+    assert_eq!(stats_total(&socket)["tls_versions"]["TLSv1.3"], 1);
+}
+
+#[test]
+fn bytes_that_are_not_tls_and_stalled_handshakes_are_counted_and_closed() {
+    let origin = python_origin();
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let (proxy, _) = start_listeners(&https_config(&origin.addr, &[a], &dir, ""), 1);
+    let socket = dir.join("admin.sock");
+    // Plain HTTP to the TLS port: an alert record, then the close.
+    let (got, closed) = raw_exchange(&proxy.addr, b"GET / HTTP/1.1\r\nHost: a\r\n\r\n");
+    assert!(closed, "{got:?}");
+    assert_eq!(got.first(), Some(&0x15), "an alert record: {got:?}");
+    assert_eq!(
+        stat_when(&socket, &["tls_failures", "malformed"], |n| n == 1),
+        1
+    );
+    // Silent after connecting, and a ClientHello cut short: both closed
+    // at the handshake timeout (1 s here).
+    let mut silent = TcpStream::connect(&proxy.addr).unwrap();
+    let mut cut = TcpStream::connect(&proxy.addr).unwrap();
+    cut.write_all(&[
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ])
+    .unwrap();
+    for s in [&mut silent, &mut cut] {
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let mut buf = [0u8; 64];
+        assert_eq!(s.read(&mut buf).unwrap_or(0), 0, "closed without an answer");
+    }
+    assert_eq!(
+        stat_when(&socket, &["tls_failures", "timeout"], |n| n == 2),
+        2
+    );
+    assert_eq!(stat_when(&socket, &["connections_open"], |n| n == 0), 0);
+}
+
+#[test]
+fn a_reload_swaps_the_certificate_for_new_connections_only() {
+    let origin = python_origin();
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let a2 = cert(&dir, "a2", &["a.test"]);
+    let (proxy, _) = start_listeners(
+        &https_config(&origin.addr, std::slice::from_ref(&a), &dir, ""),
+        1,
+    );
+    let port = proxy.addr.rsplit(':').next().unwrap().to_string();
+    // A keep-alive connection opened before the reload, on the old
+    // certificate, driven by Python between two requests.
+    let script = format!(
+        "import http.client, ssl, sys\n\
+         ctx = ssl.create_default_context(cafile={cafile:?})\n\
+         c = http.client.HTTPSConnection('127.0.0.1', {port}, context=ctx)\n\
+         ctx.check_hostname = False\n\
+         c.request('GET', '/echo'); r = c.getresponse(); r.read(); print(r.status, flush=True)\n\
+         sys.stdin.readline()\n\
+         c.request('GET', '/echo'); r = c.getresponse(); r.read(); print(r.status, flush=True)\n",
+        cafile = a.0.to_str().unwrap()
+    );
+    let mut held = Command::new("python3")
+        .args(["-c", &script])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let mut lines = BufReader::new(held.stdout.take().unwrap()).lines();
+    assert_eq!(lines.next().unwrap().unwrap(), "200");
+    let path = proxy.dir.join("coregate.toml");
+    std::fs::write(
+        &path,
+        https_config(&origin.addr, std::slice::from_ref(&a2), &dir, ""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["reload", "--socket"])
+        .arg(dir.join("admin.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let new = curl_https(
+        &proxy.addr,
+        "a.test",
+        &a2.0,
+        "/echo",
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&new.stdout),
+        "200",
+        "{}",
+        String::from_utf8_lossy(&new.stderr)
+    );
+    let stale = curl_https(&proxy.addr, "a.test", &a.0, "/echo", &[]);
+    assert!(
+        !stale.status.success(),
+        "a new connection still got the old certificate"
+    );
+    held.stdin.take().unwrap().write_all(b"\n").unwrap();
+    assert_eq!(lines.next().unwrap().unwrap(), "200");
+    let _ = held.wait();
+}
+
+#[test]
+fn bad_certificates_and_keys_are_refused_with_file_line_and_key() {
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let b = cert(&dir, "b", &["b.test"]);
+    let check = |certs: &[(PathBuf, PathBuf)]| {
+        let path = dir.join("check.toml");
+        std::fs::write(&path, https_config("127.0.0.1:9", certs, &dir, "")).unwrap();
+        let out = Command::new(BIN)
+            .args(["check", "--config"])
+            .arg(&path)
+            .output()
+            .unwrap();
+        assert!(!out.status.success());
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A key that is not the certificate's.
+    let text = check(&[(a.0.clone(), b.1.clone())]);
+    assert!(text.contains("check.toml:8: listener.tls.certs:"), "{text}");
+    assert!(text.contains("does not match"), "{text}");
+    // An unreadable file, named.
+    let missing = dir.join("missing.pem");
+    let text = check(&[a.clone(), (missing.clone(), a.1.clone())]);
+    assert!(text.contains(&*missing.to_string_lossy()), "{text}");
+    // A key file in place of a certificate.
+    let text = check(&[(a.1.clone(), a.1.clone())]);
+    assert!(text.contains("no certificate"), "{text}");
+}
+
+#[test]
+fn a_redirect_rule_sends_plain_http_to_https() {
+    let origin = python_origin();
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let config = https_config(&origin.addr, std::slice::from_ref(&a), &dir, "")
+        .replace(
+            "[upstream.app]",
+            "[[listener]]\nlisten = \"127.0.0.2:0\"\n\n[upstream.app]",
+        )
+        .replace(
+            "[[route]]\nupstream = \"app\"",
+            "[[route]]\nscheme = \"http\"\nredirect = { location = \"https://$host$request_uri\", status = 308 }\n\n\
+             [[route]]\nupstream = \"app\"\nresponse_headers = { set = { \"X-Scheme\" = \"$scheme\" } }",
+        );
+    let (proxy, urls) = start_listeners(&config, 2);
+    assert!(
+        urls[0].starts_with("https://") && urls[1].starts_with("http://"),
+        "{urls:?}"
+    );
+    let plain = urls[1].trim_start_matches("http://");
+    let out = curl(&["-i", &format!("http://{plain}/echo?x=1")]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("HTTP/1.1 308"), "{text}");
+    // `$host` is the host without its port: the HTTPS default port.
+    assert!(
+        text.contains("Location: https://127.0.0.2/echo?x=1\r\n"),
+        "{text}"
+    );
+    let out = curl_https(&proxy.addr, "a.test", &a.0, "/echo", &["-i"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("X-Scheme: https"), "{text}");
+}
