@@ -42,6 +42,9 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Check { config } => match config::load(&config) {
             Ok(s) => {
+                for line in expiry_warnings(&s) {
+                    println!("warning: {line}");
+                }
                 println!(
                     "{}: ok ({} listeners, {} upstream groups, {} routes, {} rules, {} regexes)",
                     config.display(),
@@ -123,6 +126,9 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     };
+    for line in expiry_warnings(&snapshot) {
+        coregate::warn!("{line}");
+    }
     let schemes: Vec<&str> = snapshot
         .listeners
         .iter()
@@ -281,4 +287,35 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
     println!("stop:  Ctrl-C");
     control::run_until_signal(vec![proxy, origin], None)?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Certificates that expire within 14 days (or have), named with their
+/// file: what `coregate check` and `coregate run` warn about.
+fn expiry_warnings(s: &config::Snapshot) -> Vec<String> {
+    const DAY: i64 = 86_400;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let mut out = Vec::new();
+    for l in &s.listeners {
+        let Some(tls) = &l.tls else { continue };
+        for (file, names, end) in tls.expiring(now, 14 * DAY) {
+            let left = end - now;
+            let when = if left < 0 {
+                format!("expired {} days ago", (-left) / DAY)
+            } else {
+                format!(
+                    "expires in {} days, {} hours",
+                    left / DAY,
+                    left % DAY / 3600
+                )
+            };
+            out.push(format!(
+                "{}: the certificate for {} {when}",
+                file.display(),
+                names.join(", ")
+            ));
+        }
+    }
+    out
 }

@@ -79,6 +79,102 @@ pub struct Acceptor {
     pub config: Arc<ServerConfig>,
     /// The names of each certificate, in order (for `check` and logs).
     pub names: Vec<Vec<String>>,
+    /// Each certificate's file and the end of its validity (seconds since
+    /// the epoch; `None` when its date could not be read).
+    pub expiry: Vec<(std::path::PathBuf, Option<i64>)>,
+}
+
+impl Acceptor {
+    /// Certificates that expire within `within` seconds of `now` (or have
+    /// expired): their file, names and notAfter.
+    pub fn expiring(&self, now: i64, within: i64) -> Vec<(&Path, &[String], i64)> {
+        self.expiry
+            .iter()
+            .zip(&self.names)
+            .filter_map(|((file, end), names)| {
+                end.filter(|&end| end - now < within)
+                    .map(|end| (file.as_path(), &names[..], end))
+            })
+            .collect()
+    }
+}
+
+/// One DER element at the start of `der` with tag `tag`: its contents,
+/// and what follows it.
+fn der_element(der: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&t, rest) = der.split_first()?;
+    if t != tag {
+        return None;
+    }
+    let (&first, rest) = rest.split_first()?;
+    let (len, rest) = if first < 0x80 {
+        (usize::from(first), rest)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n]
+            .iter()
+            .fold(0usize, |l, &b| l << 8 | usize::from(b));
+        (len, &rest[n..])
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
+}
+
+/// Skip one DER element, whatever its tag.
+fn der_skip(der: &[u8]) -> Option<&[u8]> {
+    let tag = *der.first()?;
+    der_element(der, tag).map(|(_, rest)| rest)
+}
+
+/// A certificate's notAfter (RFC 5280 4.1.2.5), in seconds since the epoch.
+pub fn not_after(cert: &[u8]) -> Option<i64> {
+    let (certificate, _) = der_element(cert, 0x30)?;
+    let (tbs, _) = der_element(certificate, 0x30)?;
+    // [0] version (optional), serial number, signature algorithm, issuer.
+    let mut rest = tbs;
+    if rest.first() == Some(&0xa0) {
+        rest = der_skip(rest)?;
+    }
+    for _ in 0..3 {
+        rest = der_skip(rest)?;
+    }
+    let (validity, _) = der_element(rest, 0x30)?;
+    let after = der_skip(validity)?;
+    let (text, year) = match der_element(after, 0x17) {
+        // UTCTime: YYMMDDHHMMSSZ, years 1950-2049.
+        Some((t, _)) => {
+            let yy = digits(t.get(..2)?)?;
+            (t.get(2..)?, if yy < 50 { 2000 + yy } else { 1900 + yy })
+        }
+        // GeneralizedTime: YYYYMMDDHHMMSSZ.
+        None => {
+            let (t, _) = der_element(after, 0x18)?;
+            (t.get(4..)?, digits(t.get(..4)?)?)
+        }
+    };
+    let field = |i: usize| text.get(i..i + 2).and_then(digits);
+    let (month, day) = (field(0)?, field(2)?);
+    let seconds = field(4)? * 3600 + field(6)? * 60 + field(8)?;
+    Some(days_from_civil(year, month, day) * 86_400 + seconds)
+}
+
+fn digits(s: &[u8]) -> Option<i64> {
+    s.iter().try_fold(0i64, |n, &b| {
+        b.is_ascii_digit().then(|| n * 10 + i64::from(b - b'0'))
+    })
+}
+
+/// Days from 1970-01-01 to a civil date (Howard Hinnant's algorithm).
+fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
+    let y = if month <= 2 { year - 1 } else { year };
+    let era = y.div_euclid(400);
+    let yoe = y - era * 400;
+    let mp = (month + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + day - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    era * 146_097 + doe - 719_468
 }
 
 /// Load one certificate chain and its key. Errors name the file and why.
@@ -116,8 +212,10 @@ pub fn acceptor(certs: &[(&Path, &Path)]) -> Result<Acceptor, String> {
         wildcard: HashMap::new(),
     };
     let mut all_names = Vec::new();
+    let mut expiry = Vec::new();
     for (i, (cert, key)) in certs.iter().enumerate() {
         let (key, names) = load(cert, key)?;
+        expiry.push((cert.to_path_buf(), not_after(&key.cert[0])));
         for name in &names {
             match name.strip_prefix("*.") {
                 Some(parent) => resolver.wildcard.entry(parent.to_string()).or_insert(i),
@@ -147,6 +245,7 @@ pub fn acceptor(certs: &[(&Path, &Path)]) -> Result<Acceptor, String> {
     Ok(Acceptor {
         config: Arc::new(config),
         names: all_names,
+        expiry,
     })
 }
 
@@ -217,9 +316,9 @@ pub struct Session {
     /// Plaintext bytes the ciphertext in `out` carries: the caller counts
     /// them as sent once `out` is.
     pub carried: usize,
-    /// The session failed (counted, its alert queued): the connection
-    /// closes once the alert is out.
-    pub failed: bool,
+    /// The connection closes once what is queued is out: an alert after
+    /// a failure (counted), or `close_notify` after a closing answer.
+    pub closing: bool,
     handshaken: bool,
 }
 
@@ -232,7 +331,7 @@ impl Session {
             out: Vec::new(),
             sent: 0,
             carried: 0,
-            failed: false,
+            closing: false,
             handshaken: false,
         })
     }
@@ -334,6 +433,22 @@ impl Session {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn dates_count_days_from_the_epoch() {
+        assert_eq!(days_from_civil(1970, 1, 1), 0);
+        assert_eq!(days_from_civil(2000, 3, 1), 11_017);
+        assert_eq!(days_from_civil(2026, 11, 30), 20_787);
+        assert_eq!(digits(b"2049"), Some(2049));
+        assert_eq!(digits(b"2x"), None);
+        // A DER length in the long form, and one running past the input.
+        assert_eq!(
+            der_element(&[0x30, 0x81, 0x01, 0xaa], 0x30),
+            Some((&[0xaa][..], &[][..]))
+        );
+        assert_eq!(der_element(&[0x30, 0x05, 0x00], 0x30), None);
+        assert_eq!(not_after(b"not a certificate"), None);
+    }
 
     #[test]
     fn sni_picks_exact_then_wildcard_then_the_first() {

@@ -317,6 +317,28 @@ fn python_keeps_a_connection_alive_and_stats_count_the_handshake() {
     let socket = dir.join("admin.sock");
     assert_eq!(stat_when(&socket, &["tls_handshakes"], |n| n == 1), 1);
     assert_eq!(stats_total(&socket)["tls_versions"]["TLSv1.3"], 1);
+    // A closing answer ends with close_notify: read to the end with
+    // ragged EOFs refused, the stream ends cleanly.
+    let script = format!(
+        "import socket, ssl\n\
+         ctx = ssl.create_default_context(cafile={cafile:?})\n\
+         s = ctx.wrap_socket(socket.create_connection(('127.0.0.1', {port}), timeout=10), server_hostname='a.test', suppress_ragged_eofs=False)\n\
+         s.sendall(b'GET /echo HTTP/1.1\\r\\nHost: a\\r\\nConnection: close\\r\\n\\r\\n')\n\
+         data = b''\n\
+         while True:\n    part = s.recv(65536)\n    if not part: break\n    data += part\n\
+         print(data.split(b' ')[1].decode(), 'clean end')\n",
+        cafile = a.0.to_str().unwrap()
+    );
+    let out = Command::new("python3")
+        .args(["-c", &script])
+        .output()
+        .expect("python3");
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "200 clean end",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -451,6 +473,32 @@ fn bad_certificates_and_keys_are_refused_with_file_line_and_key() {
     // A key file in place of a certificate.
     let text = check(&[(a.1.clone(), a.1.clone())]);
     assert!(text.contains("no certificate"), "{text}");
+    // A good one that expires within 14 days (these are made for 3): a
+    // warning that names its file and names.
+    let path = dir.join("good.toml");
+    std::fs::write(
+        &path,
+        https_config("127.0.0.1:9", &[a.clone(), b.clone()], &dir, ""),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    for (file, name) in [(&a.0, "a.test"), (&b.0, "b.test")] {
+        let start = format!(
+            "warning: {}: the certificate for {name} expires in ",
+            file.display()
+        );
+        // Three days from a second that may not have ended yet.
+        let ok = ["2 days, 23 hours", "3 days, 0 hours"]
+            .iter()
+            .any(|left| text.contains(&format!("{start}{left}\n")));
+        assert!(ok, "{text}");
+    }
 }
 
 #[test]

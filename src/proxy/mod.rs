@@ -2060,7 +2060,7 @@ impl Proxy {
                     self.read_head(io, ctx, id);
                 }
             }
-            Next::Close => self.close_down(io, ctx, id),
+            Next::Close => self.close_after_answer(io, ctx, id),
             Next::LingerClose => self.linger(io, ctx, id),
         }
     }
@@ -2210,10 +2210,10 @@ impl Proxy {
         if first
             && let Some(s) = d.tls.as_deref_mut()
             && s.is_handshaking()
-            && !s.failed
+            && !s.closing
         {
             // The client went away (or the worker drains) mid-handshake.
-            s.failed = true;
+            s.closing = true;
             ctx.stats.tls.failed(crate::tls::Failure::Closed);
         }
         if first
@@ -2231,8 +2231,11 @@ impl Proxy {
         if io.cancel_in_flight(d.fd, first, &ops) {
             return;
         }
-        let d = self.downs.remove(id);
+        let mut d = self.downs.remove(id);
         io.close(d.fd);
+        if let Some(s) = d.tls.as_deref_mut() {
+            ctx.bufs.put(std::mem::take(&mut s.out));
+        }
         if let Some(mut ex) = d.ex {
             if ex.active {
                 // Counted and logged as any other request.
@@ -2501,9 +2504,9 @@ impl Service for Proxy {
                 None if d.ex.is_none() => {
                     if let Some(s) = self.downs[id].tls.as_deref_mut()
                         && s.is_handshaking()
-                        && !s.failed
+                        && !s.closing
                     {
-                        s.failed = true;
+                        s.closing = true;
                         ctx.stats.tls.failed(crate::tls::Failure::Timeout);
                     }
                     self.close_down(io, ctx, id)

@@ -34,7 +34,7 @@ impl Proxy {
         let Proxy { downs, spare, .. } = self;
         let d = &mut downs[id];
         let session = d.tls.as_deref_mut().expect("a TLS connection");
-        if session.failed || d.closing {
+        if session.closing || d.closing {
             // Closing after an alert: what still comes is not read.
             io.driver.recycle(bid);
             return false;
@@ -56,7 +56,7 @@ impl Proxy {
                 if handshaking {
                     ctx.stats.tls.failed(why);
                 }
-                session.failed = true;
+                session.closing = true;
                 // The alert rustls queued goes out, then the connection
                 // closes (`flush_tls`, `down_sent`).
                 self.flush_down(io, ctx, id);
@@ -92,10 +92,15 @@ impl Proxy {
         let listener = d.listener as usize;
         let session = d.tls.as_deref_mut().expect("a TLS connection");
         if !session.pending() {
+            if session.out.capacity() == 0 {
+                // Records are written into a pooled buffer, given back
+                // once they are sent: an idle session holds none.
+                session.out = ctx.bufs.get();
+            }
             match d.ex.as_deref() {
                 Some(ex)
                     if !session.is_handshaking()
-                        && !session.failed
+                        && !session.closing
                         && ex.out_sent + session.carried < ex.out.len() =>
                 {
                     session.seal(&ex.out[ex.out_sent + session.carried..]);
@@ -104,7 +109,9 @@ impl Proxy {
             }
         }
         if !session.pending() {
-            if session.failed {
+            ctx.bufs.put(std::mem::take(&mut session.out));
+            session.sent = 0;
+            if session.closing {
                 return self.close_down(io, ctx, id);
             }
             // Nothing to send: where the plaintext path finds `out` sent.
@@ -138,6 +145,21 @@ impl Proxy {
         }
     }
 
+    /// The answer is out and the connection closes: a TLS client is told
+    /// with `close_notify` first, so it can tell the end of the stream
+    /// from a cut (the close follows once it is sent).
+    pub(super) fn close_after_answer(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let d = &mut self.downs[id];
+        match d.tls.as_deref_mut() {
+            Some(session) if !session.is_handshaking() && !session.closing && !d.sending => {
+                session.close_notify();
+                session.closing = true;
+                self.flush_down(io, ctx, id);
+            }
+            _ => self.close_down(io, ctx, id),
+        }
+    }
+
     /// A send on a TLS connection completed with `n` bytes: the plaintext
     /// bytes the exchange may count as sent, or `None` when there is more
     /// of the session's own to send first (or the connection closes).
@@ -151,7 +173,11 @@ impl Proxy {
         let d = &mut self.downs[id];
         let session = d.tls.as_deref_mut().expect("a TLS connection");
         session.sent += n;
-        if session.pending() || session.failed || d.ex.is_none() {
+        if !session.pending() {
+            ctx.bufs.put(std::mem::take(&mut session.out));
+            session.sent = 0;
+        }
+        if session.pending() || session.closing || d.ex.is_none() {
             // The rest of the records, the alert before closing, or
             // handshake messages and tickets.
             self.flush_down(io, ctx, id);
