@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 
 use crate::config::epoch::Published;
 use crate::config::{BackendAddr, Check, Snapshot};
+use rustls::pki_types::ServerName;
+use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
 /// How often the thread looks for checks that are due.
 const TICK: Duration = Duration::from_millis(50);
@@ -68,7 +70,8 @@ fn run(published: Arc<Published>) {
                     continue;
                 }
                 due.insert(key.clone(), now + check.interval);
-                let ok = probe(&backend.addr, &backend.authority, check);
+                let tls = backend.tls_name.clone().zip(group.tls.clone());
+                let ok = probe(&backend.addr, &backend.authority, check, tls);
                 let streak = streaks.entry(key).or_default();
                 if ok {
                     streak.ok += 1;
@@ -106,9 +109,15 @@ fn carry_marks(old: &Snapshot, new: &Snapshot) {
     }
 }
 
-/// One check: connect, send the request, read the status line, all
+/// One check: connect (with TLS to an `https://` backend, verified as
+/// the proxy verifies it), send the request, read the status line, all
 /// within `timeout`.
-fn probe(addr: &BackendAddr, authority: &str, check: &Check) -> bool {
+fn probe(
+    addr: &BackendAddr,
+    authority: &str,
+    check: &Check,
+    tls: Option<(ServerName<'static>, Arc<ClientConfig>)>,
+) -> bool {
     let request = format!(
         "GET {} HTTP/1.1\r\nHost: {authority}\r\nUser-Agent: coregate-health\r\nConnection: close\r\n\r\n",
         check.path
@@ -117,7 +126,14 @@ fn probe(addr: &BackendAddr, authority: &str, check: &Check) -> bool {
         BackendAddr::Tcp(a) => TcpStream::connect_timeout(a, check.timeout).and_then(|mut s| {
             s.set_read_timeout(Some(check.timeout))?;
             s.set_write_timeout(Some(check.timeout))?;
-            exchange(&mut s, &request)
+            match tls {
+                None => exchange(&mut s, &request),
+                Some((name, config)) => {
+                    let conn =
+                        ClientConnection::new(config, name).map_err(std::io::Error::other)?;
+                    exchange(&mut StreamOwned::new(conn, s), &request)
+                }
+            }
         }),
         BackendAddr::Unix(p) => UnixStream::connect(p).and_then(|mut s| {
             s.set_read_timeout(Some(check.timeout))?;

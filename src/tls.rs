@@ -1,6 +1,7 @@
-//! TLS termination with rustls (aws-lc-rs provider): the server
-//! configuration a listener's certificates compile to, the certificate
-//! choice by SNI, and one connection's TLS session driven without I/O.
+//! TLS with rustls (aws-lc-rs provider): the server configuration a
+//! listener's certificates compile to, the certificate choice by SNI, the
+//! client configuration for `https://` backends, and one connection's TLS
+//! session (either side) driven without I/O.
 //!
 //! rustls's connection type is sans-I/O, which fits the native core: the
 //! proxy hands [`Session::receive`] the ciphertext a receive completion
@@ -25,11 +26,15 @@ use std::io::Read;
 use std::path::Path;
 use std::sync::Arc;
 
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ClientConfig, ClientConnection};
 use rustls::crypto::aws_lc_rs;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::pki_types::{ServerName, UnixTime};
 use rustls::server::{ClientHello, ResolvesServerCert, ServerConfig, ServerConnection};
 use rustls::sign::CertifiedKey;
+use rustls::{Connection, DigitallySignedStruct, SignatureScheme};
 
 /// TLS sessions kept for resumption by ID (TLS 1.2), per listener.
 const SESSION_CACHE: usize = 10_000;
@@ -249,6 +254,104 @@ pub fn acceptor(certs: &[(&Path, &Path)]) -> Result<Acceptor, String> {
     })
 }
 
+/// The client configuration for a group's `https://` backends: TLS 1.3
+/// and 1.2, ALPN `http/1.1`, the server's certificate verified against
+/// `ca` (a PEM file) or the system's roots, or not verified at all when
+/// `verify` is false (its handshake signature still is). Sessions are
+/// resumed from rustls's in-memory store, shared by every worker.
+pub fn connector(ca: Option<&Path>, verify: bool) -> Result<Arc<ClientConfig>, String> {
+    let provider = Arc::new(aws_lc_rs::default_provider());
+    let builder = ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?;
+    let mut config = if verify {
+        let mut roots = rustls::RootCertStore::empty();
+        match ca {
+            Some(file) => {
+                for cert in CertificateDer::pem_file_iter(file)
+                    .map_err(|e| format!("{}: {e}", file.display()))?
+                {
+                    let cert = cert.map_err(|e| format!("{}: {e}", file.display()))?;
+                    roots
+                        .add(cert)
+                        .map_err(|e| format!("{}: {e}", file.display()))?;
+                }
+                if roots.is_empty() {
+                    return Err(format!("{}: no certificate in the file", file.display()));
+                }
+            }
+            None => {
+                let found = rustls_native_certs::load_native_certs();
+                let (added, _) = roots.add_parsable_certificates(found.certs);
+                if added == 0 {
+                    return Err(
+                        "the system has no trusted CA certificates: set ca = \"FILE\" (or tls_verify = false)"
+                            .into(),
+                    );
+                }
+            }
+        }
+        builder.with_root_certificates(roots).with_no_client_auth()
+    } else {
+        builder
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(Unverified(provider)))
+            .with_no_client_auth()
+    };
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// `tls_verify = false`: any certificate is accepted; the handshake's
+/// signatures are still checked against the key it carries.
+#[derive(Debug)]
+struct Unverified(Arc<rustls::crypto::CryptoProvider>);
+
+impl ServerCertVerifier for Unverified {
+    fn verify_server_cert(
+        &self,
+        _: &CertificateDer<'_>,
+        _: &[CertificateDer<'_>],
+        _: &ServerName<'_>,
+        _: &[u8],
+        _: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}
+
 /// Why a handshake (or a session) failed, for the counters.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Failure {
@@ -307,9 +410,10 @@ pub struct Received {
     pub closed: bool,
 }
 
-/// One connection's TLS session, and the ciphertext waiting to be sent.
+/// One connection's TLS session (a client's to us, or ours to a backend),
+/// and the ciphertext waiting to be sent.
 pub struct Session {
-    conn: ServerConnection,
+    conn: Connection,
     /// Ciphertext to send; `sent` of it is out.
     pub out: Vec<u8>,
     pub sent: usize,
@@ -323,17 +427,31 @@ pub struct Session {
 }
 
 impl Session {
+    /// The server side of a client's connection to a listener.
     pub fn new(acceptor: &Acceptor) -> Result<Session, rustls::Error> {
-        let mut conn = ServerConnection::new(acceptor.config.clone())?;
+        let conn = ServerConnection::new(acceptor.config.clone())?;
+        Ok(Session::of(Connection::Server(conn)))
+    }
+
+    /// The client side of a connection to a backend named `name`.
+    pub fn client(
+        config: &Arc<ClientConfig>,
+        name: ServerName<'static>,
+    ) -> Result<Session, rustls::Error> {
+        let conn = ClientConnection::new(config.clone(), name)?;
+        Ok(Session::of(Connection::Client(conn)))
+    }
+
+    fn of(mut conn: Connection) -> Session {
         conn.set_buffer_limit(Some(SEAL_LIMIT));
-        Ok(Session {
+        Session {
             conn,
             out: Vec::new(),
             sent: 0,
             carried: 0,
             closing: false,
             handshaken: false,
-        })
+        }
     }
 
     pub fn is_handshaking(&self) -> bool {
@@ -365,13 +483,14 @@ impl Session {
         let mut got = Received::default();
         let mut scratch = [0u8; 16 * 1024];
         while !bytes.is_empty() {
-            if self.conn.read_tls(&mut bytes).is_err() {
+            if let Err(e) = self.conn.read_tls(&mut bytes) {
+                crate::debug!("TLS: {e}");
                 return Err(Failure::Other);
             }
-            let state = self
-                .conn
-                .process_new_packets()
-                .map_err(|e| Failure::of(&e))?;
+            let state = self.conn.process_new_packets().map_err(|e| {
+                crate::debug!("TLS: {e}");
+                Failure::of(&e)
+            })?;
             if !self.handshaken && !self.conn.is_handshaking() {
                 self.handshaken = true;
                 got.handshaken = true;

@@ -14,11 +14,19 @@ use crate::support::*;
 /// A self-signed certificate for `names` (the first is its CN) and its
 /// key, in `dir`: (cert, key).
 fn cert(dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
+    cert_with(dir, file, names, &[])
+}
+
+/// [`cert`] with more `openssl req` arguments.
+fn cert_with(dir: &Path, file: &str, names: &[&str], more: &[&str]) -> (PathBuf, PathBuf) {
     let cert = dir.join(format!("{file}.pem"));
     let key = dir.join(format!("{file}.key"));
     let san = names
         .iter()
-        .map(|n| format!("DNS:{n}"))
+        .map(|n| match n.parse::<std::net::IpAddr>() {
+            Ok(_) => format!("IP:{n}"),
+            Err(_) => format!("DNS:{n}"),
+        })
         .collect::<Vec<_>>()
         .join(",");
     let out = Command::new("openssl")
@@ -38,6 +46,7 @@ fn cert(dir: &Path, file: &str, names: &[&str]) -> (PathBuf, PathBuf) {
             &format!("/CN={}", names[0]),
         ])
         .args(["-addext", &format!("subjectAltName={san}")])
+        .args(more)
         .arg("-keyout")
         .arg(&key)
         .arg("-out")
@@ -533,4 +542,89 @@ fn a_redirect_rule_sends_plain_http_to_https() {
     let out = curl_https(&proxy.addr, "a.test", &a.0, "/echo", &["-i"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("X-Scheme: https"), "{text}");
+}
+
+/// The Python origin serving HTTPS with `cert`.
+fn https_origin(cert: &(PathBuf, PathBuf)) -> Proc {
+    let mut cmd = Command::new("python3");
+    cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py"))
+        .arg("--tls")
+        .arg(&cert.0)
+        .arg(&cert.1);
+    let mut p = start(cmd, "READY", temp_dir());
+    p.addr = format!("127.0.0.1:{}", p.addr);
+    p
+}
+
+/// A plain listener in front of one `https://` backend with `tls` keys.
+fn to_https_backend(origin: &str, tls: &str, dir: &Path) -> (Proc, PathBuf) {
+    let socket = dir.join(format!("admin-{}.sock", tls.len()));
+    let config = format!(
+        "[server]\nadmin_socket = \"{}\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+         [upstream.app]\nbackends = [\"https://{origin}\"]\n{tls}\n\n[[route]]\nupstream = \"app\"\n",
+        socket.display()
+    );
+    (coregate(&config, &["--workers", "1"]), socket)
+}
+
+#[test]
+fn https_backends_are_verified_kept_alive_and_refused_when_wrong() {
+    let dir = temp_dir();
+    // A backend's own certificate is a leaf: a CA's would be refused as
+    // an end entity (webpki's CaUsedAsEndEntity).
+    let leaf = ["-addext", "basicConstraints=critical,CA:FALSE"];
+    let backend = cert_with(&dir, "backend", &["127.0.0.1"], &leaf);
+    let stranger = cert_with(&dir, "stranger", &["127.0.0.1"], &leaf);
+    let origin = https_origin(&backend);
+    // Verified against the backend's own certificate as the CA: requests
+    // go through, on one kept-alive TLS connection.
+    let ca = format!("ca = \"{}\"", backend.0.display());
+    let (proxy, socket) = to_https_backend(&origin.addr, &ca, &dir);
+    for i in 0..3 {
+        let out = curl(&[
+            "-d",
+            &"y".repeat(100_000),
+            &format!("http://{}/echo?{i}", proxy.addr),
+        ]);
+        let echo = echo_json(&out.stdout);
+        assert_eq!(
+            echo["body_len"],
+            100_000,
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let label = format!("app/https://{}", origin.addr);
+    let total = stats_total(&socket);
+    assert_eq!(total["upstreams"][&label]["connects"], 1, "{total}");
+    assert_eq!(total["upstreams"][&label]["reuses"], 2, "{total}");
+    // Another CA: the certificate does not verify, 502.
+    let ca = format!("ca = \"{}\"", stranger.0.display());
+    let (wrong, _) = to_https_backend(&origin.addr, &ca, &dir);
+    assert_eq!(status_of(&[&format!("http://{}/echo", wrong.addr)]), 502);
+    // Verification off, written out: it goes through.
+    let (unverified, _) = to_https_backend(&origin.addr, "tls_verify = false", &dir);
+    assert_eq!(
+        status_of(&[&format!("http://{}/echo", unverified.addr)]),
+        200
+    );
+    // TLS keys on a group without https:// backends are a mistake.
+    let path = dir.join("plain.toml");
+    std::fs::write(
+        &path,
+        format!(
+            "[[listener]]\nlisten = \"127.0.0.1:0\"\n[upstream.app]\nbackends = [\"tcp://127.0.0.1:9\"]\n{ca}\n[[route]]\nupstream = \"app\"\n"
+        ),
+    )
+    .unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        text.contains("plain.toml:5: upstream.app.ca: only applies to https:// backends"),
+        "{text}"
+    );
 }

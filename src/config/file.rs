@@ -145,6 +145,11 @@ pub struct UpstreamSection {
     pub max_conns: Option<Spanned<i64>>,
     /// Active checks: `{ path = "/health", interval = "5s", ... }`.
     pub health_check: Option<Spanned<HealthCheckSection>>,
+    /// `https://` backends: trusted CA certificates (PEM) instead of the
+    /// system's.
+    pub ca: Option<Spanned<String>>,
+    /// `https://` backends: `false` accepts any certificate.
+    pub tls_verify: Option<Spanned<bool>>,
 }
 
 #[derive(Debug, Deserialize)]

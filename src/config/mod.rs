@@ -483,6 +483,7 @@ impl Validator<'_> {
                 Err(msg) => self.problem(b.span(), key("backends"), msg),
             }
         }
+        let tls = self.connector(u, &backends, &key);
         let balance = self.balance(u, &backends, &key);
         let health_check = u.health_check.as_ref().map(|h| {
             let c = h.get_ref();
@@ -536,6 +537,46 @@ impl Validator<'_> {
             max_idle: self.int(&u.max_idle, &key("max_idle"), 0..=65536, 64) as usize,
             balance,
             health_check,
+            tls,
+        }
+    }
+
+    /// The client TLS configuration for a group with `https://` backends
+    /// (`ca`, `tls_verify`); those keys alone are a mistake.
+    fn connector(
+        &mut self,
+        u: &UpstreamSection,
+        backends: &[Backend],
+        key: &dyn Fn(&str) -> String,
+    ) -> Option<Arc<rustls::ClientConfig>> {
+        let verify = u.tls_verify.as_ref().is_none_or(|v| *v.get_ref());
+        if !backends.iter().any(|b| b.tls_name.is_some()) {
+            for (k, span) in [
+                ("ca", u.ca.as_ref().map(|c| c.span())),
+                ("tls_verify", u.tls_verify.as_ref().map(|v| v.span())),
+            ] {
+                if let Some(span) = span {
+                    self.problem(span, key(k), "only applies to https:// backends");
+                }
+            }
+            return None;
+        }
+        if let (Some(ca), false) = (&u.ca, verify) {
+            self.problem(
+                ca.span(),
+                key("ca"),
+                "tls_verify = false verifies nothing: drop one of the two",
+            );
+        }
+        let ca_file = u.ca.as_ref().map(|c| self.base.join(c.get_ref()));
+        match tls::connector(ca_file.as_deref(), verify) {
+            Ok(config) => Some(config),
+            Err(e) => {
+                let span = u.ca.as_ref().map_or(u.backends.span(), |c| c.span());
+                let k = if u.ca.is_some() { "ca" } else { "backends" };
+                self.problem(span, key(k), e);
+                None
+            }
         }
     }
 
@@ -743,19 +784,41 @@ fn valid_route_host(h: &str) -> bool {
         })
 }
 
-/// `tcp://host:port` or `unix:/absolute/path`.
+/// `tcp://host:port`, `https://host[:port]` or `unix:/absolute/path`.
 fn parse_backend(s: &str) -> Result<Backend, String> {
-    if let Some(rest) = s.strip_prefix("tcp://") {
+    let (rest, tls) = match (s.strip_prefix("tcp://"), s.strip_prefix("https://")) {
+        (Some(rest), _) => (Some(rest), false),
+        (_, Some(rest)) => (Some(rest), true),
+        _ => (None, false),
+    };
+    if let Some(rest) = rest {
         let rest = rest.trim_end_matches('/');
-        let addr = rest
+        let host = snapshot::strip_port(rest.as_bytes());
+        let host = std::str::from_utf8(host).unwrap_or(rest);
+        let with_port = if tls && host.len() == rest.len() {
+            format!("{rest}:443")
+        } else {
+            rest.to_string()
+        };
+        let addr = with_port
             .to_socket_addrs()
             .map_err(|e| format!("cannot resolve {rest:?}: {e}"))?
             .next()
             .ok_or_else(|| format!("{rest:?} resolves to no address"))?;
+        let tls_name = if tls {
+            let name = host.trim_start_matches('[').trim_end_matches(']');
+            Some(
+                rustls::pki_types::ServerName::try_from(name.to_string())
+                    .map_err(|e| format!("{s:?}: {name:?} is not a server name: {e}"))?,
+            )
+        } else {
+            None
+        };
         return Ok(Backend {
             addr: BackendAddr::Tcp(addr),
             label: s.to_string(),
             authority: rest.to_string(),
+            tls_name,
             healthy: AtomicBool::new(true),
         });
     }
@@ -770,11 +833,12 @@ fn parse_backend(s: &str) -> Result<Backend, String> {
             addr: BackendAddr::Unix(path),
             label: s.to_string(),
             authority: "localhost".into(),
+            tls_name: None,
             healthy: AtomicBool::new(true),
         });
     }
     Err(format!(
-        "{s:?} is not a backend; write tcp://HOST:PORT or unix:/PATH"
+        "{s:?} is not a backend; write tcp://HOST:PORT, https://HOST[:PORT] or unix:/PATH"
     ))
 }
 

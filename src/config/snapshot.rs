@@ -86,6 +86,8 @@ pub struct UpstreamGroup {
     pub balance: crate::balance::Balance,
     /// Active health checks (`health_check`), if configured.
     pub health_check: Option<Check>,
+    /// The client TLS configuration of its `https://` backends.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
 }
 
 impl crate::balance::Group for UpstreamGroup {
@@ -135,6 +137,9 @@ pub struct Backend {
     pub label: String,
     /// Host to send for HTTP/1.0 requests that carry none.
     pub authority: String,
+    /// An `https://` backend: the name its certificate is verified for,
+    /// sent as SNI unless it is an IP address.
+    pub tls_name: Option<rustls::pki_types::ServerName<'static>>,
     /// Active health: written by the health checker thread (`health`),
     /// read by workers when they pick. True until checks say otherwise.
     pub healthy: std::sync::atomic::AtomicBool,

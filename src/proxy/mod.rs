@@ -146,19 +146,47 @@ struct Up {
     buf: Buf,
     /// Where it connects to, alive until the connect completes.
     addr: Option<Box<SockAddr>>,
+    /// The TLS session to an `https://` backend. Its plaintext is `out`
+    /// and `buf`, as on a plain connection: `out` is sealed into the
+    /// session's own buffer (and counted in `sent` as it is), and what
+    /// comes is decrypted into `buf`.
+    tls: Option<Box<crate::tls::Session>>,
 }
 
 impl Up {
-    /// Send what waits in `out` from `sent` on; one send at a time.
-    fn send(&mut self, io: &mut Io, uid: usize) -> std::io::Result<()> {
-        debug_assert!(!self.sending && self.sent < self.out.len());
-        let bytes = &self.out[self.sent..];
-        // SAFETY: the bytes live in `out`'s heap storage, which stays put
-        // when the slab moves; `out` is not touched and the record not
-        // freed while `sending` is set (`up_sent`, `close_up`).
+    /// Send what waits: `out` from `sent` on, or on a TLS connection the
+    /// records sealed from it (and the handshake's own messages). One send
+    /// at a time; false when there was nothing to send.
+    fn flush(&mut self, io: &mut Io, uid: usize) -> std::io::Result<bool> {
+        debug_assert!(!self.sending);
+        let bytes = match self.tls.as_deref_mut() {
+            None if self.sent == self.out.len() => return Ok(false),
+            None => &self.out[self.sent..],
+            Some(session) => {
+                if !session.pending() {
+                    if self.sent < self.out.len() {
+                        // Sealed is as good as sent for the exchange: the
+                        // plaintext is the session's now (buffered until
+                        // the handshake is done).
+                        self.sent += session.seal(&self.out[self.sent..]);
+                        session.carried = 0;
+                    } else {
+                        session.flush();
+                    }
+                }
+                if !session.pending() {
+                    return Ok(false);
+                }
+                &session.out[session.sent..]
+            }
+        };
+        // SAFETY: the bytes live in the heap storage of `out`, or of the
+        // boxed session's `out`, which stay put when the slab moves;
+        // neither is touched and the record is not freed while `sending`
+        // is set (`up_sent`, `close_up`).
         unsafe { io.driver.send(self.fd, bytes, token(UP_SEND, uid as u64))? };
         self.sending = true;
-        Ok(())
+        Ok(true)
     }
 }
 
@@ -1175,11 +1203,30 @@ impl Proxy {
                         );
                     }
                 };
+                let tls = match (&backend.tls_name, &cur.snapshot.upstreams[g].tls) {
+                    (Some(name), Some(config)) => {
+                        match crate::tls::Session::client(config, name.clone()) {
+                            Ok(s) => Some(Box::new(s)),
+                            Err(e) => {
+                                crate::warn!("upstream {}: TLS session: {e}", backend.label);
+                                io.close(fd);
+                                return self.upstream_failed(
+                                    io,
+                                    ctx,
+                                    id,
+                                    UpFail::Unsent(UpstreamFailure::BadGateway),
+                                );
+                            }
+                        }
+                    }
+                    _ => None,
+                };
                 let uid = self.ups.insert(Up {
                     fd,
                     down: Some(id),
                     connecting: true,
                     addr: Some(Box::new(to)),
+                    tls,
                     ..Up::default()
                 });
                 let u = &mut self.ups[uid];
@@ -1313,11 +1360,14 @@ impl Proxy {
                 Err(e) => return self.body_failure(io, ctx, id, e),
             }
         }
-        if u.sent < u.out.len() {
-            if u.send(io, uid).is_err() {
+        let sending = match u.flush(io, uid) {
+            Ok(sending) => sending,
+            Err(_) => {
                 u.stopped = true;
                 return self.upstream_stopped_reading(io, ctx, id);
             }
+        };
+        if sending {
             let timeout = ex.cur().snapshot.upstreams[ex.group].response_timeout;
             ex.timers.set(Timer::UpWrite, io.tick_after(timeout));
         } else {
@@ -1353,7 +1403,10 @@ impl Proxy {
         u.sending = false;
         let id = match (u.down, c.io_result()) {
             (Some(id), Ok(n)) if n > 0 && !u.closing => {
-                u.sent += n;
+                match u.tls.as_deref_mut() {
+                    Some(session) => session.sent += n,
+                    None => u.sent += n,
+                }
                 id
             }
             (Some(id), _) if !u.closing => {
@@ -1401,6 +1454,11 @@ impl Proxy {
             u.recv_armed = false;
         }
         match (c.buffer(), c.io_result()) {
+            (Some(bid), Ok(n)) if u.tls.is_some() => {
+                if !self.up_tls_received(io, ctx, uid, bid, n) {
+                    return;
+                }
+            }
             (Some(bid), Ok(n)) => {
                 if u.down.is_none() || u.closing {
                     // Bytes nobody asked for on an idle connection: it

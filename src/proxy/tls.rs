@@ -9,11 +9,17 @@
 //! moves on once the records carrying those bytes are out, so a send in
 //! flight never reads storage the exchange may touch.
 //!
+//! The upstream side (`https://` backends) is simpler: what the exchange
+//! hands on in `Up.out` is sealed and counted as sent at once
+//! (`Up::flush`), and what comes is decrypted into `Up.buf`
+//! ([`Proxy::up_tls_received`]); the direct copy from a provided buffer
+//! into the client's `out` is not used there either.
+//!
 //! Owns: the handshake's progress on a connection, sealing and sending,
 //! and closing after an alert. Does not own: the TLS session itself
 //! (`crate::tls`) or anything a plaintext connection does too.
 
-use super::{Phase, Proxy, Timer, take_in};
+use super::{Phase, Proxy, Timer, UP_RECV, UpFail, UpstreamFailure, take_in};
 use crate::context::WorkerCtx;
 use crate::engine::{Io, token};
 
@@ -184,5 +190,75 @@ impl Proxy {
             return None;
         }
         Some(std::mem::take(&mut session.carried))
+    }
+
+    /// Ciphertext from a TLS backend: decrypted into `Up.buf`, the
+    /// handshake moved on and its messages sent. True when the receive's
+    /// usual course goes on (`up_received`: receive again, push back,
+    /// hand the response on); false when it was handled here.
+    pub(super) fn up_tls_received(
+        &mut self,
+        io: &mut Io,
+        ctx: &WorkerCtx,
+        uid: usize,
+        bid: u16,
+        n: usize,
+    ) -> bool {
+        let u = &mut self.ups[uid];
+        let session = u.tls.as_deref_mut().expect("a TLS upstream");
+        let handshaking = session.is_handshaking();
+        let buf = &mut u.buf;
+        let mut plain = false;
+        let got = session.receive(io.driver.buf(bid, n), |p| {
+            plain = true;
+            take_in(ctx, buf, p);
+        });
+        io.driver.recycle(bid);
+        let ended = match got {
+            Ok(r) => r.closed,
+            Err(why) => {
+                crate::debug!("TLS from an upstream: {}", why.name());
+                true
+            }
+        };
+        let Some(id) = u.down.filter(|_| !u.closing) else {
+            // Idle in the pool: a ticket or a key update keeps it; bytes,
+            // a failure or its close end it.
+            if plain || ended || u.closing {
+                self.close_up(io, ctx, uid);
+                return false;
+            }
+            if !u.sending && u.flush(io, uid).is_err() {
+                self.close_up(io, ctx, uid);
+                return false;
+            }
+            if !u.recv_armed {
+                u.recv_armed = io
+                    .driver
+                    .recv_multi(u.fd, crate::engine::token(UP_RECV, uid as u64))
+                    .is_ok();
+            }
+            return false;
+        };
+        if got.is_err() {
+            if handshaking {
+                // The request never reached the backend: another may
+                // take it.
+                self.upstream_failed(io, ctx, id, UpFail::Unsent(UpstreamFailure::BadGateway));
+            } else {
+                u.eof = true;
+                u.reset = true;
+                self.pump_response(io, ctx, id);
+            }
+            return false;
+        }
+        if ended {
+            // close_notify: the backend's end of stream.
+            u.eof = true;
+        }
+        if !u.sending && u.flush(io, uid).is_err() {
+            u.stopped = true;
+        }
+        true
     }
 }

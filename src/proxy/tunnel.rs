@@ -219,11 +219,11 @@ impl Proxy {
                     Err(_) => return self.close_down(io, ctx, id),
                 }
             }
-            if u.sent < u.out.len() {
-                if u.send(io, uid).is_err() {
-                    return self.close_down(io, ctx, id);
-                }
-            } else if d.eof && ex.buf.is_empty() {
+            let sending = match u.flush(io, uid) {
+                Ok(sending) => sending,
+                Err(_) => return self.close_down(io, ctx, id),
+            };
+            if !sending && d.eof && ex.buf.is_empty() {
                 shut_write(u.fd);
                 ex.tunnel.up_shut = true;
             }

@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """A test origin for coregate's integration tests (Python's http.server).
 
-Listens on 127.0.0.1 (TCP, port 0 by default) or on a UNIX socket, prints
+Listens on 127.0.0.1 (TCP, port 0 by default; HTTPS with --tls CERT KEY)
+or on a UNIX socket, prints
 `READY <port-or-path>` once it accepts, and serves:
 
   /echo...        JSON: method, path, headers, peer port, body length and sha256
@@ -34,6 +35,7 @@ import json
 import os
 import socket
 import socketserver
+import ssl
 import sys
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -209,6 +211,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--unix")
+    ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
+                    help="serve HTTPS with this certificate and key")
     args = ap.parse_args()
     if args.unix:
         if os.path.exists(args.unix):
@@ -219,6 +223,10 @@ def main():
         ThreadingHTTPServer.daemon_threads = True
         server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
         where = str(server.server_address[1])
+        if args.tls:
+            ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            ctx.load_cert_chain(*args.tls)
+            server.socket = ctx.wrap_socket(server.socket, server_side=True)
     print("READY", where, flush=True)
     server.serve_forever()
 
