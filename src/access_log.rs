@@ -49,6 +49,7 @@ pub struct Request {
     query: Vec<u8>,
     host: Option<Vec<u8>>,
     client: IpAddr,
+    tls: bool,
     /// Values of the `header:NAME` fields, in field order.
     headers: Vec<Option<Vec<u8>>>,
 }
@@ -73,6 +74,7 @@ impl Request {
             query: view.query.to_vec(),
             host: view.host.map(<[u8]>::to_vec),
             client: view.client,
+            tls: view.tls,
             headers,
         }
     }
@@ -199,6 +201,7 @@ fn format_line(out: &mut Vec<u8>, fields: &[&LogField], e: &Entry<'_>, now: Syst
                 Some(r) => json_string(out, r.as_bytes()),
                 None => out.extend_from_slice(b"null"),
             },
+            LogField::Scheme => json_string(out, if req.tls { b"https" } else { b"http" }),
             LogField::Header(_) => {}
         }
     }

@@ -121,10 +121,11 @@ fn https_config(origin: &str, certs: &[(PathBuf, PathBuf)], dir: &Path, extra: &
         .collect::<Vec<_>>()
         .join(", ");
     format!(
-        "[server]\nadmin_socket = \"{}\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
+        "[server]\nadmin_socket = \"{}\"\naccess_log = \"{}\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n\n\
          [listener.tls]\ncerts = [{list}]\nhandshake_timeout = \"1s\"\n\n\
          [upstream.app]\nbackends = [\"tcp://{origin}\"]\n\n{extra}\n[[route]]\nupstream = \"app\"\n",
-        dir.join("admin.sock").display()
+        dir.join("admin.sock").display(),
+        dir.join("access.log").display()
     )
 }
 
@@ -210,8 +211,9 @@ fn each_sni_name_gets_its_certificate_and_requests_say_https() {
     let dir = temp_dir();
     let a = cert(&dir, "a", &["a.test"]);
     let b = cert(&dir, "b", &["b.test", "*.b.test"]);
+    let log = "[[rule]]\nlog = [\"scheme\", \"status\"]\n";
     let (proxy, _) = start_listeners(
-        &https_config(&origin.addr, &[a.clone(), b.clone()], &dir, ""),
+        &https_config(&origin.addr, &[a.clone(), b.clone()], &dir, log),
         1,
     );
     let out = curl_https(&proxy.addr, "a.test", &a.0, "/echo", &["-d", "hello"]);
@@ -255,6 +257,18 @@ fn each_sni_name_gets_its_certificate_and_requests_say_https() {
     assert!(
         other.contains("CN = a.test") || other.contains("CN=a.test"),
         "{other}"
+    );
+    // The access log tells TLS requests apart (lines are flushed every
+    // 250 ms: polled).
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut text = String::new();
+    while Instant::now() < end && !text.contains("{\"scheme\":\"https\",\"status\":200}") {
+        std::thread::sleep(Duration::from_millis(50));
+        text = std::fs::read_to_string(dir.join("access.log")).unwrap_or_default();
+    }
+    assert!(
+        text.contains("{\"scheme\":\"https\",\"status\":200}"),
+        "{text}"
     );
 }
 
@@ -627,4 +641,38 @@ fn https_backends_are_verified_kept_alive_and_refused_when_wrong() {
         text.contains("plain.toml:5: upstream.app.ca: only applies to https:// backends"),
         "{text}"
     );
+}
+
+#[test]
+fn websockets_tunnel_through_a_tls_listener() {
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/ws.py");
+    let mut cmd = Command::new("python3");
+    cmd.arg(&script).arg("server");
+    let mut ws_origin = start(cmd, "READY", temp_dir());
+    ws_origin.addr = format!("127.0.0.1:{}", ws_origin.addr);
+    let dir = temp_dir();
+    let a = cert(&dir, "a", &["a.test"]);
+    let (proxy, _) = start_listeners(
+        &https_config(&ws_origin.addr, std::slice::from_ref(&a), &dir, ""),
+        1,
+    );
+    let out = Command::new("python3")
+        .arg(&script)
+        .arg("client")
+        .arg(format!("wss://{}/echo", proxy.addr))
+        .args(["echo:200:11", "text:20", "ping", "close"])
+        .env("WS_CA", &a.0)
+        .env("WS_SERVER_NAME", "a.test")
+        .output()
+        .expect("ws.py client");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(lines[0], "open");
+    assert!(lines[1].starts_with("echoed 200 "), "{text}");
+    assert_eq!(&lines[2..], ["texted 20", "pong", "closed 1000"]);
 }

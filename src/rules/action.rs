@@ -293,12 +293,14 @@ pub enum LogField {
     Bytes,
     Client,
     Route,
+    /// `https` over TLS, else `http`.
+    Scheme,
     /// A request header, by lowercase name.
     Header(Box<[u8]>),
 }
 
 impl LogField {
-    pub const NAMES: [(&'static str, LogField); 11] = [
+    pub const NAMES: [(&'static str, LogField); 12] = [
         ("time", LogField::Time),
         ("method", LogField::Method),
         ("path", LogField::Path),
@@ -310,6 +312,7 @@ impl LogField {
         ("bytes", LogField::Bytes),
         ("client", LogField::Client),
         ("route", LogField::Route),
+        ("scheme", LogField::Scheme),
     ];
 
     /// `status`, or `header:User-Agent`.

@@ -25,10 +25,13 @@ steps in order, printing one line per step; any failure prints
   wait-close:S     waits up to S seconds for the proxy or server to close;
                    prints `closed` or `open`
 
-A refused handshake prints `refused <status>` and exits 0.
+A refused handshake prints `refused <status>` and exits 0. A `wss://` URL
+trusts the certificate in $WS_CA for the name in $WS_SERVER_NAME.
 """
 import asyncio
+import os
 import random
+import ssl
 import sys
 from http import HTTPStatus
 from urllib.parse import parse_qs, urlparse
@@ -79,8 +82,14 @@ def out(line):
 
 
 async def client(url, steps):
+    tls = {}
+    if url.startswith("wss://"):
+        # The proxy's test certificate: trusted from WS_CA, for the name
+        # in WS_SERVER_NAME.
+        context = ssl.create_default_context(cafile=os.environ["WS_CA"])
+        tls = {"ssl": context, "server_hostname": os.environ["WS_SERVER_NAME"]}
     try:
-        ws = await connect(url, max_size=None, ping_interval=None, open_timeout=10)
+        ws = await connect(url, max_size=None, ping_interval=None, open_timeout=10, **tls)
     except InvalidStatus as e:
         out(f"refused {e.response.status_code}")
         return 0
