@@ -487,7 +487,7 @@ fn bad_certificates_and_keys_are_refused_with_file_line_and_key() {
     };
     // A key that is not the certificate's.
     let text = check(&[(a.0.clone(), b.1.clone())]);
-    assert!(text.contains("check.toml:8: listener.tls.certs:"), "{text}");
+    assert!(text.contains("check.toml:9: listener.tls.certs:"), "{text}");
     assert!(text.contains("does not match"), "{text}");
     // An unreadable file, named.
     let missing = dir.join("missing.pem");
@@ -522,6 +522,93 @@ fn bad_certificates_and_keys_are_refused_with_file_line_and_key() {
             .any(|left| text.contains(&format!("{start}{left}\n")));
         assert!(ok, "{text}");
     }
+    // One that expired in 2020 (signed with `openssl ca`, which takes
+    // dates): it loads, and the warning says so.
+    let old = expired_cert(&dir);
+    std::fs::write(&path, https_config("127.0.0.1:9", &[old.clone()], &dir, "")).unwrap();
+    let out = Command::new(BIN)
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = format!(
+        "warning: {}: the certificate for old.test expired ",
+        old.0.display()
+    );
+    assert!(out.status.success() && text.contains(&line), "{text}");
+}
+
+/// A certificate for `old.test` valid on 1 January 2020 only, signed by a
+/// throwaway CA: (cert, key).
+fn expired_cert(dir: &Path) -> (PathBuf, PathBuf) {
+    let ca = cert(dir, "old-ca", &["ca.test"]);
+    let (csr, key, leaf) = (
+        dir.join("old.csr"),
+        dir.join("old.key"),
+        dir.join("old.pem"),
+    );
+    let run = |args: &[&std::ffi::OsStr]| {
+        let out = Command::new("openssl")
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    let os = |s: &str| std::ffi::OsString::from(s);
+    run(&[
+        &os("req"),
+        &os("-new"),
+        &os("-newkey"),
+        &os("ec"),
+        &os("-pkeyopt"),
+        &os("ec_paramgen_curve:P-256"),
+        &os("-nodes"),
+        &os("-subj"),
+        &os("/CN=old.test"),
+        &os("-addext"),
+        &os("subjectAltName=DNS:old.test"),
+        &os("-keyout"),
+        key.as_os_str(),
+        &os("-out"),
+        csr.as_os_str(),
+    ]);
+    std::fs::write(dir.join("index.txt"), "").unwrap();
+    std::fs::write(dir.join("serial"), "01\n").unwrap();
+    let conf = dir.join("ca.cnf");
+    std::fs::write(
+        &conf,
+        format!(
+            "[ca]\ndefault_ca = d\n[d]\ndatabase = {0}/index.txt\nnew_certs_dir = {0}\n\
+             serial = {0}/serial\ndefault_md = sha256\npolicy = p\ncopy_extensions = copy\n\
+             [p]\ncommonName = supplied\n",
+            dir.display()
+        ),
+    )
+    .unwrap();
+    run(&[
+        &os("ca"),
+        &os("-batch"),
+        &os("-config"),
+        conf.as_os_str(),
+        &os("-in"),
+        csr.as_os_str(),
+        &os("-out"),
+        leaf.as_os_str(),
+        &os("-cert"),
+        ca.0.as_os_str(),
+        &os("-keyfile"),
+        ca.1.as_os_str(),
+        &os("-startdate"),
+        &os("20200101000000Z"),
+        &os("-enddate"),
+        &os("20200102000000Z"),
+    ]);
+    (leaf, key)
 }
 
 #[test]

@@ -503,3 +503,22 @@ fn drain_closes_tunnels_once_its_timeout_passes() {
         proxy.stderr()
     );
 }
+
+#[test]
+fn an_open_tunnel_holds_its_inflight_slot() {
+    let origin = ws_origin();
+    let (proxy, socket) = tunnel_proxy(&origin.addr, "", "", "limits = { max_inflight = 1 }");
+    let url = format!("ws://{}/echo", proxy.addr);
+    let mut held = WsClient::start(&url, &["echo:1:1", "line", "close"]);
+    assert_eq!(held.line(), "open");
+    assert!(held.line().starts_with("echoed 1 "));
+    // The route's one slot is the tunnel's while it is open.
+    assert_eq!(ws(&url, &[]), ["refused 503"]);
+    let rejected = &stats(&socket)["total"]["rejected"];
+    assert_eq!(rejected["inflight"], 1, "{rejected}");
+    held.go_on();
+    let (lines, ok) = held.finish();
+    assert!(ok && lines == ["closed 1000"], "{lines:?}");
+    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 0), 0);
+    assert_eq!(ws(&url, &["close"]), ["open", "closed 1000"]);
+}
