@@ -525,7 +525,11 @@ fn bad_certificates_and_keys_are_refused_with_file_line_and_key() {
     // One that expired in 2020 (signed with `openssl ca`, which takes
     // dates): it loads, and the warning says so.
     let old = expired_cert(&dir);
-    std::fs::write(&path, https_config("127.0.0.1:9", &[old.clone()], &dir, "")).unwrap();
+    std::fs::write(
+        &path,
+        https_config("127.0.0.1:9", std::slice::from_ref(&old), &dir, ""),
+    )
+    .unwrap();
     let out = Command::new(BIN)
         .args(["check", "--config"])
         .arg(&path)
