@@ -483,9 +483,15 @@ impl Session {
         let mut got = Received::default();
         let mut scratch = [0u8; 16 * 1024];
         while !bytes.is_empty() {
-            if let Err(e) = self.conn.read_tls(&mut bytes) {
-                crate::debug!("TLS: {e}");
-                return Err(Failure::Other);
+            match self.conn.read_tls(&mut bytes) {
+                // After the peer's close_notify rustls reads nothing more:
+                // whatever follows it is dropped.
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(e) => {
+                    crate::debug!("TLS: {e}");
+                    return Err(Failure::Other);
+                }
             }
             let state = self.conn.process_new_packets().map_err(|e| {
                 crate::debug!("TLS: {e}");
@@ -567,6 +573,66 @@ mod tests {
         );
         assert_eq!(der_element(&[0x30, 0x05, 0x00], 0x30), None);
         assert_eq!(not_after(b"not a certificate"), None);
+    }
+
+    /// Hand what `from` has to send to `to`; the plaintext it carried.
+    fn pass(from: &mut Session, to: &mut Session) -> Result<(Vec<u8>, Received), Failure> {
+        from.flush();
+        let bytes = std::mem::take(&mut from.out);
+        from.sent = 0;
+        let mut plain = Vec::new();
+        let got = to.receive(&bytes, |p| plain.extend_from_slice(p))?;
+        Ok((plain, got))
+    }
+
+    #[test]
+    fn a_session_pair_talks_and_nothing_after_close_notify_is_read() {
+        let dir = std::env::temp_dir().join(format!("coregate-tls-unit-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let (cert, key) = (dir.join("c.pem"), dir.join("c.key"));
+        let made = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=unit.test"])
+            .args(["-addext", "subjectAltName=DNS:unit.test"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .expect("openssl");
+        assert!(made.status.success());
+        let acceptor = acceptor(&[(cert.as_path(), key.as_path())]).unwrap();
+        assert_eq!(acceptor.names, [vec!["unit.test".to_string()]]);
+        assert!(acceptor.expiring(0, 14 * 86_400).is_empty());
+        let connector = connector(None, false).unwrap();
+        let name = ServerName::try_from("unit.test").unwrap();
+        let mut server = Session::new(&acceptor).unwrap();
+        let mut client = Session::client(&connector, name).unwrap();
+        for _ in 0..4 {
+            pass(&mut client, &mut server).unwrap();
+            pass(&mut server, &mut client).unwrap();
+        }
+        assert!(!server.is_handshaking() && !client.is_handshaking());
+        assert_eq!(server.version(), Some("TLSv1.3"));
+        client.seal(b"GET / HTTP/1.1\r\n\r\n");
+        let (plain, got) = pass(&mut client, &mut server).unwrap();
+        assert_eq!(plain, b"GET / HTTP/1.1\r\n\r\n");
+        assert!(!got.closed);
+        // close_notify, then bytes behind it in the same read: the end of
+        // the stream, and the rest dropped (rustls reads nothing more
+        // there; the loop once spun on it forever).
+        client.close_notify();
+        client.out.extend_from_slice(&[0x17; 9000]);
+        let (plain, got) = pass(&mut client, &mut server).unwrap();
+        assert!(plain.is_empty() && got.closed);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

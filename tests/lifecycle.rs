@@ -1,7 +1,7 @@
 //! Starting, checking, draining, and the epoll driver.
 
 use std::process::Command;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crate::support::*;
 
@@ -37,7 +37,16 @@ fn drain_over_the_admin_socket_finishes_requests_in_flight() {
     let mut proxy = coregate(&config, &[]);
     let url = format!("http://{}/slow?ms=1000", proxy.addr);
     let client = std::thread::spawn(move || curl(&["-w", "\n%{http_code}", &url]));
-    std::thread::sleep(Duration::from_millis(300));
+    // Drain once the request is with the backend (polled, not slept).
+    let end = Instant::now() + Duration::from_secs(10);
+    while Instant::now() < end {
+        let reports = coregate::client::fetch_stats(&socket).expect("stats");
+        let total = coregate::stats::Report::merge(&reports);
+        if total.upstreams.values().any(|b| b.connects > 0) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let reply = coregate::client::request(&socket, "drain").expect("admin socket");
     assert_eq!(reply["draining"], true, "{reply}");
     let out = client.join().unwrap();

@@ -164,7 +164,10 @@ impl Up {
             None => &self.out[self.sent..],
             Some(session) => {
                 if !session.pending() {
-                    if self.sent < self.out.len() {
+                    // Until the handshake is done only its own messages
+                    // go: the request stays whole in `out`, to be sent
+                    // again elsewhere should the handshake fail.
+                    if self.sent < self.out.len() && !session.is_handshaking() {
                         // Sealed is as good as sent for the exchange: the
                         // plaintext is the session's now (buffered until
                         // the handshake is done).
@@ -1307,7 +1310,15 @@ impl Proxy {
     /// its body, and start sending.
     fn start_forward(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
         let ex = self.downs[id].ex.as_deref_mut().expect("forwarding");
-        ex.timers.clear(Timer::Connect);
+        // A TLS backend's connect ends with its handshake
+        // (`up_tls_received`).
+        let handshaking = ex
+            .up
+            .and_then(|u| self.ups[u].tls.as_deref())
+            .is_some_and(|s| s.is_handshaking());
+        if !handshaking {
+            ex.timers.clear(Timer::Connect);
+        }
         self.send_continue(io, ctx, id);
         self.pump_body(io, ctx, id);
     }

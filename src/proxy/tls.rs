@@ -41,8 +41,13 @@ impl Proxy {
         let d = &mut downs[id];
         let session = d.tls.as_deref_mut().expect("a TLS connection");
         if session.closing || d.closing {
-            // Closing after an alert: what still comes is not read.
+            // Closing after an alert or close_notify: what still comes is
+            // not read. A connection already closing is closed from here
+            // as on the plaintext path (this may be its receive's end).
             io.driver.recycle(bid);
+            if d.closing {
+                self.close_down(io, ctx, id);
+            }
             return false;
         }
         let handshaking = session.is_handshaking();
@@ -256,8 +261,14 @@ impl Proxy {
             // close_notify: the backend's end of stream.
             u.eof = true;
         }
+        let handshaken = got.is_ok_and(|r| r.handshaken);
         if !u.sending && u.flush(io, uid).is_err() {
             u.stopped = true;
+        }
+        if handshaken && let Some(ex) = self.downs[id].ex.as_deref_mut() {
+            // The connection is ready: `connect_timeout` bounded the
+            // handshake too.
+            ex.timers.clear(Timer::Connect);
         }
         true
     }
