@@ -59,12 +59,13 @@ fn rejected_line(proxy: &mut Proc) -> String {
         .to_string()
 }
 
-/// Start `path` in the background on its own connection and give it time
-/// to reach the origin.
-fn hold(addr: &str, path: &str) -> thread::JoinHandle<u16> {
+/// Start `path` (a `/slow` one) in the background on its own connection,
+/// and return once the origin is serving it.
+fn hold(addr: &str, origin: &Proc, path: &str) -> thread::JoinHandle<u16> {
+    let before = origin_slow(&origin.addr);
     let (addr, path) = (addr.to_string(), path.to_string());
     let h = thread::spawn(move || get(&addr, &path, "").0);
-    thread::sleep(Duration::from_millis(300));
+    wait_origin_slow(&origin.addr, before + 1);
     h
 }
 
@@ -152,12 +153,12 @@ fn inflight_cap_is_503_and_writes_are_shed_first() {
         "",
         "[route.limits]\nmax_inflight = 2\nshed_writes_at = 0.5\n",
     );
-    let first = hold(&proxy.addr, "/slow?ms=1500");
+    let first = hold(&proxy.addr, &origin, "/slow?ms=1500");
     // One of two slots is taken: writes are shed, reads go on.
     let (status, text) = post(&proxy.addr, "/echo", b"w", "");
     assert_eq!(status, 503, "{text}");
     assert!(text.contains("Retry-After: 1"), "{text}");
-    let second = hold(&proxy.addr, "/slow?ms=1500");
+    let second = hold(&proxy.addr, &origin, "/slow?ms=1500");
     // Both taken: reads are refused too.
     assert_eq!(get(&proxy.addr, "/echo", "").0, 503);
     assert_eq!(first.join().unwrap(), 200);
@@ -180,11 +181,11 @@ fn readyz_says_writes_first_then_overloaded_and_healthz_stays_up() {
     let (status, text) = get(&proxy.addr, "/readyz", "");
     assert_eq!(status, 200, "{text}");
     assert!(text.ends_with("ready\n"), "{text}");
-    let first = hold(&proxy.addr, "/slow?ms=1500");
+    let first = hold(&proxy.addr, &origin, "/slow?ms=1500");
     let (status, text) = get(&proxy.addr, "/readyz", "");
     assert_eq!(status, 503);
     assert!(text.contains("not ready for writes"), "{text}");
-    let second = hold(&proxy.addr, "/slow?ms=1500");
+    let second = hold(&proxy.addr, &origin, "/slow?ms=1500");
     let (status, text) = get(&proxy.addr, "/readyz", "");
     assert_eq!(status, 503);
     assert!(text.contains("not ready: overloaded"), "{text}");
@@ -219,7 +220,7 @@ fn fair_queue_serves_waiters_and_refuses_past_depth_and_deadline() {
         "[route.limits]\nmax_inflight = 1\nqueue_depth = 2\nqueue_timeout = \"3s\"\ntenant = \"header:X-Tenant\"\n",
     );
     // Waiters are served when the slot frees up.
-    let held = hold(&proxy.addr, "/slow?ms=600");
+    let held = hold(&proxy.addr, &origin, "/slow?ms=600");
     let waiters: Vec<_> = (0..2)
         .map(|_| {
             let addr = proxy.addr.clone();
@@ -251,7 +252,7 @@ fn queue_deadline_is_503() {
         "",
         "[route.limits]\nmax_inflight = 1\nqueue_depth = 4\nqueue_timeout = \"300ms\"\n",
     );
-    let held = hold(&proxy.addr, "/slow?ms=2000");
+    let held = hold(&proxy.addr, &origin, "/slow?ms=2000");
     let start = Instant::now();
     let (status, text) = get(&proxy.addr, "/echo", "");
     assert_eq!(status, 503, "{text}");

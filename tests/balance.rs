@@ -206,7 +206,7 @@ fn a_backend_at_its_connection_cap_is_not_given_more() {
         let addr = proxy.addr.clone();
         thread::spawn(move || fetch(&addr, "/slow?ms=800").0)
     };
-    thread::sleep(Duration::from_millis(300));
+    wait_origin_slow(&origin.addr, 1);
     assert_eq!(
         fetch(&proxy.addr, "/echo").0,
         503,

@@ -11,7 +11,7 @@ fn sigterm_lets_a_request_in_flight_finish_and_exits_zero() {
     let mut proxy = proxy_to(&origin, "", &[]);
     let url = format!("http://{}/slow?ms=1500", proxy.addr);
     let client = std::thread::spawn(move || curl(&["-w", "\n%{http_code}", &url]));
-    std::thread::sleep(Duration::from_millis(400));
+    wait_origin_slow(&origin.addr, 1);
     proxy.signal(libc::SIGTERM);
     let out = client.join().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);

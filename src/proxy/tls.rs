@@ -9,9 +9,11 @@
 //! moves on once the records carrying those bytes are out, so a send in
 //! flight never reads storage the exchange may touch.
 //!
-//! The upstream side (`https://` backends) is simpler: what the exchange
-//! hands on in `Up.out` is sealed and counted as sent at once
-//! (`Up::flush`), and what comes is decrypted into `Up.buf`
+//! The upstream side (`https://` backends) is simpler: once the handshake
+//! is done, what the exchange hands on in `Up.out` is sealed and counted
+//! as sent at once (`Up::flush`; until then only the handshake's own
+//! messages go, and the request stays whole for a retry), and what comes
+//! is decrypted into `Up.buf`
 //! ([`Proxy::up_tls_received`]); the direct copy from a provided buffer
 //! into the client's `out` is not used there either.
 //!

@@ -292,3 +292,30 @@ pub fn sha256_hex(path: &std::path::Path) -> String {
         .unwrap_or_default()
         .to_string()
 }
+
+/// How many `/slow` requests the Python origin at `origin` is serving
+/// now, asked of it directly.
+pub fn origin_slow(origin: &str) -> u64 {
+    let (raw, _) = raw_exchange(
+        origin,
+        b"GET /inflight HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n",
+    );
+    let text = String::from_utf8_lossy(&raw);
+    text.rsplit("\r\n\r\n")
+        .next()
+        .and_then(|b| b.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Wait (10 s at most) until the Python origin at `origin` serves at
+/// least `n` `/slow` requests: a request sent on is there, not a guess.
+pub fn wait_origin_slow(origin: &str, n: u64) {
+    let end = Instant::now() + Duration::from_secs(10);
+    while origin_slow(origin) < n {
+        assert!(
+            Instant::now() < end,
+            "{origin} never served {n} /slow requests"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

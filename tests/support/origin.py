@@ -11,6 +11,7 @@ or on a UNIX socket, prints
   /close?n=N      N bytes, no Content-Length: the body ends when we close
   /truncate       announces 100000 bytes, sends 1000, closes
   /slow?ms=M      waits M ms, then answers like /echo
+  /inflight       how many /slow requests are being served now
   /hang           never answers (sleeps 60 s)
   /early413       answers 413 without reading the request body, closes
   /stream-echo    echoes a Content-Length body back as a chunked response
@@ -37,9 +38,16 @@ import socket
 import socketserver
 import ssl
 import sys
+import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import parse_qs, urlparse
+
+
+# `/slow` requests being served now (`/inflight` tells), so a test can
+# wait for one to arrive instead of sleeping.
+SLOW = 0
+SLOW_LOCK = threading.Lock()
 
 
 def pattern(n):
@@ -172,8 +180,19 @@ class Handler(BaseHTTPRequestHandler):
             self.wfile.flush()
             self.close_connection = True
         elif url.path.startswith("/slow"):
-            time.sleep(int(q.get("ms", "1000")) / 1000)
-            self.echo()
+            global SLOW
+            with SLOW_LOCK:
+                SLOW += 1
+            try:
+                time.sleep(int(q.get("ms", "1000")) / 1000)
+                self.echo()
+            finally:
+                with SLOW_LOCK:
+                    SLOW -= 1
+        elif url.path.startswith("/inflight"):
+            with SLOW_LOCK:
+                n = SLOW
+            self.send_body(200, str(n).encode(), "text/plain")
         elif url.path.startswith("/hang"):
             time.sleep(60)
             self.close_connection = True
