@@ -58,17 +58,50 @@ fn severe_desync_guardian_cases_are_refused_end_to_end() {
 }
 
 /// Pooled upstream connections must not carry bytes nobody asked for to
-/// the next client.
+/// the next client. Each test asserts through the counters that the
+/// poisoned connection was discarded, then sends the next client.
 mod pooled_connection_poisoning {
     use super::*;
+
+    /// The proxy, one worker, with an admin socket for its counters.
+    fn proxy_with_counters(origin: &Proc) -> (Proc, std::path::PathBuf) {
+        let socket = temp_dir().join("admin.sock");
+        let config = config_for(&format!("tcp://{}", origin.addr), "").replace(
+            "[server]\n",
+            &format!("[server]\nadmin_socket = \"{}\"\n", socket.display()),
+        );
+        (coregate(&config, &["--workers", "1"]), socket)
+    }
+
+    fn totals(socket: &std::path::Path) -> coregate::stats::Report {
+        coregate::stats::Report::merge(&coregate::client::fetch_stats(socket).expect("stats"))
+    }
+
+    /// Wait (10 s at most) until no upstream connection is idle in the
+    /// pool, and say whether that happened.
+    fn pool_empties(socket: &std::path::Path) -> bool {
+        let end = std::time::Instant::now() + Duration::from_secs(10);
+        while std::time::Instant::now() < end {
+            if totals(socket).upstream_idle == 0 {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
 
     #[test]
     fn body_sent_to_a_head_request_does_not_reach_the_next_client() {
         let origin = python_origin();
-        let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+        let (proxy, socket) = proxy_with_counters(&origin);
         let url = format!("http://{}", proxy.addr);
         let _ = curl(&["-I", &format!("{url}/headbody")]);
-        std::thread::sleep(Duration::from_millis(300));
+        // Bytes came past the HEAD answer's end: the connection is closed,
+        // never pooled.
+        assert!(
+            pool_empties(&socket),
+            "the poisoned connection stayed pooled"
+        );
         let out = curl(&["-i", &format!("{url}/echo?victim")]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
@@ -76,25 +109,34 @@ mod pooled_connection_poisoning {
             "next client got injected bytes:\n{text}"
         );
         assert!(text.contains("/echo?victim"), "{text}");
+        let backends = totals(&socket).upstreams;
+        let counts = backends.values().next().expect("one backend");
+        assert_eq!((counts.connects, counts.reuses), (2, 0), "{backends:?}");
     }
 
     #[test]
     fn request_smuggled_in_an_ignored_body_is_not_answered_to_the_next_client() {
         let origin = python_origin();
-        let proxy = proxy_to(&origin, "", &["--workers", "1"]);
+        let (proxy, socket) = proxy_with_counters(&origin);
         let url = format!("http://{}", proxy.addr);
         // Answered 100 ms later: the stray answer arrives while the
-        // connection sits in the pool.
+        // connection sits in the pool, which drops it then.
         let smuggled = "GET /slow?ms=100&smuggled HTTP/1.1\r\nHost: a\r\n\r\n";
         let out = curl(&["--data-binary", smuggled, &format!("{url}/ignore")]);
         assert_eq!(String::from_utf8_lossy(&out.stdout), "ignored\n");
-        std::thread::sleep(Duration::from_millis(300));
+        assert!(
+            pool_empties(&socket),
+            "the poisoned connection stayed pooled"
+        );
         let out = curl(&[&format!("{url}/echo?victim")]);
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(
             text.contains("/echo?victim") && !text.contains("smuggled"),
             "next client got: {text}"
         );
+        let backends = totals(&socket).upstreams;
+        let counts = backends.values().next().expect("one backend");
+        assert_eq!((counts.connects, counts.reuses), (2, 0), "{backends:?}");
     }
 
     #[test]
