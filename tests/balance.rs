@@ -119,9 +119,13 @@ fn an_ejected_backend_comes_back_after_its_backoff() {
     for _ in 0..4 {
         assert_eq!(fetch(&proxy.addr, "/echo").0, 200);
     }
-    // The backend starts; once its ejection ends it gets its share again.
+    // The backend starts; once its ejection ends it gets its share again
+    // (waited for: the first request it answers).
     let revived = python_origin_on(port);
-    thread::sleep(Duration::from_millis(700));
+    assert!(
+        until(|| fetch(&proxy.addr, "/echo").1.starts_with('{')),
+        "the revived backend got no request"
+    );
     let json = (0..10)
         .filter(|_| fetch(&proxy.addr, "/echo").1.starts_with('{'))
         .count();
@@ -182,7 +186,12 @@ fn active_checks_take_a_dead_backend_out_and_put_it_back() {
         "balance = \"round_robin\"\nmax_fails = 0\nretry_budget = 0.0\n\
          health_check = { path = \"/echo/health\", interval = \"100ms\", timeout = \"200ms\", healthy = 2, unhealthy = 1 }",
     );
-    thread::sleep(Duration::from_millis(500));
+    // Checked down (a failing request is the sign it is not yet): then
+    // every request goes to the other backend.
+    assert!(
+        until(|| fetch(&proxy.addr, "/").0 == 200 && fetch(&proxy.addr, "/").0 == 200),
+        "never checked down"
+    );
     let statuses: Vec<u16> = (0..10).map(|_| fetch(&proxy.addr, "/").0).collect();
     assert!(
         statuses.iter().all(|&s| s == 200),
@@ -190,7 +199,10 @@ fn active_checks_take_a_dead_backend_out_and_put_it_back() {
     );
     // It comes up: two good checks later it is back in the rotation.
     let revived = python_origin_on(port);
-    thread::sleep(Duration::from_millis(600));
+    assert!(
+        until(|| fetch(&proxy.addr, "/echo").1.starts_with('{')),
+        "never checked up"
+    );
     let json = (0..6)
         .filter(|_| fetch(&proxy.addr, "/echo").1.starts_with('{'))
         .count();
@@ -245,4 +257,16 @@ fn a_retry_starts_from_a_clean_response_buffer() {
         assert!(!text.contains("X-Partial"), "a broken head leaked: {text}");
         assert!(text.ends_with("\r\n\r\na"), "{text}");
     }
+}
+
+/// Poll `ok` until it holds, for 10 s at most; whether it did.
+fn until(mut ok: impl FnMut() -> bool) -> bool {
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while std::time::Instant::now() < end {
+        if ok() {
+            return true;
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+    false
 }
