@@ -1884,10 +1884,7 @@ impl Proxy {
             UpFail::Failed(x) => (x, false),
         };
         let status = failure.status();
-        cur.tallies
-            .backend(ex.group, ex.backend)
-            .count(|t| &t.failures);
-        view.record(&group.balance, ex.backend, Outcome::Failed, io.now);
+        backend_failed(ex, io.now);
         crate::debug!(
             "upstream {}: answered {status} to {}",
             group.backends[ex.backend].label,
@@ -2041,11 +2038,7 @@ impl Proxy {
         let listener = d.listener as usize;
         let ex = d.ex.as_deref_mut().expect("sending from an exchange");
         if ex.out_sent == ex.out.len() {
-            ex.timers.clear(Timer::DownSend);
-            if ex.next.is_some() {
-                return self.end_request(io, ctx, id);
-            }
-            return;
+            return self.out_drained(io, ctx, id);
         }
         d.sending = true;
         let bytes = &ex.out[ex.out_sent..];
@@ -2058,10 +2051,19 @@ impl Proxy {
             d.sending = false;
             return self.close_down(io, ctx, id);
         }
-        let timeout = ex.cur.as_ref().map_or(Duration::from_secs(60), |c| {
-            c.snapshot.listeners[listener].send_timeout
-        });
-        ex.timers.set(Timer::DownSend, io.tick_after(timeout));
+        arm_down_send(ex, listener, io);
+    }
+
+    /// All of `out` is sent: its send deadline ends, and a whole answer
+    /// ends its request.
+    fn out_drained(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize) {
+        let Some(ex) = self.downs[id].ex.as_deref_mut() else {
+            return;
+        };
+        ex.timers.clear(Timer::DownSend);
+        if ex.next.is_some() {
+            self.end_request(io, ctx, id);
+        }
     }
 
     fn down_sent(&mut self, io: &mut Io, ctx: &WorkerCtx, id: usize, c: &Completion) {
@@ -2152,8 +2154,7 @@ impl Proxy {
         if d.eof {
             return self.close_down(io, ctx, id);
         }
-        // SAFETY: shutdown on a socket this worker owns; no memory passes.
-        unsafe { libc::shutdown(d.fd, libc::SHUT_WR) };
+        shut_write(d.fd);
         let ex = d.ex.as_deref_mut().expect("lingering in an exchange");
         ex.phase = Phase::Linger;
         ex.lingered = ex.buf.data().len();
@@ -2379,6 +2380,32 @@ fn writable_out(sending: bool, ex: &mut Exchange, more: usize) -> Option<&mut Ve
         return None;
     }
     Some(&mut ex.out)
+}
+
+/// Bound a send to the client by its listener's `send_timeout` (60 s
+/// before a request took its configuration).
+fn arm_down_send(ex: &mut Exchange, listener: usize, io: &Io) {
+    let timeout = ex.cur.as_ref().map_or(Duration::from_secs(60), |c| {
+        c.snapshot.listeners[listener].send_timeout
+    });
+    ex.timers.set(Timer::DownSend, io.tick_after(timeout));
+}
+
+/// The exchange's backend failed it: counted, and told to balancing
+/// (passive health).
+fn backend_failed(ex: &Exchange, now: Instant) {
+    let cur = ex.cur();
+    let group = &cur.snapshot.upstreams[ex.group];
+    cur.tallies
+        .backend(ex.group, ex.backend)
+        .count(|t| &t.failures);
+    cur.groups[ex.group].record(&group.balance, ex.backend, Outcome::Failed, now);
+}
+
+/// Pass a half-close on: no more bytes go to `fd`'s peer.
+fn shut_write(fd: RawFd) {
+    // SAFETY: shutdown on a socket this worker owns; no memory passes.
+    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
 }
 
 /// The earliest tick connection `d` must be looked at, or `NEVER`.

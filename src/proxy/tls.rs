@@ -21,7 +21,7 @@
 //! and closing after an alert. Does not own: the TLS session itself
 //! (`crate::tls`) or anything a plaintext connection does too.
 
-use super::{Phase, Proxy, Timer, UP_RECV, UpFail, UpstreamFailure, take_in};
+use super::{Phase, Proxy, Timer, UP_RECV, UpFail, UpstreamFailure, arm_down_send, take_in};
 use crate::context::WorkerCtx;
 use crate::engine::{Io, token};
 
@@ -128,13 +128,8 @@ impl Proxy {
                 return self.close_down(io, ctx, id);
             }
             // Nothing to send: where the plaintext path finds `out` sent.
-            if let Some(ex) = d.ex.as_deref_mut()
-                && ex.out_sent == ex.out.len()
-            {
-                ex.timers.clear(Timer::DownSend);
-                if ex.next.is_some() {
-                    return self.end_request(io, ctx, id);
-                }
+            if d.ex.as_ref().is_some_and(|ex| ex.out_sent == ex.out.len()) {
+                self.out_drained(io, ctx, id);
             }
             return;
         }
@@ -150,11 +145,8 @@ impl Proxy {
             d.sending = false;
             return self.close_down(io, ctx, id);
         }
-        if let Some(ex) = d.ex.as_deref_mut()
-            && let Some(cur) = ex.cur.as_ref()
-        {
-            let timeout = cur.snapshot.listeners[listener].send_timeout;
-            ex.timers.set(Timer::DownSend, io.tick_after(timeout));
+        if let Some(ex) = d.ex.as_deref_mut().filter(|ex| ex.cur.is_some()) {
+            arm_down_send(ex, listener, io);
         }
     }
 

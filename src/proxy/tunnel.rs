@@ -21,8 +21,7 @@ use std::time::Duration;
 
 use super::relay::{BodyIn, BodyOut, Framer};
 use super::timers::Timer;
-use super::{Exchange, Phase, Proxy, count_response};
-use crate::balance::Outcome;
+use super::{Exchange, Phase, Proxy, backend_failed, count_response, shut_write};
 use crate::context::WorkerCtx;
 use crate::engine::Io;
 use crate::http::head::upgrade_answers;
@@ -117,12 +116,6 @@ pub(super) fn answers(ex: &Exchange, buf: &[u8]) -> bool {
             .is_some_and(|s| upgrade_answers(s.get(buf), &ex.tunnel.offer))
 }
 
-/// Pass a half-close on: no more bytes go to `fd`'s peer.
-fn shut_write(fd: std::os::fd::RawFd) {
-    // SAFETY: shutdown on a socket this worker owns; no memory passes.
-    unsafe { libc::shutdown(fd, libc::SHUT_WR) };
-}
-
 impl Proxy {
     /// A 101 that does not answer the request (none was asked for, or it
     /// names another protocol): the backend is at fault, and neither
@@ -132,15 +125,10 @@ impl Proxy {
             .ex
             .as_deref_mut()
             .expect("a 101 answers an exchange");
-        let cur = ex.cur().clone();
-        let group = &cur.snapshot.upstreams[ex.group];
-        cur.tallies
-            .backend(ex.group, ex.backend)
-            .count(|t| &t.failures);
-        cur.groups[ex.group].record(&group.balance, ex.backend, Outcome::Failed, io.now);
+        backend_failed(ex, io.now);
         crate::warn!(
             "upstream {}: 101 Switching Protocols to a request that did not offer that upgrade; answered 502",
-            group.backends[ex.backend].label
+            ex.cur().snapshot.upstreams[ex.group].backends[ex.backend].label
         );
         ex.keep.refused_closing = true;
         self.release_upstream(io, ctx, id, false);

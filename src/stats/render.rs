@@ -3,6 +3,7 @@
 //!
 //! Owns: formats. Does not own: collecting (`hub`) or the figures.
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use super::{Latency, Report, window};
@@ -287,6 +288,20 @@ pub fn prometheus(reports: &[Report]) -> String {
     out
 }
 
+/// `name=count` for every count above zero, or `none`.
+fn nonzero(counts: &BTreeMap<String, u64>) -> String {
+    let listed: Vec<String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 0)
+        .map(|(k, n)| format!("{k}={n}"))
+        .collect();
+    if listed.is_empty() {
+        "none".into()
+    } else {
+        listed.join(" ")
+    }
+}
+
 fn ms(us: u64) -> String {
     format!("{:.2}", us as f64 / 1000.0)
 }
@@ -408,38 +423,18 @@ pub fn table(
             r.epoch
         );
     }
-    let reasons: Vec<String> = total
-        .rejected
-        .iter()
-        .filter(|(_, n)| **n > 0)
-        .map(|(k, n)| format!("{k}={n}"))
-        .collect();
     let _ = writeln!(
         out,
         "percentiles and 5xx/rejected {scope}; rejected by reason (since start): {}",
-        if reasons.is_empty() {
-            "none".into()
-        } else {
-            reasons.join(" ")
-        }
+        nonzero(&total.rejected)
     );
     if total.tls_handshakes > 0 || total.tls_failures.values().any(|&n| n > 0) {
-        let failures: Vec<String> = total
-            .tls_failures
-            .iter()
-            .filter(|(_, n)| **n > 0)
-            .map(|(k, n)| format!("{k}={n}"))
-            .collect();
         let _ = writeln!(
             out,
             "tls (since start): {} handshakes, {} resumed; failed: {}",
             total.tls_handshakes,
             total.tls_resumed,
-            if failures.is_empty() {
-                "none".into()
-            } else {
-                failures.join(" ")
-            }
+            nonzero(&total.tls_failures)
         );
     }
     if total.tunnels_opened > 0 {
