@@ -38,14 +38,6 @@ respond = {{ status = 200, body = "{which}" }}
     )
 }
 
-fn reload(socket: &Path) -> std::process::Output {
-    Command::new(BIN)
-        .args(["reload", "--socket"])
-        .arg(socket)
-        .output()
-        .expect("run coregate reload")
-}
-
 #[test]
 fn reload_under_load_never_fails_or_mixes_configs() {
     let origin = python_origin();

@@ -75,35 +75,9 @@ fn start_listeners(config: &str, listeners: usize) -> (Proc, Vec<String>) {
     if let Ok(driver) = std::env::var("COREGATE_TEST_DRIVER") {
         cmd.args(["--driver", &driver]);
     }
-    let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
-    let mut child = cmd
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(stderr)
-        .spawn()
-        .expect("spawn coregate");
-    let stdout = child.stdout.take().expect("piped stdout");
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("coregate listening on ") {
-                let _ = tx.send(url.to_string());
-            }
-        }
-    });
-    let mut urls = Vec::new();
-    for _ in 0..listeners {
-        match rx.recv_timeout(Duration::from_secs(15)) {
-            Ok(u) => urls.push(u),
-            Err(_) => {
-                let _ = child.kill();
-                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-                panic!("coregate did not listen within 15 s:\n{log}");
-            }
-        }
-    }
-    let addr = urls[0].rsplit('/').next().expect("an address").to_string();
-    (Proc { child, addr, dir }, urls)
+    let (mut proxy, urls) = start_lines(cmd, "coregate listening on ", listeners, dir);
+    proxy.addr = urls[0].rsplit('/').next().expect("an address").to_string();
+    (proxy, urls)
 }
 
 /// One HTTPS listener with `certs` in front of `origin`, an admin socket
@@ -145,6 +119,20 @@ fn curl_https(proxy: &str, name: &str, ca: &Path, path: &str, more: &[&str]) -> 
     curl(&args)
 }
 
+/// The status of GET `path` over HTTPS to `name` trusting `ca` (0 when
+/// there is none), and what curl said on stderr.
+fn https_status(proxy: &str, name: &str, ca: &Path, path: &str) -> (u16, String) {
+    let out = curl_https(
+        proxy,
+        name,
+        ca,
+        path,
+        &["-o", "/dev/null", "-w", "%{http_code}"],
+    );
+    let status = String::from_utf8_lossy(&out.stdout).parse().unwrap_or(0);
+    (status, String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// `openssl s_client` with `args`, stdin held open for half a second so
 /// TLS 1.3 tickets arrive; everything it printed.
 fn s_client(addr: &str, args: &[&str]) -> String {
@@ -174,37 +162,6 @@ fn s_client(addr: &str, args: &[&str]) -> String {
     )
 }
 
-fn stats_total(socket: &Path) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(["stats", "--json", "--socket"])
-        .arg(socket)
-        .output()
-        .expect("run coregate stats");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("JSON");
-    v["total"].clone()
-}
-
-/// The stats total's `key` (a path of names) once `ok` holds (10 s).
-fn stat_when(socket: &Path, key: &[&str], ok: impl Fn(u64) -> bool) -> u64 {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let mut v = stats_total(socket);
-        for k in key {
-            v = v[*k].clone();
-        }
-        let n = v.as_u64().unwrap_or(u64::MAX);
-        if ok(n) || Instant::now() > end {
-            return n;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[test]
 fn each_sni_name_gets_its_certificate_and_requests_say_https() {
     let origin = python_origin();
@@ -228,19 +185,8 @@ fn each_sni_name_gets_its_certificate_and_requests_say_https() {
     // b.test and a name under its wildcard verify against b's certificate
     // only: the one chosen by SNI.
     for name in ["b.test", "x.b.test"] {
-        let out = curl_https(
-            &proxy.addr,
-            name,
-            &b.0,
-            "/bytes?n=100000",
-            &["-o", "/dev/null", "-w", "%{http_code}"],
-        );
-        assert_eq!(
-            String::from_utf8_lossy(&out.stdout),
-            "200",
-            "{name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        let (status, stderr) = https_status(&proxy.addr, name, &b.0, "/bytes?n=100000");
+        assert_eq!(status, 200, "{name}: {stderr}");
     }
     let wrong = curl_https(&proxy.addr, "b.test", &a.0, "/echo", &[]);
     assert!(
@@ -436,29 +382,14 @@ fn a_reload_swaps_the_certificate_for_new_connections_only() {
         https_config(&origin.addr, std::slice::from_ref(&a2), &dir, ""),
     )
     .unwrap();
-    let out = Command::new(BIN)
-        .args(["reload", "--socket"])
-        .arg(dir.join("admin.sock"))
-        .output()
-        .unwrap();
+    let out = reload(&dir.join("admin.sock"));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let new = curl_https(
-        &proxy.addr,
-        "a.test",
-        &a2.0,
-        "/echo",
-        &["-o", "/dev/null", "-w", "%{http_code}"],
-    );
-    assert_eq!(
-        String::from_utf8_lossy(&new.stdout),
-        "200",
-        "{}",
-        String::from_utf8_lossy(&new.stderr)
-    );
+    let (status, stderr) = https_status(&proxy.addr, "a.test", &a2.0, "/echo");
+    assert_eq!(status, 200, "{stderr}");
     let stale = curl_https(&proxy.addr, "a.test", &a.0, "/echo", &[]);
     assert!(
         !stale.status.success(),

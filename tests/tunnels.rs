@@ -140,32 +140,6 @@ fn tunnel_config(
     )
 }
 
-fn stats(socket: &Path) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(["stats", "--json", "--socket"])
-        .arg(socket)
-        .output()
-        .expect("run coregate stats");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("stats JSON")
-}
-
-/// The process total's `key` once `ok` holds for it (polled for 10 s).
-fn stat_when(socket: &Path, key: &str, ok: impl Fn(u64) -> bool) -> u64 {
-    let end = Instant::now() + Duration::from_secs(10);
-    loop {
-        let v = stats(socket)["total"][key].as_u64().unwrap_or(u64::MAX);
-        if ok(v) || Instant::now() > end {
-            return v;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 /// Send an upgrade request for `path` offering `protocol` and read the
 /// response head: its status line and fields, and the socket.
 fn upgrade(addr: &str, path: &str, protocol: &str) -> (String, TcpStream) {
@@ -221,7 +195,7 @@ fn a_server_stream_is_relayed_counted_and_logged() {
     let mut held = WsClient::start(&format!("{base}/echo"), &["echo:3:1", "line", "close"]);
     assert_eq!(held.line(), "open");
     assert!(held.line().starts_with("echoed 3 "));
-    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 1), 1);
+    assert_eq!(stat_when(&socket, &["tunnels_open"], |n| n == 1), 1);
 
     let lines = ws(
         &format!("{base}/stream?n=200"),
@@ -233,8 +207,8 @@ fn a_server_stream_is_relayed_counted_and_logged() {
     assert!(ok, "{lines:?}");
     assert_eq!(lines, ["closed 1000"]);
 
-    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 0), 0);
-    let total = &stats(&socket)["total"];
+    assert_eq!(stat_when(&socket, &["tunnels_open"], |n| n == 0), 0);
+    let total = &stats_total(&socket);
     assert_eq!(total["tunnels_opened"], 2, "{total}");
     assert_eq!(total["responses"]["1xx"], 2, "{total}");
     // 200 messages (compressed: websockets negotiates permessage-deflate)
@@ -409,8 +383,8 @@ fn half_closes_pass_through_a_tunnel_each_way() {
     assert_eq!(read_to_end(&mut s).len(), 5000);
     s.write_all(&[7u8; 1000]).unwrap();
     s.shutdown(Shutdown::Write).unwrap();
-    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 0), 0);
-    let up = stats(&socket)["total"]["tunnel_bytes_up"].as_u64().unwrap();
+    assert_eq!(stat_when(&socket, &["tunnels_open"], |n| n == 0), 0);
+    let up = stats_total(&socket)["tunnel_bytes_up"].as_u64().unwrap();
     assert_eq!(up, 300_000 + 1000);
 }
 
@@ -424,8 +398,8 @@ fn an_idle_tunnel_is_closed_by_its_timeout() {
     );
     assert_eq!(lines[0], "open");
     assert_eq!(lines[2], "closed", "{lines:?}");
-    assert_eq!(stat_when(&socket, "tunnels_idle_closed", |n| n == 1), 1);
-    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 0), 0);
+    assert_eq!(stat_when(&socket, &["tunnels_idle_closed"], |n| n == 1), 1);
+    assert_eq!(stat_when(&socket, &["tunnels_open"], |n| n == 0), 0);
 }
 
 #[test]
@@ -446,11 +420,7 @@ fn a_tunnel_survives_a_reload_and_new_ones_take_the_new_config() {
     let path = proxy.dir.join("coregate.toml");
     let refusing = tunnel_config(&origin.addr, "", "max_tunnels = 0", "", &socket, &log);
     std::fs::write(&path, refusing).unwrap();
-    let out = Command::new(BIN)
-        .args(["reload", "--socket"])
-        .arg(&socket)
-        .output()
-        .unwrap();
+    let out = reload(&socket);
     assert!(
         out.status.success(),
         "{}",
@@ -472,12 +442,12 @@ fn max_tunnels_caps_the_open_tunnels_of_a_worker() {
     let mut first = WsClient::start(&url, &["line", "close"]);
     assert_eq!(first.line(), "open");
     assert_eq!(ws(&url, &[]), ["refused 503"]);
-    let rejected = &stats(&socket)["total"]["rejected"];
+    let rejected = &stats_total(&socket)["rejected"];
     assert_eq!(rejected["tunnel_limit"], 1, "{rejected}");
     first.go_on();
     let (lines, ok) = first.finish();
     assert!(ok && lines == ["closed 1000"], "{lines:?}");
-    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 0), 0);
+    assert_eq!(stat_when(&socket, &["tunnels_open"], |n| n == 0), 0);
     assert_eq!(ws(&url, &["close"]), ["open", "closed 1000"]);
 }
 
@@ -514,11 +484,11 @@ fn an_open_tunnel_holds_its_inflight_slot() {
     assert!(held.line().starts_with("echoed 1 "));
     // The route's one slot is the tunnel's while it is open.
     assert_eq!(ws(&url, &[]), ["refused 503"]);
-    let rejected = &stats(&socket)["total"]["rejected"];
+    let rejected = &stats_total(&socket)["rejected"];
     assert_eq!(rejected["inflight"], 1, "{rejected}");
     held.go_on();
     let (lines, ok) = held.finish();
     assert!(ok && lines == ["closed 1000"], "{lines:?}");
-    assert_eq!(stat_when(&socket, "tunnels_open", |n| n == 0), 0);
+    assert_eq!(stat_when(&socket, &["tunnels_open"], |n| n == 0), 0);
     assert_eq!(ws(&url, &["close"]), ["open", "closed 1000"]);
 }

@@ -88,7 +88,14 @@ impl Drop for Proc {
 
 /// Start `cmd`, wait (up to 15 s) for a stdout line starting with
 /// `marker`, and return the process with the text after the marker.
-pub fn start(mut cmd: Command, marker: &str, dir: PathBuf) -> Proc {
+pub fn start(cmd: Command, marker: &str, dir: PathBuf) -> Proc {
+    start_lines(cmd, marker, 1, dir).0
+}
+
+/// [`start`], waiting for `n` lines starting with `marker` (a process
+/// with several listeners): the text after the marker on each, in order.
+/// The process's `addr` is the first.
+pub fn start_lines(mut cmd: Command, marker: &str, n: usize, dir: PathBuf) -> (Proc, Vec<String>) {
     let stderr = std::fs::File::create(dir.join("stderr.log")).expect("stderr log");
     let mut child = cmd
         .stdin(Stdio::null())
@@ -100,25 +107,26 @@ pub fn start(mut cmd: Command, marker: &str, dir: PathBuf) -> Proc {
     let (tx, rx) = std::sync::mpsc::channel();
     let wanted = marker.to_string();
     std::thread::spawn(move || {
-        let mut lines = BufReader::new(stdout).lines();
-        while let Some(Ok(line)) = lines.next() {
+        // Every line is read, so the child never blocks on a full pipe.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix(&wanted) {
                 let _ = tx.send(rest.trim().to_string());
-                break;
             }
         }
-        // Keep draining so the child never blocks on a full pipe.
-        for _ in lines {}
     });
-    let addr = match rx.recv_timeout(Duration::from_secs(15)) {
-        Ok(a) => a,
-        Err(_) => {
-            let _ = child.kill();
-            let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
-            panic!("{cmd:?} did not print {marker:?} within 15 s; stderr:\n{log}");
+    let mut lines = Vec::new();
+    while lines.len() < n {
+        match rx.recv_timeout(Duration::from_secs(15)) {
+            Ok(line) => lines.push(line),
+            Err(_) => {
+                let _ = child.kill();
+                let log = std::fs::read_to_string(dir.join("stderr.log")).unwrap_or_default();
+                panic!("{cmd:?} did not print {n} {marker:?} lines within 15 s; stderr:\n{log}");
+            }
         }
-    };
-    Proc { child, addr, dir }
+    }
+    let addr = lines[0].clone();
+    (Proc { child, addr, dir }, lines)
 }
 
 /// The Python test origin (tests/support/origin.py) on 127.0.0.1.
@@ -317,5 +325,48 @@ pub fn wait_origin_slow(origin: &str, n: u64) {
             "{origin} never served {n} /slow requests"
         );
         std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// `coregate reload` on the admin socket at `socket`.
+pub fn reload(socket: &Path) -> Output {
+    Command::new(BIN)
+        .args(["reload", "--socket"])
+        .arg(socket)
+        .output()
+        .expect("run coregate reload")
+}
+
+/// The process's figures (every worker's, merged) from `coregate stats
+/// --json` on the admin socket at `socket`.
+pub fn stats_total(socket: &Path) -> serde_json::Value {
+    let out = Command::new(BIN)
+        .args(["stats", "--json", "--socket"])
+        .arg(socket)
+        .output()
+        .expect("run coregate stats");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
+    v["total"].clone()
+}
+
+/// The number at `path` (keys into [`stats_total`]) once `ok` holds for
+/// it, polled for 10 s at most; the last value read.
+pub fn stat_when(socket: &Path, path: &[&str], ok: impl Fn(u64) -> bool) -> u64 {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let mut v = stats_total(socket);
+        for key in path {
+            v = v[*key].take();
+        }
+        let n = v.as_u64().unwrap_or(u64::MAX);
+        if ok(n) || Instant::now() > end {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
