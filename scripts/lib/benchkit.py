@@ -4,14 +4,17 @@ balance-figures.py through it), scripts/idle-memory.py and
 scripts/profile-request.py.
 
 Processes every run starts, the open-files limit, waiting for a port,
-idle keep-alive connections, and CPU time and resident memory of a
-process tree from /proc.
+idle keep-alive connections, CPU time and resident memory of a process
+tree from /proc, medians, and the command line of a one-worker nginx or
+coregate.
 """
 import os
 import resource
 import signal
 import socket
+import statistics
 import subprocess
+import sys
 import time
 
 
@@ -173,3 +176,30 @@ def open_idle(addr, port, n):
             body += s.recv(65536)
         conns.append(s)
     return conns
+
+
+def log(*args):
+    print(*args, file=sys.stderr, flush=True)
+
+
+def med(xs):
+    return statistics.median(xs) if xs else float("nan")
+
+
+def idle_count(wanted, what):
+    """How many of WHAT (each holding two descriptors in a proxy) every
+    proxy can be given under the open-files limit."""
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    n = min(wanted, (limit - 1024) // 2)
+    if n < wanted:
+        log(f"{what} capped at {n} (not {wanted}) by the open files limit {limit}")
+    return n
+
+
+def proxy_command(name, path, coregate):
+    """nginx, or coregate (`coregate-epoll` on its epoll driver) with one
+    worker, on the config at PATH."""
+    if name == "nginx":
+        return ["nginx", "-c", path]
+    driver = "epoll" if name == "coregate-epoll" else "auto"
+    return [coregate, "run", "--config", path, "--workers", "1", "--driver", driver]
