@@ -79,6 +79,19 @@ mod pooled_connection_poisoning {
         stat_when(socket, &["upstream_idle"], |n| n == 0) == 0
     }
 
+    /// The one backend was connected to twice and no connection reused:
+    /// the next client's request went on a new connection.
+    fn assert_no_reuse(socket: &std::path::Path) {
+        let backends = &stats_total(socket)["upstreams"];
+        let counts = backends.as_object().and_then(|b| b.values().next());
+        let counts = counts.expect("one backend");
+        assert_eq!(
+            (&counts["connects"], &counts["reuses"]),
+            (&2.into(), &0.into()),
+            "{backends}"
+        );
+    }
+
     #[test]
     fn body_sent_to_a_head_request_does_not_reach_the_next_client() {
         let origin = python_origin();
@@ -98,14 +111,7 @@ mod pooled_connection_poisoning {
             "next client got injected bytes:\n{text}"
         );
         assert!(text.contains("/echo?victim"), "{text}");
-        let backends = &stats_total(&socket)["upstreams"];
-        let counts = backends.as_object().and_then(|b| b.values().next());
-        let counts = counts.expect("one backend");
-        assert_eq!(
-            (&counts["connects"], &counts["reuses"]),
-            (&2.into(), &0.into()),
-            "{backends}"
-        );
+        assert_no_reuse(&socket);
     }
 
     #[test]
@@ -128,14 +134,7 @@ mod pooled_connection_poisoning {
             text.contains("/echo?victim") && !text.contains("smuggled"),
             "next client got: {text}"
         );
-        let backends = &stats_total(&socket)["upstreams"];
-        let counts = backends.as_object().and_then(|b| b.values().next());
-        let counts = counts.expect("one backend");
-        assert_eq!(
-            (&counts["connects"], &counts["reuses"]),
-            (&2.into(), &0.into()),
-            "{backends}"
-        );
+        assert_no_reuse(&socket);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use std::thread;
 use std::time::{Duration, Instant};
@@ -29,20 +29,6 @@ fn proxy_with_server_keys(routes: &str, upstream: &str, server: &str) -> (Proc, 
     );
     let proxy = coregate(&config, &["--workers", "2"]);
     (proxy, socket)
-}
-
-fn stats_json(socket: &Path) -> serde_json::Value {
-    let out = Command::new(BIN)
-        .args(["stats", "--json", "--per-core", "--socket"])
-        .arg(socket)
-        .output()
-        .expect("run coregate stats");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 /// Send `paths` in order over one keep-alive connection, reading each

@@ -337,11 +337,11 @@ pub fn reload(socket: &Path) -> Output {
         .expect("run coregate reload")
 }
 
-/// The process's figures (every worker's, merged) from `coregate stats
-/// --json` on the admin socket at `socket`.
-pub fn stats_total(socket: &Path) -> serde_json::Value {
+/// `coregate stats --json --per-core` on the admin socket at `socket`:
+/// the process's `total` and each worker's report.
+pub fn stats_json(socket: &Path) -> serde_json::Value {
     let out = Command::new(BIN)
-        .args(["stats", "--json", "--socket"])
+        .args(["stats", "--json", "--per-core", "--socket"])
         .arg(socket)
         .output()
         .expect("run coregate stats");
@@ -350,8 +350,13 @@ pub fn stats_total(socket: &Path) -> serde_json::Value {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("stats JSON");
-    v["total"].clone()
+    serde_json::from_slice(&out.stdout).expect("stats JSON")
+}
+
+/// The process's figures (every worker's, merged): [`stats_json`]'s
+/// `total`.
+pub fn stats_total(socket: &Path) -> serde_json::Value {
+    stats_json(socket)["total"].take()
 }
 
 /// The number at `path` (keys into [`stats_total`]) once `ok` holds for
