@@ -2,7 +2,9 @@
 //!
 //! Protocol: the client sends one command line, the server answers and
 //! closes. `reload`, `status`, `stats` and `drain` answer one JSON line;
-//! `metrics` answers Prometheus text. The socket is created with mode 0600: only
+//! `metrics` answers Prometheus text; `upgrade [BINARY]` answers one JSON
+//! line once the new process serves or has failed (`upgrade`), and
+//! `handover` is that new process asking for the listeners. The socket is created with mode 0600: only
 //! its owner (and root) may reload the proxy or read its statistics.
 //!
 //! Owns: the socket's life (stale-file cleanup, permissions, removal at
@@ -24,6 +26,7 @@ use crate::config::epoch::Published;
 use crate::config::{self, Snapshot};
 use crate::stats::hub::Hub;
 use crate::stats::{COLLECT_TIMEOUT, Report, render};
+use crate::upgrade::Handover;
 
 /// How long the admin thread waits for a client's command line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -40,6 +43,14 @@ pub struct Loaded {
 }
 
 impl Loaded {
+    /// systemd's `STATUS=` line: what `systemctl status` shows.
+    pub fn status_line(&self) -> String {
+        format!(
+            "serving epoch {} of {} (fnv1a64:{:016x})",
+            self.epoch, self.source, self.hash
+        )
+    }
+
     fn to_json(&self, ok: bool) -> serde_json::Value {
         let mut at = Vec::new();
         crate::access_log::rfc3339(&mut at, self.loaded_at);
@@ -112,9 +123,16 @@ impl Reloader {
         Ok(last.clone())
     }
 
-    /// Reload and log the outcome (SIGHUP has nobody to answer).
+    /// Reload and log the outcome (SIGHUP has nobody to answer). systemd
+    /// hears `RELOADING=1` before and `READY=1` with the epoch after, so
+    /// `systemctl reload` and `status` follow it.
     pub fn reload_and_log(&self, trigger: &str) -> Result<Loaded, String> {
+        crate::systemd::notify(&format!(
+            "RELOADING=1\n{}",
+            crate::systemd::monotonic_usec()
+        ));
         let result = self.reload();
+        crate::systemd::notify(&format!("READY=1\nSTATUS={}", self.status().status_line()));
         match &result {
             Ok(l) => crate::info!(
                 "{trigger}: reloaded {} (epoch {}, fnv1a64:{:016x}, {:.1} ms)",
@@ -141,6 +159,12 @@ fn live_compatible(running: &Snapshot, next: &Snapshot) -> Result<(), String> {
             addrs(next)
         ));
     }
+    if running.user != next.user {
+        crate::warn!(
+            "{}: server.user changed; the process keeps its user until a restart",
+            next.source
+        );
+    }
     if running.admin_socket != next.admin_socket {
         crate::warn!(
             "{}: server.admin_socket changed; the socket stays where it is until a restart",
@@ -150,47 +174,105 @@ fn live_compatible(running: &Snapshot, next: &Snapshot) -> Result<(), String> {
     Ok(())
 }
 
-/// The bound admin socket. Removes its file when dropped.
+/// Ask the control thread to drain, as an operator's SIGTERM would (the
+/// `drain` command, a finished upgrade).
+pub fn request_drain() {
+    // SAFETY: kill(2) on our own process with a signal the control thread
+    // handles.
+    unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+}
+
+/// The bound admin socket. Removes its file when dropped, unless the path
+/// holds another process's socket by then (the one we upgraded to).
 pub struct AdminSocket {
     path: PathBuf,
+    /// Where an upgraded process's socket waits until it serves
+    /// (`install`).
+    staged: Option<PathBuf>,
+    /// The socket file's device and inode.
+    id: Option<(u64, u64)>,
+}
+
+impl AdminSocket {
+    /// Move a staged socket onto its path: from now on `coregate` commands
+    /// reach this process, not the one it upgraded from.
+    pub fn install(&mut self) -> anyhow::Result<()> {
+        if let Some(staged) = self.staged.take() {
+            std::fs::rename(&staged, &self.path).with_context(|| {
+                format!(
+                    "move admin socket {} to {}",
+                    staged.display(),
+                    self.path.display()
+                )
+            })?;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for AdminSocket {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        let path = self.staged.as_ref().unwrap_or(&self.path);
+        crate::upgrade::remove_if_ours(path, self.id);
     }
+}
+
+/// What the admin thread answers with.
+pub struct Serving {
+    pub reloader: Arc<Reloader>,
+    pub hub: Arc<Hub>,
+    /// Present when this process can be upgraded (`upgrade`, `handover`).
+    pub handover: Option<Arc<Handover>>,
 }
 
 /// Bind the admin socket at `path` (mode 0600) and serve it on its own
 /// thread. A stale socket file (no one answers) is replaced; a live one
-/// means another coregate runs there, and is an error.
-pub fn serve(path: &Path, reloader: Arc<Reloader>, hub: Arc<Hub>) -> anyhow::Result<AdminSocket> {
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            bail!(
-                "admin socket {}: another process is listening there",
-                path.display()
-            );
+/// means another coregate runs there, and is an error, unless `staged`:
+/// a process started by an upgrade binds beside the path and moves its
+/// socket onto it once it serves (`AdminSocket::install`).
+pub fn serve(path: &Path, serving: Serving, staged: bool) -> anyhow::Result<AdminSocket> {
+    let bind_at = if staged {
+        let mut p = path.as_os_str().to_owned();
+        p.push(format!(".{}.new", std::process::id()));
+        let p = PathBuf::from(p);
+        let _ = std::fs::remove_file(&p);
+        p
+    } else {
+        if path.exists() {
+            if UnixStream::connect(path).is_ok() {
+                bail!(
+                    "admin socket {}: another process is listening there",
+                    path.display()
+                );
+            }
+            std::fs::remove_file(path)
+                .with_context(|| format!("remove stale admin socket {}", path.display()))?;
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("remove stale admin socket {}", path.display()))?;
-    }
+        path.to_path_buf()
+    };
     // SAFETY: umask only swaps the process file-creation mask. Called from
     // the control thread before any worker exists, so no other thread can
     // create a file under the narrowed mask.
     let old = unsafe { libc::umask(0o177) };
-    let bound = UnixListener::bind(path);
+    let bound = UnixListener::bind(&bind_at);
     // SAFETY: as above; restores the previous mask.
     unsafe { libc::umask(old) };
-    let listener = bound.with_context(|| format!("bind admin socket {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
-        .with_context(|| format!("chmod 0600 {}", path.display()))?;
+    let listener = bound.with_context(|| format!("bind admin socket {}", bind_at.display()))?;
+    std::fs::set_permissions(&bind_at, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("chmod 0600 {}", bind_at.display()))?;
+    let id = {
+        use std::os::unix::fs::MetadataExt;
+        std::fs::symlink_metadata(&bind_at)
+            .ok()
+            .map(|m| (m.dev(), m.ino()))
+    };
+    let serving = Arc::new(serving);
     std::thread::Builder::new()
         .name("coregate-admin".into())
         .spawn(move || {
             for conn in listener.incoming() {
                 match conn {
-                    Ok(stream) => answer(stream, &reloader, &hub),
+                    Ok(stream) => answer(stream, &serving),
                     Err(e) => {
                         crate::warn!("admin socket: accept: {e}");
                         std::thread::sleep(Duration::from_millis(100));
@@ -201,10 +283,17 @@ pub fn serve(path: &Path, reloader: Arc<Reloader>, hub: Arc<Hub>) -> anyhow::Res
         .context("spawn the admin thread")?;
     Ok(AdminSocket {
         path: path.to_path_buf(),
+        staged: staged.then_some(bind_at),
+        id,
     })
 }
 
-fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
+fn answer(stream: UnixStream, serving: &Serving) {
+    let Serving {
+        reloader,
+        hub,
+        handover,
+    } = serving;
     let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
     let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
     let mut line = String::new();
@@ -213,6 +302,33 @@ fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
         return;
     }
     let reply = match line.trim() {
+        "handover" => {
+            // A process we started to upgrade to, asking for the
+            // listeners: the upgrade's thread takes the connection.
+            match handover {
+                Some(h) => h.accept_child(stream),
+                None => {
+                    let mut out = &stream;
+                    let _ = writeln!(out, "{}", no_upgrade());
+                }
+            }
+            return;
+        }
+        command if command == "upgrade" || command.starts_with("upgrade ") => {
+            let binary = command
+                .strip_prefix("upgrade ")
+                .map(|b| PathBuf::from(b.trim()));
+            match handover {
+                Some(h) => {
+                    crate::info!("admin socket: upgrade requested");
+                    // The upgrade's thread answers when it has ended.
+                    let _ = stream.set_write_timeout(Some(CLIENT_TIMEOUT));
+                    h.begin(binary, Some(stream), request_drain);
+                    return;
+                }
+                None => no_upgrade(),
+            }
+        }
         "reload" => match reloader.reload_and_log("admin socket") {
             Ok(l) => l.to_json(true),
             Err(e) => {
@@ -230,9 +346,7 @@ fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
             // (`control::run_until_signal`): ask it the way an operator's
             // SIGTERM would.
             crate::info!("admin socket: drain requested");
-            // SAFETY: kill(2) on our own process with a signal the control
-            // thread handles.
-            unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
+            request_drain();
             serde_json::json!({ "ok": true, "draining": true })
         }
         "metrics" => {
@@ -242,14 +356,17 @@ fn answer(stream: UnixStream, reloader: &Reloader, hub: &Hub) {
         }
         other => serde_json::json!({
             "ok": false,
-            "error": format!("unknown command {other:?}; commands: reload, status, stats, metrics, drain"),
+            "error": format!("unknown command {other:?}; commands: reload, status, stats, metrics, drain, upgrade [BINARY]"),
         }),
     };
     let mut out = &stream;
     let _ = writeln!(out, "{reply}");
 }
 
-/// Send `command` to the admin socket at `path`; the parsed JSON reply.
+fn no_upgrade() -> serde_json::Value {
+    serde_json::json!({ "ok": false, "error": "this process cannot be upgraded (it runs without a config's admin socket)" })
+}
+
 /// Serve `GET /metrics` (Prometheus text) over HTTP on a loopback
 /// address (`server.metrics_listen`), one scrape at a time on its own
 /// thread. Returns the bound address (port 0 picks one).

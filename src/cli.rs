@@ -33,6 +33,18 @@ pub enum Command {
         #[arg(long, short)]
         socket: PathBuf,
     },
+    /// Replace a running coregate with a new binary, refusing no
+    /// connection: the new process takes the listening sockets over the
+    /// admin socket and the old one drains once the new one serves.
+    Upgrade {
+        /// The admin socket (server.admin_socket, or run --admin-socket).
+        #[arg(long, short)]
+        socket: PathBuf,
+        /// The binary to start (default: the path the running process was
+        /// started from, which a package upgrade has replaced).
+        #[arg(long)]
+        binary: Option<PathBuf>,
+    },
     /// Per-core statistics of a running coregate, from its admin socket.
     Stats {
         /// The admin socket (server.admin_socket, or run --admin-socket).
@@ -98,6 +110,10 @@ pub struct RunArgs {
     /// Admin UNIX socket (overrides server.admin_socket).
     #[arg(long)]
     pub admin_socket: Option<PathBuf>,
+    /// When started as root: the user to run as once the listeners, the
+    /// admin socket and the logs are open (overrides server.user).
+    #[arg(long)]
+    pub user: Option<String>,
     #[command(flatten)]
     pub workers: WorkerArgs,
 }

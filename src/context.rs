@@ -24,6 +24,11 @@ use crate::stats::{self, Report, Tallies, WorkerStats};
 
 /// Control messages, one byte each, over the worker's socketpair.
 pub const MSG_DRAIN: u8 = b'D';
+/// Drain after an upgrade: as `MSG_DRAIN`, except that idle keep-alive
+/// connections are not closed at once (their client may be sending on
+/// them right now) but answer one more request with `Connection: close`,
+/// or reach their keep-alive timeout. The new process serves the rest.
+pub const MSG_HANDOVER: u8 = b'U';
 
 /// The configuration a worker runs on: a published snapshot and the
 /// worker's own clone of its rules (own regex scratch space).

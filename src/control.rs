@@ -8,6 +8,7 @@
 
 use std::io::Write;
 use std::net::SocketAddr;
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -17,10 +18,11 @@ use anyhow::{Context, bail};
 
 use crate::admin::Reloader;
 use crate::config::epoch::Published;
-use crate::context::MSG_DRAIN;
+use crate::context::{MSG_DRAIN, MSG_HANDOVER};
 use crate::net::listener::bind_reuseport;
 use crate::ring::DriverKind;
 use crate::stats::hub::Hub;
+use crate::upgrade::{self, Handover, Sockets};
 use crate::worker::{self, Role, WorkerSpec};
 
 /// How to lay workers out on the machine.
@@ -48,6 +50,8 @@ pub struct Server {
     handles: Vec<JoinHandle<()>>,
     controls: Vec<UnixStream>,
     addrs: Vec<SocketAddr>,
+    /// A message from each worker once it accepts.
+    ready: std::sync::mpsc::Receiver<()>,
 }
 
 /// Parse `0-3,6` into `[0, 1, 2, 3, 6]`.
@@ -114,32 +118,33 @@ fn choose_cores(opts: &RunOptions) -> anyhow::Result<Vec<Option<core_affinity::C
     Ok(cores.into_iter().map(Some).collect())
 }
 
-impl Server {
-    /// Bind every listener of the published snapshot and start the
-    /// workers on it.
-    pub fn start(
+/// Listeners bound (or taken over) and the cores chosen: what is left
+/// before workers start. Privileges are dropped between the two.
+pub struct Bound {
+    cores: Vec<Option<core_affinity::CoreId>>,
+    per_worker: Vec<Vec<(std::net::TcpListener, usize)>>,
+    addrs: Vec<SocketAddr>,
+}
+
+impl Bound {
+    /// The bound address of each listener, in config order.
+    pub fn local_addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+
+    /// Start a worker per chosen core on the bound listeners.
+    pub fn spawn(
+        self,
         published: Arc<Published>,
         opts: &RunOptions,
         role: Role,
         hub: Option<&Hub>,
     ) -> anyhow::Result<Server> {
-        let (_, snapshot) = published.load();
-        let cores = choose_cores(opts)?;
-        let n = cores.len();
-        let mut per_worker: Vec<Vec<(std::net::TcpListener, usize)>> =
-            (0..n).map(|_| Vec::new()).collect();
-        let mut addrs = Vec::new();
-        for (idx, l) in snapshot.listeners.iter().enumerate() {
-            let sockets = bind_reuseport(l.addr, l.backlog, n)
-                .with_context(|| format!("{}: cannot listen on {}", snapshot.source, l.addr))?;
-            addrs.push(sockets[0].local_addr()?);
-            for (w, s) in sockets.into_iter().enumerate() {
-                per_worker[w].push((s, idx));
-            }
-        }
+        let n = self.cores.len();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
         let mut handles = Vec::with_capacity(n);
         let mut controls = Vec::with_capacity(n);
-        for (id, (core, listeners)) in cores.into_iter().zip(per_worker).enumerate() {
+        for (id, (core, listeners)) in self.cores.into_iter().zip(self.per_worker).enumerate() {
             let (ours, theirs) = UnixStream::pair().context("control socketpair")?;
             if let Some(hub) = hub {
                 hub.register(
@@ -157,6 +162,7 @@ impl Server {
                 published: published.clone(),
                 listeners,
                 control: theirs,
+                ready: ready_tx.clone(),
                 role: role.clone(),
             };
             handles.push(worker::spawn(spec).context("spawn worker thread")?);
@@ -165,8 +171,137 @@ impl Server {
         Ok(Server {
             handles,
             controls,
+            addrs: self.addrs,
+            ready,
+        })
+    }
+}
+
+/// Hand `sockets` (one SO_REUSEPORT group) out to `n` workers: each
+/// socket to one worker, and when there are fewer sockets than workers
+/// (systemd passes one) the rest share them.
+fn spread(
+    mut sockets: Vec<std::net::TcpListener>,
+    n: usize,
+) -> anyhow::Result<Vec<Vec<std::net::TcpListener>>> {
+    let k = sockets.len();
+    let mut out: Vec<Vec<std::net::TcpListener>> = (0..n).map(|_| Vec::new()).collect();
+    for w in k..n {
+        out[w].push(
+            sockets[w % k]
+                .try_clone()
+                .context("share a listening socket")?,
+        );
+    }
+    for (j, s) in sockets.drain(..).enumerate() {
+        out[j % n].push(s);
+    }
+    Ok(out)
+}
+
+impl Server {
+    /// Bind every listener of the published snapshot and start the
+    /// workers on it.
+    pub fn start(
+        published: Arc<Published>,
+        opts: &RunOptions,
+        role: Role,
+        hub: Option<&Hub>,
+    ) -> anyhow::Result<Server> {
+        Server::bind(&published, opts, Vec::new(), None)?.spawn(published, opts, role, hub)
+    }
+
+    /// Bind every listener of the published snapshot, or take it from
+    /// `inherited` (sockets passed by systemd or handed over by the
+    /// process we upgrade) where one serves its address. Duplicates of
+    /// every listener's sockets go to `handover`, for a later upgrade.
+    pub fn bind(
+        published: &Published,
+        opts: &RunOptions,
+        mut inherited: Vec<Sockets>,
+        handover: Option<&Handover>,
+    ) -> anyhow::Result<Bound> {
+        let (_, snapshot) = published.load();
+        let cores = choose_cores(opts)?;
+        let n = cores.len();
+        let mut per_worker: Vec<Vec<(std::net::TcpListener, usize)>> =
+            (0..n).map(|_| Vec::new()).collect();
+        let mut addrs = Vec::new();
+        for (idx, l) in snapshot.listeners.iter().enumerate() {
+            let sockets = match inherited.iter().position(|s| s.serves(l.addr)) {
+                Some(i) => {
+                    let s = inherited.remove(i);
+                    let what = format!("the inherited listener for {}", l.addr);
+                    let sockets = s
+                        .fds
+                        .into_iter()
+                        .map(|fd| upgrade::tcp_listener(fd, &what))
+                        .collect::<anyhow::Result<Vec<_>>>()?;
+                    crate::info!(
+                        "listener {}: {} inherited sockets on {}",
+                        l.addr,
+                        sockets.len(),
+                        s.bound
+                    );
+                    sockets
+                }
+                None => bind_reuseport(l.addr, l.backlog, n)
+                    .with_context(|| format!("{}: cannot listen on {}", snapshot.source, l.addr))?,
+            };
+            let bound = sockets[0].local_addr()?;
+            addrs.push(bound);
+            if let Some(h) = handover {
+                let fds = sockets
+                    .iter()
+                    .map(|s| s.try_clone().map(OwnedFd::from))
+                    .collect::<std::io::Result<Vec<_>>>()
+                    .context("keep the listening sockets for an upgrade")?;
+                h.keep(Sockets {
+                    configured: Some(l.addr),
+                    bound,
+                    fds,
+                });
+            }
+            for (w, group) in spread(sockets, n)?.into_iter().enumerate() {
+                per_worker[w].extend(group.into_iter().map(|s| (s, idx)));
+            }
+        }
+        for s in inherited {
+            crate::warn!(
+                "inherited listener {} serves no [[listener]] of {}; closed",
+                s.bound,
+                snapshot.source
+            );
+        }
+        Ok(Bound {
+            cores,
+            per_worker,
             addrs,
         })
+    }
+
+    /// Wait until every worker accepts on its listeners (`READY=1` and an
+    /// upgrade's hand-over wait for this), at most `limit`.
+    pub fn wait_ready(&self, limit: Duration) -> anyhow::Result<()> {
+        let deadline = std::time::Instant::now() + limit;
+        let mut ready = 0;
+        while ready < self.handles.len() {
+            if self.any_finished() {
+                bail!("a worker exited while starting");
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                bail!("workers not accepting after {}s", limit.as_secs());
+            }
+            if self
+                .ready
+                .recv_timeout(left.min(Duration::from_millis(50)))
+                .is_ok()
+            {
+                ready += 1;
+            }
+        }
+        Ok(())
     }
 
     /// The bound address of each listener, in config order.
@@ -175,11 +310,13 @@ impl Server {
     }
 
     /// Ask every worker to drain: stop accepting, finish in-flight
-    /// requests, close idle connections, exit.
-    pub fn drain(&mut self) {
+    /// requests, close idle connections (after their next answer when
+    /// `handed_over`: see `MSG_HANDOVER`), exit.
+    pub fn drain(&mut self, handed_over: bool) {
+        let msg = if handed_over { MSG_HANDOVER } else { MSG_DRAIN };
         for c in &mut self.controls {
             // A worker that already exited has closed its end; nothing to do.
-            let _ = c.write_all(&[MSG_DRAIN]);
+            let _ = c.write_all(&[msg]);
         }
     }
 
@@ -226,13 +363,14 @@ pub fn raise_fd_limit() -> u64 {
     }
 }
 
-/// The signals the control thread handles: SIGTERM, SIGINT, SIGHUP.
+/// The signals the control thread handles: SIGTERM, SIGINT, SIGHUP,
+/// SIGUSR2.
 fn control_signals() -> libc::sigset_t {
     // SAFETY: sigemptyset/sigaddset initialise and fill a local sigset_t.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
-        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        for s in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGUSR2] {
             libc::sigaddset(&mut set, s);
         }
         set
@@ -265,11 +403,14 @@ fn next_signal(timeout: Duration) -> Option<i32> {
 
 /// Run until SIGTERM or SIGINT, then drain every server and wait for them.
 /// SIGHUP reloads the config through `reloader` (ignored, with a warning,
-/// without one). A second SIGTERM/SIGINT while draining exits at once.
-/// Returns an error if a worker dies on its own.
+/// without one); SIGUSR2 upgrades to the binary we were started from
+/// through `handover` (which needs an admin socket). A second
+/// SIGTERM/SIGINT while draining exits at once. Returns an error if a
+/// worker dies on its own.
 pub fn run_until_signal(
     mut servers: Vec<Server>,
     reloader: Option<&Reloader>,
+    handover: Option<&Arc<Handover>>,
 ) -> anyhow::Result<()> {
     loop {
         match next_signal(Duration::from_millis(200)) {
@@ -280,18 +421,31 @@ pub fn run_until_signal(
                 }
                 None => crate::warn!("SIGHUP: nothing to reload here"),
             },
+            Some(libc::SIGUSR2) => match handover {
+                Some(h) => h.begin(None, None, crate::admin::request_drain),
+                None => crate::warn!("SIGUSR2: an upgrade needs an admin socket to hand over on"),
+            },
             _ => {}
         }
         if servers.iter().any(Server::any_finished) {
             for s in &mut servers {
-                s.drain();
+                s.drain(false);
             }
             bail!("a worker exited unexpectedly");
         }
     }
-    crate::info!("draining: no new connections; finishing requests in flight");
+    let handed_over = handover.is_some_and(|h| {
+        h.close_listeners();
+        h.handed_over()
+    });
+    if handed_over {
+        crate::info!("draining after the upgrade: finishing requests in flight");
+    } else {
+        crate::info!("draining: no new connections; finishing requests in flight");
+        crate::systemd::notify("STOPPING=1\nSTATUS=draining");
+    }
     for s in &mut servers {
-        s.drain();
+        s.drain(handed_over);
     }
     while !servers.iter().all(Server::is_finished) {
         if let Some(libc::SIGTERM | libc::SIGINT) = next_signal(Duration::from_millis(50)) {
@@ -306,6 +460,58 @@ pub fn run_until_signal(
     Ok(())
 }
 
+/// Run as `user` from here on (`server.user`, `--user`): its groups, its
+/// group, then its uid, as nginx's workers do. Called after the listeners,
+/// the admin socket and the logs are open and before any worker starts.
+/// Running as that user already is fine (systemd's `User=`, an upgraded
+/// process); otherwise anything but a complete switch is an error, and
+/// the caller refuses to run on.
+pub fn drop_privileges(user: &str) -> anyhow::Result<()> {
+    let who = crate::config::lookup_user(user)?;
+    // SAFETY: getuid/geteuid only read our credentials.
+    let (uid, euid) = unsafe { (libc::getuid(), libc::geteuid()) };
+    if uid == who.uid && euid == who.uid {
+        return Ok(());
+    }
+    if euid != 0 {
+        bail!(
+            "user {user:?}: running as uid {euid}, which cannot switch to uid {} (start as root, or as {user})",
+            who.uid
+        );
+    }
+    let name = std::ffi::CString::new(user).context("user name")?;
+    // SAFETY: initgroups reads a NUL-terminated name; setgid and setuid
+    // change this process's credentials (glibc applies them to every
+    // thread). No memory is shared with the kernel beyond the calls.
+    unsafe {
+        if libc::initgroups(name.as_ptr(), who.gid) != 0 {
+            bail!(
+                "user {user:?}: initgroups: {}",
+                std::io::Error::last_os_error()
+            );
+        }
+        if libc::setgid(who.gid) != 0 {
+            bail!(
+                "user {user:?}: setgid({}): {}",
+                who.gid,
+                std::io::Error::last_os_error()
+            );
+        }
+        if libc::setuid(who.uid) != 0 {
+            bail!(
+                "user {user:?}: setuid({}): {}",
+                who.uid,
+                std::io::Error::last_os_error()
+            );
+        }
+        if who.uid != 0 && (libc::setuid(0) == 0 || libc::geteuid() != who.uid) {
+            bail!("user {user:?}: root privileges could be regained after setuid");
+        }
+    }
+    crate::info!("running as user {user} (uid {}, gid {})", who.uid, who.gid);
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -317,5 +523,16 @@ mod tests {
         assert!(parse_core_list("3-1").is_err());
         assert!(parse_core_list("x").is_err());
         assert!(parse_core_list("").is_err());
+    }
+
+    #[test]
+    fn fewer_sockets_than_workers_are_shared_and_more_are_dealt_out() {
+        let bind = |n| bind_reuseport("127.0.0.1:0".parse().unwrap(), 16, n).unwrap();
+        let one = spread(bind(1), 3).unwrap();
+        assert_eq!(one.iter().map(Vec::len).collect::<Vec<_>>(), [1, 1, 1]);
+        let addr = one[0][0].local_addr().unwrap();
+        assert!(one.iter().all(|w| w[0].local_addr().unwrap() == addr));
+        let five = spread(bind(5), 2).unwrap();
+        assert_eq!(five.iter().map(Vec::len).collect::<Vec<_>>(), [3, 2]);
     }
 }

@@ -18,7 +18,7 @@ use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};
 
 use crate::admission::Reason;
-use crate::context::{MSG_DRAIN, WorkerCtx};
+use crate::context::{MSG_DRAIN, MSG_HANDOVER, WorkerCtx};
 use crate::ring::DriverKind;
 use crate::ring::wheel::{TICK, Visit, Wheel};
 use crate::ring::{Completion, Driver, RingConfig};
@@ -58,6 +58,10 @@ pub struct Io {
     /// `now` as a wheel tick (rounded up).
     pub tick: u64,
     pub draining: bool,
+    /// The drain is an upgrade's (`MSG_HANDOVER`): a keep-alive connection
+    /// is closed only after an answer that says so, never while idle, so
+    /// no client sends a request on a connection being closed.
+    pub handover: bool,
 }
 
 impl Io {
@@ -111,7 +115,8 @@ pub trait Service {
     fn deadline(&mut self, io: &mut Io, ctx: &WorkerCtx, id: u32, tick: u64) -> Visit;
     /// A handler for this token panicked: end what it belonged to.
     fn abandon(&mut self, io: &mut Io, ctx: &WorkerCtx, user_data: u64);
-    /// The worker drains: close what is idle, finish what is in flight.
+    /// The worker drains: finish what is in flight, and close what is idle
+    /// now, or after its next answer when `io.handover` (an upgrade's).
     fn drain(&mut self, io: &mut Io, ctx: &WorkerCtx);
     /// The drain's time is up: close every connection still open (a
     /// tunnel, a request still running), each counted and logged as it
@@ -149,6 +154,8 @@ pub struct Endpoints {
     /// `(socket, index into snapshot.listeners)`
     pub listeners: Vec<(std::net::TcpListener, usize)>,
     pub control: std::os::unix::net::UnixStream,
+    /// Told once every listener accepts (the control thread's readiness).
+    pub ready: std::sync::mpsc::Sender<()>,
     pub stats: Option<std::sync::mpsc::Sender<Report>>,
 }
 
@@ -160,9 +167,13 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         now: Instant::now(),
         tick: 0,
         draining: false,
+        handover: false,
     };
     let mut listeners: Vec<Option<(RawFd, usize)>> = Vec::new();
+    // Each listener's index into snapshot.listeners, kept after it closes.
+    let mut listener_idx = Vec::new();
     for (i, (socket, idx)) in endpoints.listeners.into_iter().enumerate() {
+        listener_idx.push(idx);
         let fd = socket.into_raw_fd();
         if let Err(e) = io
             .driver
@@ -173,6 +184,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         }
         listeners.push(Some((fd, idx)));
     }
+    let _ = endpoints.ready.send(());
     let _ = endpoints.control.set_nonblocking(true);
     let control = endpoints.control.as_raw_fd();
     let mut control_open = io
@@ -235,9 +247,13 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
                 k if k == Kind::Accept as u8 => {
                     let i = id as usize;
                     let Some(Some((fd, idx))) = listeners.get(i).copied() else {
-                        // A closed listener's last accepts: not ours now.
-                        if c.result >= 0 {
-                            io.close(c.result);
+                        // A closed listener's last accepts, completed before
+                        // the cancellation: accepted, so served like any
+                        // other (their one request, then close).
+                        if c.result >= 0
+                            && let Some(&idx) = listener_idx.get(i)
+                        {
+                            accept(&mut io, ctx, service, c.result as RawFd, idx);
                         }
                         continue;
                     };
@@ -262,22 +278,26 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
                     if !c.more() {
                         control_open = false;
                     }
-                    let (drain, stats) = match (c.buffer(), c.result) {
+                    let (drain, handover, stats) = match (c.buffer(), c.result) {
                         (Some(bid), n) => {
                             let msg = io.driver.buf(bid, n as usize);
-                            let seen = (msg.contains(&MSG_DRAIN), msg.contains(&MSG_STATS));
+                            let seen = (
+                                msg.contains(&MSG_DRAIN),
+                                msg.contains(&MSG_HANDOVER),
+                                msg.contains(&MSG_STATS),
+                            );
                             io.driver.recycle(bid);
                             seen
                         }
                         // Every worker buffer was in use: receive again.
-                        (None, r) if r == -libc::ENOBUFS => (false, false),
+                        (None, r) if r == -libc::ENOBUFS => (false, false, false),
                         // EOF or an error: the control thread is gone,
                         // which drains too.
-                        _ => (true, false),
+                        _ => (true, false, false),
                     };
-                    if drain && !io.draining {
+                    if (drain || handover) && !io.draining {
                         drain_deadline = Some(io.now + ctx.current().snapshot.drain_timeout);
-                        start_drain(&mut io, ctx, service, &mut listeners);
+                        start_drain(&mut io, ctx, service, &mut listeners, handover);
                     } else if stats && let Some(tx) = &endpoints.stats {
                         // Several requests read at once get one answer;
                         // unbounded: never blocks this worker.
@@ -328,11 +348,10 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
 }
 
 /// A new connection: counted, capped per listener, handed to the service.
+/// One accepted while draining (its accept completed before the listener
+/// closed) is served too: its request is answered with `Connection:
+/// close`, never dropped unanswered.
 fn accept(io: &mut Io, ctx: &WorkerCtx, service: &mut dyn Service, fd: RawFd, idx: usize) {
-    if io.draining {
-        io.close(fd);
-        return;
-    }
     let open = &ctx.listener_connections[idx];
     if open.get() >= ctx.current().snapshot.listeners[idx].max_connections {
         // At the cap: close at once rather than leave it in the backlog,
@@ -358,14 +377,16 @@ fn accept(io: &mut Io, ctx: &WorkerCtx, service: &mut dyn Service, fd: RawFd, id
 }
 
 /// Stop accepting (the listeners close) and let the service close what is
-/// idle.
+/// idle, or, after an upgrade (`handover`), keep it for one last request.
 fn start_drain(
     io: &mut Io,
     ctx: &WorkerCtx,
     service: &mut dyn Service,
     listeners: &mut [Option<(RawFd, usize)>],
+    handover: bool,
 ) {
     io.draining = true;
+    io.handover = handover;
     for (i, l) in listeners.iter_mut().enumerate() {
         if let Some((fd, _)) = l.take() {
             let _ = io.driver.cancel(fd, token(Kind::Accept as u8, i as u64));

@@ -39,6 +39,10 @@
 //!   `stats`/`top` tables.
 //! - [`access_log`]: JSON-lines access log, buffered per worker.
 //! - [`log`]: leveled stderr logging.
+//! - [`systemd`]: readiness notification and socket activation, written
+//!   out (`sd_notify`, `sd_listen_fds`).
+//! - [`upgrade`]: binary upgrade: the new process takes the listening
+//!   sockets over the admin socket, the old one drains once it serves.
 
 pub mod access_log;
 pub mod admin;
@@ -59,5 +63,7 @@ pub mod proxy;
 pub mod ring;
 pub mod rules;
 pub mod stats;
+pub mod systemd;
 pub mod tls;
+pub mod upgrade;
 pub mod worker;

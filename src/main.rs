@@ -14,6 +14,7 @@ use coregate::config::{self, Snapshot};
 use coregate::control::{self, RunOptions, Server, parse_core_list};
 use coregate::stats::hub::Hub;
 use coregate::stats::{Report, render};
+use coregate::upgrade::{self, Handover, Sockets};
 use coregate::worker::Role;
 
 fn main() -> ExitCode {
@@ -33,6 +34,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         command,
         Command::Check { .. }
             | Command::Reload { .. }
+            | Command::Upgrade { .. }
             | Command::Stats { .. }
             | Command::Top { .. }
     ) {
@@ -63,6 +65,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         },
         Command::Run(args) => run(args),
         Command::Reload { socket } => reload(&socket),
+        Command::Upgrade { socket, binary } => upgrade_to(&socket, binary.as_deref()),
         Command::Stats {
             socket,
             json,
@@ -91,7 +94,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
                 "coregate origin listening on http://{} ({body_size}-byte bodies)",
                 server.local_addrs()[0]
             );
-            control::run_until_signal(vec![server], None)?;
+            control::run_until_signal(vec![server], None, None)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Demo { listen, workers } => demo(&listen, &workers),
@@ -134,8 +137,22 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         .iter()
         .map(|l| if l.tls.is_some() { "https" } else { "http" })
         .collect();
+    // Sockets passed by systemd or handed over by the process we upgrade
+    // from, taken before any thread starts (both edit the environment).
+    let mut outside = match passed_listeners() {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("coregate: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
+    };
+    let mut inherited = upgrade::inherit()?;
+    if let Some(i) = &mut inherited {
+        outside.append(&mut i.listeners);
+    }
     control::block_signals();
     let admin_path = args.admin_socket.clone().or(snapshot.admin_socket.clone());
+    let user = args.user.clone().or(snapshot.user.clone());
     let snapshot_metrics = snapshot.metrics_listen;
     let published = Published::new(snapshot);
     coregate::health::spawn(published.clone()).context("start the health checker")?;
@@ -145,21 +162,35 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         started.elapsed(),
     ));
     let hub = Hub::new();
-    // Bound before the workers start (see `admin::serve`).
-    let _admin = match &admin_path {
-        Some(p) => Some(admin::serve(p, reloader.clone(), hub.clone())?),
+    let handover = admin_path.clone().map(Handover::new).transpose()?;
+    // Bound before the workers start (see `admin::serve`). A process
+    // started by an upgrade stages its socket beside the old one's.
+    let mut admin = match &admin_path {
+        Some(p) => Some(admin::serve(
+            p,
+            admin::Serving {
+                reloader: reloader.clone(),
+                hub: hub.clone(),
+                handover: handover.clone(),
+            },
+            inherited.as_ref().is_some_and(|i| &i.from == p),
+        )?),
         None => None,
     };
     let metrics = match snapshot_metrics {
         Some(addr) => Some(admin::serve_metrics(addr, hub.clone())?),
         None => None,
     };
-    let server = Server::start(
-        published,
-        &run_options(&args.workers)?,
-        Role::Proxy,
-        Some(&hub),
-    )?;
+    let options = run_options(&args.workers)?;
+    let bound = Server::bind(&published, &options, outside, handover.as_deref())?;
+    if let Some(user) = &user
+        && let Err(e) = control::drop_privileges(user)
+    {
+        eprintln!("coregate: refusing to run on: {e:#}");
+        return Ok(ExitCode::FAILURE);
+    }
+    let server = bound.spawn(published, &options, Role::Proxy, Some(&hub))?;
+    server.wait_ready(std::time::Duration::from_secs(30))?;
     for (addr, scheme) in server.local_addrs().iter().zip(&schemes) {
         println!("coregate listening on {scheme}://{addr}");
     }
@@ -169,8 +200,62 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = metrics {
         println!("metrics on http://{addr}/metrics");
     }
-    control::run_until_signal(vec![server], Some(&reloader))?;
+    if let Some(a) = &mut admin {
+        a.install()?;
+    }
+    if let Some(i) = inherited {
+        i.ready()?;
+        coregate::info!("upgrade: serving; the old process drains");
+    }
+    coregate::systemd::notify(&format!(
+        "READY=1\nSTATUS={}",
+        reloader.status().status_line()
+    ));
+    control::run_until_signal(vec![server], Some(&reloader), handover.as_ref())?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// The listening sockets systemd passed (socket activation), each checked
+/// and matched to a `[[listener]]` by its address.
+fn passed_listeners() -> anyhow::Result<Vec<Sockets>> {
+    coregate::systemd::listen_fds()
+        .into_iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let what = format!("LISTEN_FDS #{i} ({})", p.name);
+            let listener = upgrade::tcp_listener(p.fd, &what)?;
+            Ok(Sockets {
+                configured: None,
+                bound: listener.local_addr()?,
+                fds: vec![listener.into()],
+            })
+        })
+        .collect()
+}
+
+fn upgrade_to(
+    socket: &std::path::Path,
+    binary: Option<&std::path::Path>,
+) -> anyhow::Result<ExitCode> {
+    let command = match binary {
+        // The running process resolves the path from its own directory.
+        Some(b) => format!("upgrade {}", std::path::absolute(b)?.display()),
+        None => "upgrade".into(),
+    };
+    let reply = client::request(socket, &command)?;
+    if reply["ok"].as_bool() == Some(true) {
+        println!(
+            "upgraded: process {} serves; the old one finishes its requests and exits",
+            reply["pid"]
+        );
+        Ok(ExitCode::SUCCESS)
+    } else {
+        eprintln!(
+            "upgrade refused; the running process keeps serving:\n{}",
+            reply["error"].as_str().unwrap_or("unknown error")
+        );
+        Ok(ExitCode::FAILURE)
+    }
 }
 
 fn reload(socket: &std::path::Path) -> anyhow::Result<ExitCode> {
@@ -277,7 +362,15 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
         published.clone(),
         std::time::Duration::ZERO,
     ));
-    let _admin = admin::serve(&socket, reloader, hub.clone())?;
+    let _admin = admin::serve(
+        &socket,
+        admin::Serving {
+            reloader,
+            hub: hub.clone(),
+            handover: None,
+        },
+        false,
+    )?;
     let proxy = Server::start(published, &run_options(workers)?, Role::Proxy, Some(&hub))?;
     let addr = proxy.local_addrs()[0];
     println!("coregate demo: proxy on http://{addr} -> built-in origin on http://{origin_addr}");
@@ -285,7 +378,7 @@ fn demo(listen: &str, workers: &WorkerArgs) -> anyhow::Result<ExitCode> {
     println!("load:  wrk -t1 -c50 -d10s http://{addr}/");
     println!("stats: coregate top --socket {}", socket.display());
     println!("stop:  Ctrl-C");
-    control::run_until_signal(vec![proxy, origin], None)?;
+    control::run_until_signal(vec![proxy, origin], None, None)?;
     Ok(ExitCode::SUCCESS)
 }
 

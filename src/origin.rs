@@ -328,7 +328,7 @@ impl Origin {
         match ex.state {
             // A `100 Continue` went out: on with the body.
             State::Body { .. } => self.progress(io, ctx, id),
-            State::Respond { keep: true } if !io.draining => {
+            State::Respond { keep: true } if !io.draining || io.handover => {
                 ex.state = State::Head;
                 if ex.buf.is_empty() {
                     self.go_idle(ctx, id);
@@ -528,7 +528,7 @@ impl Service for Origin {
         let idle: Vec<usize> = self
             .conns
             .iter()
-            .filter(|(_, c)| c.ex.is_none() && !c.sending)
+            .filter(|(_, c)| !io.handover && c.ex.is_none() && !c.sending)
             .map(|(id, _)| id)
             .collect();
         for id in idle {

@@ -41,6 +41,8 @@ pub struct WorkerSpec {
     /// `(socket, index into snapshot.listeners)`
     pub listeners: Vec<(std::net::TcpListener, usize)>,
     pub control: std::os::unix::net::UnixStream,
+    /// Told once the worker accepts on its listeners.
+    pub ready: Sender<()>,
     pub role: Role,
 }
 
@@ -99,6 +101,7 @@ fn native_main(spec: WorkerSpec, driver: DriverKind) {
         crate::engine::Endpoints {
             listeners: spec.listeners,
             control: spec.control,
+            ready: spec.ready,
             stats: spec.stats,
         },
         &ctx,

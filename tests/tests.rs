@@ -7,6 +7,7 @@ mod support;
 mod admission;
 mod balance;
 mod bodies;
+mod deploy;
 mod failures;
 mod forwarding;
 mod lifecycle;

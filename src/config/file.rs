@@ -39,6 +39,8 @@ pub struct ServerSection {
     pub metrics_listen: Option<Spanned<String>>,
     /// Where access log lines go: a file path, or `-` for stdout.
     pub access_log: Option<Spanned<String>>,
+    /// The user to run as after binding, when started as root.
+    pub user: Option<Spanned<String>>,
 }
 
 /// `[[listener]]`: one address every worker accepts on (SO_REUSEPORT).

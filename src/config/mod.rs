@@ -285,6 +285,7 @@ impl Validator<'_> {
         let rules = rules::RuleCompiler::new(self).compile(&file.route, &file.rule, &names);
         let admin_socket = self.absolute_path(&file.server.admin_socket, "server.admin_socket");
         let metrics_listen = self.metrics_listen(&file.server.metrics_listen);
+        let user = self.user(&file.server.user);
         let access_log = match &file.server.access_log {
             Some(p) if p.get_ref() == "-" => None,
             other => self.absolute_path(other, "server.access_log"),
@@ -300,6 +301,7 @@ impl Validator<'_> {
             admin_socket,
             metrics_listen,
             access_log,
+            user,
             policies: std::mem::take(&mut self.policies),
             hash: fnv1a64(self.text.as_bytes()),
         }
@@ -746,6 +748,19 @@ impl Validator<'_> {
         Some(path.as_bytes().to_vec())
     }
 
+    /// `server.user`: a user of this system (what the process runs as
+    /// after binding, when started as root).
+    fn user(&mut self, value: &Option<Spanned<String>>) -> Option<String> {
+        let v = value.as_ref()?;
+        match lookup_user(v.get_ref()) {
+            Ok(_) => Some(v.get_ref().clone()),
+            Err(e) => {
+                self.problem(v.span(), "server.user", format!("{e:#}"));
+                None
+            }
+        }
+    }
+
     fn absolute_path(&mut self, value: &Option<Spanned<String>>, key: &str) -> Option<PathBuf> {
         let v = value.as_ref()?;
         let path = PathBuf::from(v.get_ref());
@@ -760,6 +775,43 @@ impl Validator<'_> {
             None
         }
     }
+}
+
+/// A user's uid and primary gid.
+pub struct UserIds {
+    pub uid: libc::uid_t,
+    pub gid: libc::gid_t,
+}
+
+/// Look `user` up in the password database (getpwnam_r).
+pub fn lookup_user(user: &str) -> anyhow::Result<UserIds> {
+    let name = std::ffi::CString::new(user)
+        .map_err(|_| anyhow::anyhow!("user {user:?}: the name has a NUL byte"))?;
+    let mut buf = vec![0 as libc::c_char; 16 * 1024];
+    // SAFETY: a zeroed passwd is valid for getpwnam_r to fill.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
+    let mut found: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: getpwnam_r writes into `pwd` and `buf` (of the length given),
+    // both ours and alive for the call, and sets `found`.
+    let r = unsafe {
+        libc::getpwnam_r(
+            name.as_ptr(),
+            &mut pwd,
+            buf.as_mut_ptr(),
+            buf.len(),
+            &mut found,
+        )
+    };
+    if r != 0 {
+        anyhow::bail!("user {user:?}: {}", std::io::Error::from_raw_os_error(r));
+    }
+    if found.is_null() {
+        anyhow::bail!("no user {user:?} on this system");
+    }
+    Ok(UserIds {
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    })
 }
 
 /// FNV-1a, 64 bits: a fingerprint of the config text for `coregate reload`
@@ -1018,6 +1070,30 @@ upstream = "missing"
         )
         .unwrap();
         assert_eq!(ok.upstreams[0].balance.schedule, [0, 0, 1, 0]);
+    }
+
+    #[test]
+    fn users_are_looked_up_and_unknown_ones_named() {
+        assert_eq!(lookup_user("root").unwrap().uid, 0);
+        let err = lookup_user("no-such-user-coregate").err().unwrap();
+        assert!(
+            err.to_string()
+                .contains("no user \"no-such-user-coregate\""),
+            "{err}"
+        );
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\n";
+        let ok = parse(&format!("[server]\nuser = \"root\"\n{base}"), "u").expect("root exists");
+        assert_eq!(ok.user.as_deref(), Some("root"));
+        let bad = parse(
+            &format!("[server]\nuser = \"no-such-user-coregate\"\n{base}"),
+            "u",
+        )
+        .unwrap_err();
+        assert!(
+            bad.to_string()
+                .contains("u:2: server.user: no user \"no-such-user-coregate\" on this system"),
+            "{bad}"
+        );
     }
 
     #[test]

@@ -29,6 +29,8 @@ pub struct Snapshot {
     pub metrics_listen: Option<SocketAddr>,
     /// Access log destination (`server.access_log`): `None` is stdout.
     pub access_log: Option<PathBuf>,
+    /// Who the process runs as once its sockets are open (`server.user`).
+    pub user: Option<String>,
     /// Every admission policy (listeners' and routes'), indexed by id.
     pub policies: Vec<Arc<Policy>>,
     /// FNV-1a 64 of the config text, to tell which file is running.

@@ -2115,7 +2115,8 @@ impl Proxy {
         self.resume_down(io, id);
         let d = &mut self.downs[id];
         let ex = d.ex.as_deref_mut().expect("a request ends in its exchange");
-        match next.unless_draining(io.draining) {
+        // An upgrade's drain closes only after answers that said so.
+        match next.unless_draining(io.draining && !io.handover) {
             Next::KeepAlive => {
                 ex.phase = Phase::Head;
                 let listener = d.listener as usize;
@@ -2638,7 +2639,7 @@ impl Service for Proxy {
         let idle: Vec<usize> = self
             .downs
             .iter()
-            .filter(|(_, d)| d.ex.is_none() && !d.sending)
+            .filter(|(_, d)| !io.handover && d.ex.is_none() && !d.sending)
             .map(|(id, _)| id)
             .collect();
         for id in idle {
