@@ -364,7 +364,7 @@ fn answer(stream: UnixStream, serving: &Serving) {
 }
 
 fn no_upgrade() -> serde_json::Value {
-    serde_json::json!({ "ok": false, "error": "this process cannot be upgraded (it runs without a config's admin socket)" })
+    serde_json::json!({ "ok": false, "error": "this process cannot be upgraded: only `coregate run` can" })
 }
 
 /// Serve `GET /metrics` (Prometheus text) over HTTP on a loopback

@@ -422,8 +422,13 @@ pub fn run_until_signal(
                 None => crate::warn!("SIGHUP: nothing to reload here"),
             },
             Some(libc::SIGUSR2) => match handover {
-                Some(h) => h.begin(None, None, crate::admin::request_drain),
-                None => crate::warn!("SIGUSR2: an upgrade needs an admin socket to hand over on"),
+                Some(h) => {
+                    crate::info!("SIGUSR2: upgrade requested");
+                    h.begin(None, None, crate::admin::request_drain);
+                }
+                None => crate::warn!(
+                    "SIGUSR2: an upgrade needs an admin socket (server.admin_socket or --admin-socket) to hand the listeners over on"
+                ),
             },
             _ => {}
         }

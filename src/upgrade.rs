@@ -219,7 +219,7 @@ impl Handover {
         let pid = child.id();
         let exited = |child: &mut Child| -> anyhow::Result<()> {
             if let Some(status) = child.try_wait()? {
-                bail!("the new process exited ({status}) before it was ready");
+                bail!("the new process exited ({status}) before it was ready; its log says why");
             }
             if Instant::now() >= deadline {
                 bail!(
