@@ -26,7 +26,7 @@ use crate::config::epoch::Published;
 use crate::config::{self, Snapshot};
 use crate::stats::hub::Hub;
 use crate::stats::{COLLECT_TIMEOUT, Report, render};
-use crate::upgrade::Handover;
+use crate::upgrade::{Handover, Role, Sockets};
 
 /// How long the admin thread waits for a client's command line.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(5);
@@ -194,19 +194,26 @@ pub struct AdminSocket {
 }
 
 impl AdminSocket {
-    /// Move a staged socket onto its path: from now on `coregate` commands
-    /// reach this process, not the one it upgraded from.
-    pub fn install(&mut self) -> anyhow::Result<()> {
-        if let Some(staged) = self.staged.take() {
-            std::fs::rename(&staged, &self.path).with_context(|| {
-                format!(
-                    "move admin socket {} to {}",
-                    staged.display(),
-                    self.path.display()
-                )
-            })?;
+    /// After an upgrade's `ready`: the old process has moved our staged
+    /// socket onto the path (or failed to, and said so); from now on the
+    /// file to remove at exit is wherever our socket is.
+    pub fn settle(&mut self) {
+        use std::os::unix::fs::MetadataExt;
+        let at_path = std::fs::symlink_metadata(&self.path)
+            .ok()
+            .map(|m| (m.dev(), m.ino()));
+        if self.staged.is_some() && at_path == self.id {
+            self.staged = None;
         }
-        Ok(())
+    }
+
+    /// Hand the socket file to the user the process is about to run as
+    /// (`server.user`), so that a process it upgrades to, started as that
+    /// user, can still connect to it.
+    pub fn give_to(&self, uid: libc::uid_t, gid: libc::gid_t) -> anyhow::Result<()> {
+        let path = self.staged.as_ref().unwrap_or(&self.path);
+        std::os::unix::fs::chown(path, Some(uid), Some(gid))
+            .with_context(|| format!("chown admin socket {}", path.display()))
     }
 }
 
@@ -228,13 +235,11 @@ pub struct Serving {
 /// Bind the admin socket at `path` (mode 0600) and serve it on its own
 /// thread. A stale socket file (no one answers) is replaced; a live one
 /// means another coregate runs there, and is an error, unless `staged`:
-/// a process started by an upgrade binds beside the path and moves its
-/// socket onto it once it serves (`AdminSocket::install`).
+/// a process started by an upgrade binds beside the path, and the old
+/// process moves the socket onto it once the new one serves.
 pub fn serve(path: &Path, serving: Serving, staged: bool) -> anyhow::Result<AdminSocket> {
     let bind_at = if staged {
-        let mut p = path.as_os_str().to_owned();
-        p.push(format!(".{}.new", std::process::id()));
-        let p = PathBuf::from(p);
+        let p = crate::upgrade::staged_path(path, std::process::id());
         let _ = std::fs::remove_file(&p);
         p
     } else {
@@ -369,20 +374,56 @@ fn no_upgrade() -> serde_json::Value {
 
 /// Serve `GET /metrics` (Prometheus text) over HTTP on a loopback
 /// address (`server.metrics_listen`), one scrape at a time on its own
-/// thread. Returns the bound address (port 0 picks one).
+/// thread. Returns the bound address (port 0 picks one). A socket handed
+/// over by an upgrade (`inherited`) is used instead of binding; with a
+/// `handover`, a duplicate is kept for the next upgrade, and the thread
+/// stops accepting once a new process has taken over.
 pub fn serve_metrics(
     addr: std::net::SocketAddr,
     hub: Arc<Hub>,
+    inherited: Option<Sockets>,
+    handover: Option<Arc<Handover>>,
 ) -> anyhow::Result<std::net::SocketAddr> {
-    let listener = std::net::TcpListener::bind(addr)
-        .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?;
+    let listener = match inherited.filter(|s| s.serves(addr)) {
+        Some(mut s) => {
+            crate::upgrade::tcp_listener(s.fds.remove(0), "the inherited metrics listener")?
+        }
+        None => {
+            let l = std::net::TcpListener::bind(addr)
+                .with_context(|| format!("server.metrics_listen: cannot listen on {addr}"))?;
+            l.set_nonblocking(true)?;
+            l
+        }
+    };
     let bound = listener.local_addr()?;
+    if let Some(h) = &handover {
+        h.keep(Sockets {
+            role: Role::Metrics,
+            configured: Some(addr),
+            bound,
+            fds: vec![listener.try_clone()?.into()],
+        });
+    }
     std::thread::Builder::new()
         .name("coregate-metrics".into())
         .spawn(move || {
-            for conn in listener.incoming() {
-                match conn {
-                    Ok(stream) => scrape(stream, &hub),
+            let mut poll = libc::pollfd {
+                fd: std::os::fd::AsRawFd::as_raw_fd(&listener),
+                events: libc::POLLIN,
+                revents: 0,
+            };
+            while !handover.as_ref().is_some_and(|h| h.handed_over()) {
+                // SAFETY: poll reads and writes the one pollfd we own.
+                let ready = unsafe { libc::poll(&mut poll, 1, 250) };
+                if ready <= 0 {
+                    continue;
+                }
+                match listener.accept() {
+                    Ok((stream, _)) => {
+                        let _ = stream.set_nonblocking(false);
+                        scrape(stream, &hub);
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
                     Err(e) => {
                         crate::warn!("metrics listener: accept: {e}");
                         std::thread::sleep(Duration::from_millis(100));

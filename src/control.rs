@@ -257,6 +257,7 @@ impl Server {
                     .collect::<std::io::Result<Vec<_>>>()
                     .context("keep the listening sockets for an upgrade")?;
                 h.keep(Sockets {
+                    role: upgrade::Role::Listener,
                     configured: Some(l.addr),
                     bound,
                     fds,
@@ -443,6 +444,10 @@ pub fn run_until_signal(
         h.close_listeners();
         h.handed_over()
     });
+    // After an upgrade a stop of the service (systemd signals the whole
+    // cgroup) or the upgrade's own SIGTERM must not cut this drain short:
+    // only a signal after a signalled drain exits at once.
+    let escalates = !handed_over;
     if handed_over {
         crate::info!("draining after the upgrade: finishing requests in flight");
     } else {
@@ -454,8 +459,11 @@ pub fn run_until_signal(
     }
     while !servers.iter().all(Server::is_finished) {
         if let Some(libc::SIGTERM | libc::SIGINT) = next_signal(Duration::from_millis(50)) {
-            crate::warn!("second signal: exiting without waiting");
-            std::process::exit(1);
+            if escalates {
+                crate::warn!("second signal: exiting without waiting");
+                std::process::exit(1);
+            }
+            crate::info!("already draining after the upgrade; the drain goes on");
         }
     }
     for s in servers {
@@ -508,6 +516,9 @@ pub fn drop_privileges(user: &str) -> anyhow::Result<()> {
                 who.uid,
                 std::io::Error::last_os_error()
             );
+        }
+        if libc::getgid() != who.gid || libc::getegid() != who.gid {
+            bail!("user {user:?}: the group is not {} after setgid", who.gid);
         }
         if who.uid != 0 && (libc::setuid(0) == 0 || libc::geteuid() != who.uid) {
             bail!("user {user:?}: root privileges could be regained after setuid");

@@ -172,8 +172,14 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
     let mut listeners: Vec<Option<(RawFd, usize)>> = Vec::new();
     // Each listener's index into snapshot.listeners, kept after it closes.
     let mut listener_idx = Vec::new();
+    // Whether each listener's multishot accept is in the kernel. The loop
+    // ends only once none is: after an upgrade the socket stays open in
+    // the new process, and an accept still armed here would take its
+    // connections into a ring about to be dropped.
+    let mut armed = Vec::new();
     for (i, (socket, idx)) in endpoints.listeners.into_iter().enumerate() {
         listener_idx.push(idx);
+        armed.push(true);
         let fd = socket.into_raw_fd();
         if let Err(e) = io
             .driver
@@ -192,6 +198,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
         .recv_multi(control, token(Kind::Control as u8, 0))
         .is_ok();
     let mut drain_deadline = None;
+    let mut idle_close_at = None;
     let mut closed_all = false;
     let mut housekeeping = io.now + HOUSEKEEPING;
     let mut done = Vec::with_capacity(256);
@@ -204,14 +211,25 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
                 return true;
             }
             if let Some(Some((fd, _))) = listeners.get(i) {
-                let _ = io
+                armed[i] = io
                     .driver
-                    .accept_multi(*fd, token(Kind::Accept as u8, i as u64));
+                    .accept_multi(*fd, token(Kind::Accept as u8, i as u64))
+                    .is_ok();
             }
             false
         });
-        if io.draining && service.open() == 0 {
+        if io.draining && service.open() == 0 && !armed.contains(&true) {
             break;
+        }
+        // An upgrade's drain keeps idle keep-alive connections for their
+        // next request; halfway to the drain timeout the ones still idle
+        // close, rather than all at once when it passes.
+        if let Some(at) = idle_close_at
+            && io.now >= at
+        {
+            idle_close_at = None;
+            io.handover = false;
+            service.drain(&mut io, ctx);
         }
         if let Some(d) = drain_deadline
             && io.now >= d
@@ -246,6 +264,11 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
             match kind {
                 k if k == Kind::Accept as u8 => {
                     let i = id as usize;
+                    if !c.more()
+                        && let Some(a) = armed.get_mut(i)
+                    {
+                        *a = false;
+                    }
                     let Some(Some((fd, idx))) = listeners.get(i).copied() else {
                         // A closed listener's last accepts, completed before
                         // the cancellation: accepted, so served like any
@@ -271,7 +294,7 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
                     }
                     if !c.more() && !io.draining {
                         // The kernel ended the multishot accept: re-arm.
-                        let _ = io.driver.accept_multi(fd, c.user_data);
+                        armed[i] = io.driver.accept_multi(fd, c.user_data).is_ok();
                     }
                 }
                 k if k == Kind::Control as u8 => {
@@ -296,7 +319,11 @@ pub fn run(endpoints: Endpoints, ctx: &WorkerCtx, driver: Driver, service: &mut 
                         _ => (true, false, false),
                     };
                     if (drain || handover) && !io.draining {
-                        drain_deadline = Some(io.now + ctx.current().snapshot.drain_timeout);
+                        let timeout = ctx.current().snapshot.drain_timeout;
+                        drain_deadline = Some(io.now + timeout);
+                        if handover {
+                            idle_close_at = Some(io.now + timeout / 2);
+                        }
                         start_drain(&mut io, ctx, service, &mut listeners, handover);
                     } else if stats && let Some(tx) = &endpoints.stats {
                         // Several requests read at once get one answer;

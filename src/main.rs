@@ -147,8 +147,14 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         }
     };
     let mut inherited = upgrade::inherit()?;
+    let mut inherited_metrics = None;
     if let Some(i) = &mut inherited {
-        outside.append(&mut i.listeners);
+        for s in i.listeners.drain(..) {
+            match s.role {
+                upgrade::Role::Listener => outside.push(s),
+                upgrade::Role::Metrics => inherited_metrics = Some(s),
+            }
+        }
     }
     control::block_signals();
     let admin_path = args.admin_socket.clone().or(snapshot.admin_socket.clone());
@@ -178,16 +184,31 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
         None => None,
     };
     let metrics = match snapshot_metrics {
-        Some(addr) => Some(admin::serve_metrics(addr, hub.clone())?),
+        Some(addr) => Some(admin::serve_metrics(
+            addr,
+            hub.clone(),
+            inherited_metrics,
+            handover.clone(),
+        )?),
         None => None,
     };
     let options = run_options(&args.workers)?;
     let bound = Server::bind(&published, &options, outside, handover.as_deref())?;
-    if let Some(user) = &user
-        && let Err(e) = control::drop_privileges(user)
-    {
-        eprintln!("coregate: refusing to run on: {e:#}");
-        return Ok(ExitCode::FAILURE);
+    if let Some(user) = &user {
+        let switched = (|| -> anyhow::Result<()> {
+            // SAFETY: geteuid only reads our credentials.
+            if unsafe { libc::geteuid() } == 0
+                && let Some(a) = &admin
+            {
+                let ids = config::lookup_user(user)?;
+                a.give_to(ids.uid, ids.gid)?;
+            }
+            control::drop_privileges(user)
+        })();
+        if let Err(e) = switched {
+            eprintln!("coregate: refusing to run on: {e:#}");
+            return Ok(ExitCode::FAILURE);
+        }
     }
     let server = bound.spawn(published, &options, Role::Proxy, Some(&hub))?;
     server.wait_ready(std::time::Duration::from_secs(30))?;
@@ -200,12 +221,11 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
     if let Some(addr) = metrics {
         println!("metrics on http://{addr}/metrics");
     }
-    if let Some(a) = &mut admin {
-        a.install()?;
-    }
     if let Some(i) = inherited {
-        i.ready()?;
-        coregate::info!("upgrade: serving; the old process drains");
+        i.ready();
+        if let Some(a) = &mut admin {
+            a.settle();
+        }
     }
     coregate::systemd::notify(&format!(
         "READY=1\nSTATUS={}",
@@ -225,6 +245,7 @@ fn passed_listeners() -> anyhow::Result<Vec<Sockets>> {
             let what = format!("LISTEN_FDS #{i} ({})", p.name);
             let listener = upgrade::tcp_listener(p.fd, &what)?;
             Ok(Sockets {
+                role: upgrade::Role::Listener,
                 configured: None,
                 bound: listener.local_addr()?,
                 fds: vec![listener.into()],

@@ -17,6 +17,10 @@ use std::time::Duration;
 /// The first descriptor systemd passes (`SD_LISTEN_FDS_START`).
 const LISTEN_FDS_START: RawFd = 3;
 
+/// More passed descriptors than this is a corrupt environment, not a
+/// socket unit.
+const MAX_LISTEN_FDS: RawFd = 4096;
+
 /// Send one notification (`READY=1`, `STATUS=...`, several lines joined
 /// with `\n`) to the service manager. Without `$NOTIFY_SOCKET` (not run by
 /// systemd, or `Type=` is not `notify`) it does nothing; a failed send is
@@ -100,20 +104,28 @@ pub fn listen_fds() -> Vec<Passed> {
         return Vec::new();
     };
     let names: Vec<&str> = names.as_deref().unwrap_or("").split(':').collect();
+    if !(0..=MAX_LISTEN_FDS).contains(&n) {
+        crate::warn!("LISTEN_FDS={n}: not a count of descriptors; none taken");
+        return Vec::new();
+    }
     (0..n)
-        .map(|i| {
+        .filter_map(|i| {
             let fd = LISTEN_FDS_START + i;
+            // SAFETY: fcntl on a descriptor number: it fails (EBADF) for
+            // one that is not open, and marks an open one close-on-exec.
+            if unsafe { libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC) } != 0 {
+                crate::warn!("LISTEN_FDS: descriptor {fd} is not open; skipped");
+                return None;
+            }
             // SAFETY: systemd passed descriptors 3..3+LISTEN_FDS to this
-            // process (LISTEN_PID is ours) and nothing else owns them: the
-            // variables were removed above, so this runs once per fd.
-            let fd = unsafe {
-                libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
-                OwnedFd::from_raw_fd(fd)
-            };
-            Passed {
+            // process (LISTEN_PID is ours), this one is open, and nothing
+            // else owns it: the variables were removed above, so this runs
+            // once per descriptor.
+            let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+            Some(Passed {
                 fd,
                 name: names.get(i as usize).unwrap_or(&"").to_string(),
-            }
+            })
         })
         .collect()
 }

@@ -12,13 +12,15 @@
 //! 2. N connects to O's admin socket and sends `handover`; O checks the
 //!    peer is the process it started (SO_PEERCRED) and sends one line per
 //!    listener, `listener CONFIGURED BOUND COUNT`, with its sockets
-//!    attached, then `end`.
+//!    attached, and one for the metrics listener (`metrics ...`), then
+//!    `end`.
 //! 3. N loads its config, uses those sockets for the listeners with the
 //!    same configured address, binds the rest, starts its workers, waits
-//!    until each accepts, moves its own admin socket onto the path, and
-//!    writes `ready` on the same connection.
-//! 4. O tells systemd the new main PID, answers `ok`, answers the
-//!    `upgrade` client, and drains (its listeners close; N's stay open).
+//!    until each accepts, and writes `ready` on the same connection. Its
+//!    admin socket waits beside O's path ([`staged_path`]).
+//! 4. O moves N's admin socket onto the path, tells systemd the new main
+//!    PID, answers `ok`, answers the `upgrade` client, and drains (its
+//!    listeners close; N's stay open).
 //!
 //! Anything that fails before step 4 (N exits, does not answer within
 //! [`UPGRADE_TIMEOUT`], or the connection breaks) stops N and leaves O
@@ -53,12 +55,31 @@ pub const UPGRADE_TIMEOUT: Duration = Duration::from_secs(30);
 /// 253).
 const FDS_PER_MESSAGE: usize = 200;
 
+/// What a handed-over socket listens for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// A `[[listener]]`.
+    Listener,
+    /// `server.metrics_listen`.
+    Metrics,
+}
+
+impl Role {
+    fn word(self) -> &'static str {
+        match self {
+            Role::Listener => "listener",
+            Role::Metrics => "metrics",
+        }
+    }
+}
+
 /// One listener's sockets as handed over or passed by systemd: the
 /// address it was configured with (none from systemd), the address it is
 /// bound to, and its sockets (one per worker of the process that bound it,
-/// all in one SO_REUSEPORT group).
+/// all in one SO_REUSEPORT group; never none).
 #[derive(Debug)]
 pub struct Sockets {
+    pub role: Role,
     pub configured: Option<SocketAddr>,
     pub bound: SocketAddr,
     pub fds: Vec<OwnedFd>,
@@ -116,6 +137,7 @@ impl Handover {
 
     /// Keep duplicates of a listener's sockets to hand over.
     pub fn keep(&self, sockets: Sockets) {
+        debug_assert!(!sockets.fds.is_empty());
         if let Some(list) = self
             .listeners
             .lock()
@@ -235,13 +257,18 @@ impl Handover {
                 break s;
             }
         };
-        {
+        // Duplicates, so that no lock is held while sending.
+        let list = {
             let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
             let Some(list) = listeners.as_ref() else {
                 bail!("this process started draining during the upgrade");
             };
-            send_listeners(&stream, list).context("send the listening sockets")?;
-        }
+            list.iter()
+                .map(Sockets::try_clone)
+                .collect::<io::Result<Vec<_>>>()?
+        };
+        send_listeners(&stream, &list).context("send the listening sockets")?;
+        drop(list);
         // The new process starts its workers now; wait for its `ready`.
         stream.set_read_timeout(Some(Duration::from_millis(100)))?;
         let mut reader = BufReader::new(&stream);
@@ -263,7 +290,24 @@ impl Handover {
         if line.trim() != "ready" {
             bail!("the new process answered {:?}", line.trim());
         }
-        self.handed_over.store(true, Ordering::Release);
+        {
+            // Decided under the listeners' lock: a drain that began first
+            // (SIGTERM during the upgrade) wins, and the new process goes.
+            let listeners = self.listeners.lock().unwrap_or_else(|p| p.into_inner());
+            if listeners.is_none() {
+                bail!("this process started draining during the upgrade");
+            }
+            self.handed_over.store(true, Ordering::Release);
+        }
+        // From here on `coregate` commands reach the new process.
+        let staged = staged_path(&self.admin, pid);
+        if let Err(e) = std::fs::rename(&staged, &self.admin) {
+            crate::warn!(
+                "upgrade: cannot move the new admin socket {} to {}: {e}; it answers at the first path",
+                staged.display(),
+                self.admin.display()
+            );
+        }
         crate::systemd::notify(&format!(
             "MAINPID={pid}\nSTATUS=handed over to process {pid}; draining"
         ));
@@ -324,13 +368,41 @@ fn peer_pid(stream: &UnixStream) -> io::Result<u32> {
     Ok(cred.pid as u32)
 }
 
+/// Where the admin socket of process `pid`, started by an upgrade, waits
+/// until the old process moves it onto `admin`.
+pub fn staged_path(admin: &Path, pid: u32) -> PathBuf {
+    let mut p = admin.as_os_str().to_owned();
+    p.push(format!(".{pid}.new"));
+    PathBuf::from(p)
+}
+
+impl Sockets {
+    fn try_clone(&self) -> io::Result<Sockets> {
+        Ok(Sockets {
+            role: self.role,
+            configured: self.configured,
+            bound: self.bound,
+            fds: self
+                .fds
+                .iter()
+                .map(OwnedFd::try_clone)
+                .collect::<io::Result<_>>()?,
+        })
+    }
+}
+
 /// Step 2, old side: a line per listener with its sockets, then `end`.
 fn send_listeners(stream: &UnixStream, list: &[Sockets]) -> io::Result<()> {
     for s in list {
         let configured = s
             .configured
             .map_or_else(|| "-".to_string(), |a| a.to_string());
-        let line = format!("listener {configured} {} {}\n", s.bound, s.fds.len());
+        let line = format!(
+            "{} {configured} {} {}\n",
+            s.role.word(),
+            s.bound,
+            s.fds.len()
+        );
         let fds: Vec<RawFd> = s.fds.iter().map(AsRawFd::as_raw_fd).collect();
         let mut chunks = fds.chunks(FDS_PER_MESSAGE);
         send_with_fds(stream, line.as_bytes(), chunks.next().unwrap_or(&[]))?;
@@ -381,21 +453,27 @@ pub fn inherit() -> anyhow::Result<Option<Inherited>> {
 
 impl Inherited {
     /// Step 3's end: tell the old process we serve, and wait for its
-    /// answer (it has told systemd our PID by then).
-    pub fn ready(self) -> anyhow::Result<()> {
-        let mut out = &self.stream;
-        out.write_all(b"ready\n")
-            .context("upgrade: tell the old process we are ready")?;
-        self.stream
-            .set_read_timeout(Some(Duration::from_secs(10)))?;
-        let mut answer = String::new();
-        BufReader::new(&self.stream)
-            .read_line(&mut answer)
-            .context("upgrade: the old process's answer")?;
-        if answer.trim() != "ok" {
-            bail!("upgrade: the old process answered {:?}", answer.trim());
+    /// answer (by then it has moved our admin socket onto its path and
+    /// told systemd our PID). Without one we serve on all the same: the
+    /// old process may have died, and these sockets are ours either way.
+    pub fn ready(self) {
+        let answer = || -> io::Result<String> {
+            let mut out = &self.stream;
+            out.write_all(b"ready\n")?;
+            self.stream
+                .set_read_timeout(Some(Duration::from_secs(10)))?;
+            let mut answer = String::new();
+            BufReader::new(&self.stream).read_line(&mut answer)?;
+            Ok(answer)
+        };
+        match answer() {
+            Ok(a) if a.trim() == "ok" => crate::info!("upgrade: serving; the old process drains"),
+            Ok(a) => crate::warn!(
+                "upgrade: the old process answered {:?}; serving anyway",
+                a.trim()
+            ),
+            Err(e) => crate::warn!("upgrade: no answer from the old process ({e}); serving anyway"),
         }
-        Ok(())
     }
 }
 
@@ -418,13 +496,21 @@ fn receive_listeners(stream: &UnixStream) -> anyhow::Result<Vec<Sockets>> {
         let words: Vec<&str> = line.split_whitespace().collect();
         match words.as_slice() {
             [] | ["end"] => {}
-            ["listener", configured, bound, count] => {
+            [role @ ("listener" | "metrics"), configured, bound, count] => {
                 let bad = || anyhow::anyhow!("bad hand-over line {line:?}");
                 let count: usize = count.parse().map_err(|_| bad())?;
+                if count == 0 {
+                    return Err(bad());
+                }
                 if fds.len() < count {
                     bail!("{line:?}: only {} sockets came with it", fds.len());
                 }
                 out.push(Sockets {
+                    role: if *role == "metrics" {
+                        Role::Metrics
+                    } else {
+                        Role::Listener
+                    },
                     configured: match *configured {
                         "-" => None,
                         c => Some(c.parse().map_err(|_| bad())?),
@@ -592,11 +678,13 @@ mod tests {
             .collect();
         let list = vec![
             Sockets {
+                role: Role::Listener,
                 configured: Some("127.0.0.1:0".parse().unwrap()),
                 bound: addr1,
                 fds: vec![OwnedFd::from(l1.try_clone().unwrap())],
             },
             Sockets {
+                role: Role::Metrics,
                 configured: None,
                 bound: addr2,
                 fds: many,
@@ -610,6 +698,7 @@ mod tests {
         assert_eq!(got[0].bound, addr1);
         assert_eq!(got[0].fds.len(), 1);
         assert_eq!(got[1].configured, None);
+        assert_eq!(got[1].role, Role::Metrics);
         assert_eq!(got[1].fds.len(), FDS_PER_MESSAGE + 3);
         // The descriptors are the same sockets: a connection to each
         // address is accepted through them.
@@ -631,6 +720,7 @@ mod tests {
     fn configured_addresses_match_before_bound_ones() {
         let fd = || OwnedFd::from(std::net::TcpListener::bind("127.0.0.1:0").unwrap());
         let handed = Sockets {
+            role: Role::Listener,
             configured: Some("127.0.0.1:0".parse().unwrap()),
             bound: "127.0.0.1:4321".parse().unwrap(),
             fds: vec![fd()],
@@ -638,6 +728,7 @@ mod tests {
         assert!(handed.serves("127.0.0.1:0".parse().unwrap()));
         assert!(!handed.serves("127.0.0.1:4321".parse().unwrap()));
         let passed = Sockets {
+            role: Role::Listener,
             configured: None,
             bound: "127.0.0.1:4321".parse().unwrap(),
             fds: vec![fd()],

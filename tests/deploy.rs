@@ -37,16 +37,53 @@ fn notifications_until(socket: &UnixDatagram, wanted: &str) -> Vec<String> {
 }
 
 fn coregate_notifying(config: &str, notify: &Path, extra: &[&str]) -> Proc {
+    coregate_printing(config, notify, extra, &["coregate listening on http://"]).0
+}
+
+/// coregate with `NOTIFY_SOCKET`, once it has printed a line starting with
+/// each of `markers`: the rest of each line, in the order of `markers`.
+fn coregate_printing(
+    config: &str,
+    notify: &Path,
+    extra: &[&str],
+    markers: &[&str],
+) -> (Proc, Vec<String>) {
     let dir = support::temp_dir();
     let path = dir.join("coregate.toml");
     std::fs::write(&path, config).unwrap();
-    let mut cmd = Command::new(BIN);
-    cmd.arg("run")
+    let mut child = Command::new(BIN)
+        .arg("run")
         .arg("--config")
         .arg(&path)
         .args(extra)
-        .env("NOTIFY_SOCKET", notify);
-    support::start(cmd, "coregate listening on http://", dir)
+        .env("NOTIFY_SOCKET", notify)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.join("stderr.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        // Every line is read, so the child never blocks on a full pipe.
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut found: Vec<Option<String>> = vec![None; markers.len()];
+    while found.iter().any(Option::is_none) {
+        let line = rx
+            .recv_timeout(Duration::from_secs(15))
+            .unwrap_or_else(|_| panic!("coregate did not print {markers:?} within 15 s"));
+        for (m, slot) in markers.iter().zip(&mut found) {
+            if let Some(rest) = line.strip_prefix(m) {
+                *slot = Some(rest.trim().to_string());
+            }
+        }
+    }
+    let found: Vec<String> = found.into_iter().map(Option::unwrap).collect();
+    let addr = found[0].clone();
+    (Proc { child, addr, dir }, found)
 }
 
 #[test]
@@ -250,6 +287,26 @@ fn started_as_root_every_thread_runs_as_the_configured_user() {
         assert!(!groups.split(' ').any(|g| g == "0"), "{ids:?}");
     }
 
+    // An upgrade of a process that switched users: the admin socket was
+    // handed to the user, so the new process (started as that user) takes
+    // the listeners over, in a directory the user may write in.
+    let admin_dir = support::temp_dir();
+    std::os::unix::fs::chown(&admin_dir, Some(65534), Some(65534)).unwrap();
+    let admin = admin_dir.join("admin.sock");
+    let mut old = support::coregate(
+        &config,
+        &["--workers", "2", "--admin-socket", admin.to_str().unwrap()],
+    );
+    let out = upgrade(&admin, None);
+    assert!(out.status.success(), "{out:?}");
+    let new = Adopted(upgraded_pid(&out));
+    assert!(old.wait_exit(Duration::from_secs(15)).is_some());
+    assert_eq!(support::status_of(&[&format!("http://{}/", old.addr)]), 200);
+    for (uid, gid, _) in thread_ids(new.0) {
+        assert_eq!((uid.as_str(), gid.as_str()), (nobody, nobody));
+    }
+    drop(new);
+
     // A user that cannot be switched to: the process refuses to run on.
     let out = Command::new(BIN)
         .args(["run", "--listen", "127.0.0.1:0", "--upstream"])
@@ -326,15 +383,21 @@ fn a_failed_upgrade_changes_nothing_and_a_good_one_tells_systemd_the_new_pid() {
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     let origin = support::coregate_origin(16);
     let admin = dir.join("admin.sock");
-    let config = support::config_for(&format!("tcp://{}", origin.addr), "");
-    let mut old = coregate_notifying(
+    // A metrics listener too: the new process takes it over like the
+    // others (a fixed port could not be bound twice).
+    let config = support::config_for(&format!("tcp://{}", origin.addr), "")
+        .replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n");
+    let (mut old, printed) = coregate_printing(
         &config,
         &notify_path,
         &["--admin-socket", admin.to_str().unwrap()],
+        &["coregate listening on http://", "metrics on http://"],
     );
     let url = format!("http://{}/", old.addr);
+    let metrics = format!("http://{}", printed[1]);
+    assert_eq!(support::status_of(&[&metrics]), 200);
     assert!(next_notification(&notify).starts_with("READY=1"));
-    support::reload(&admin);
+    assert!(support::reload(&admin).status.success());
     notifications_until(&notify, "READY=1");
     let before = admin_status(&admin);
     assert_eq!(before["epoch"], 2);
@@ -384,6 +447,8 @@ fn a_failed_upgrade_changes_nothing_and_a_good_one_tells_systemd_the_new_pid() {
     }
     assert!(new.alive());
     assert_eq!(support::status_of(&[&url]), 200);
+    // The metrics address answers on, from the new process alone.
+    assert_eq!(support::status_of(&[&metrics]), 200);
     // The admin socket is the new process's now (and was not removed by
     // the old one's exit): it reloads the new process, from epoch 1.
     assert_eq!(admin_status(&admin)["epoch"], 1);
