@@ -86,21 +86,43 @@ fn coregate_printing(
     (Proc { child, addr, dir }, found)
 }
 
+/// What the systemd tests share: a notification socket as systemd's, an
+/// origin, a config in front of it and a path for the admin socket.
+struct Managed {
+    notify_path: std::path::PathBuf,
+    notify: UnixDatagram,
+    admin: std::path::PathBuf,
+    config: String,
+    _origin: Proc,
+}
+
+impl Managed {
+    fn new() -> Managed {
+        let dir = support::temp_dir();
+        let notify_path = dir.join("notify.sock");
+        let notify = UnixDatagram::bind(&notify_path).unwrap();
+        let origin = support::coregate_origin(16);
+        Managed {
+            admin: dir.join("admin.sock"),
+            config: support::config_for(&format!("tcp://{}", origin.addr), ""),
+            notify_path,
+            notify,
+            _origin: origin,
+        }
+    }
+}
+
 #[test]
 fn readiness_reloads_and_the_drain_are_told_to_systemd() {
-    let dir = support::temp_dir();
-    let notify_path = dir.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    let origin = support::coregate_origin(16);
-    let admin = dir.join("admin.sock");
-    let config = support::config_for(&format!("tcp://{}", origin.addr), "");
+    let m = Managed::new();
+    let (notify_path, notify, admin) = (&m.notify_path, &m.notify, &m.admin);
     let proxy = coregate_notifying(
-        &config,
-        &notify_path,
+        &m.config,
+        notify_path,
         &["--admin-socket", admin.to_str().unwrap()],
     );
     // READY=1 comes once every worker accepts, with the epoch serving.
-    let ready = next_notification(&notify);
+    let ready = next_notification(notify);
     assert!(ready.starts_with("READY=1\n"), "{ready:?}");
     assert!(ready.contains("STATUS=serving epoch 1 of "), "{ready:?}");
     assert_eq!(
@@ -110,22 +132,22 @@ fn readiness_reloads_and_the_drain_are_told_to_systemd() {
 
     // A reload through the admin socket and one through SIGHUP: each is
     // RELOADING=1 with the monotonic clock, then READY=1 with the epoch.
-    let out = support::reload(&admin);
+    let out = support::reload(admin);
     assert!(out.status.success(), "{out:?}");
-    let reloading = next_notification(&notify);
+    let reloading = next_notification(notify);
     let usec: u64 = reloading
         .strip_prefix("RELOADING=1\nMONOTONIC_USEC=")
         .unwrap_or_else(|| panic!("{reloading:?}"))
         .parse()
         .unwrap();
     assert!(usec > 0);
-    let again = next_notification(&notify);
+    let again = next_notification(notify);
     assert!(
         again.starts_with("READY=1\nSTATUS=serving epoch 2 of "),
         "{again:?}"
     );
     proxy.signal(libc::SIGHUP);
-    let seen = notifications_until(&notify, "READY=1");
+    let seen = notifications_until(notify, "READY=1");
     assert!(seen[0].starts_with("RELOADING=1\n"), "{seen:?}");
     assert!(
         seen.last().unwrap().contains("STATUS=serving epoch 3 of "),
@@ -134,17 +156,24 @@ fn readiness_reloads_and_the_drain_are_told_to_systemd() {
 
     // The drain says STOPPING=1 at once.
     proxy.signal(libc::SIGTERM);
-    let stopping = next_notification(&notify);
+    let stopping = next_notification(notify);
     assert_eq!(stopping, "STOPPING=1\nSTATUS=draining");
 }
 
 /// Start coregate as systemd would with `listeners` passed from fd 3 on:
 /// LISTEN_PID is the process's own (the shell's PID, kept by exec).
 fn socket_activated(config: &str, listeners: &[&TcpListener], names: &str) -> Proc {
+    let fds = listeners.iter().map(|l| l.as_raw_fd()).collect();
+    let (cmd, dir) = activated_command(config, fds, names);
+    support::start(cmd, "coregate listening on http://", dir)
+}
+
+/// `coregate run` on `config` with `fds` passed from 3 on, and the
+/// directory of its files.
+fn activated_command(config: &str, fds: Vec<i32>, names: &str) -> (Command, std::path::PathBuf) {
     let dir = support::temp_dir();
     let path = dir.join("coregate.toml");
     std::fs::write(&path, config).unwrap();
-    let fds: Vec<i32> = listeners.iter().map(|l| l.as_raw_fd()).collect();
     let mut cmd = Command::new("sh");
     cmd.arg("-c")
         .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
@@ -155,7 +184,7 @@ fn socket_activated(config: &str, listeners: &[&TcpListener], names: &str) -> Pr
         .env("LISTEN_FDS", fds.len().to_string())
         .env("LISTEN_FDNAMES", names);
     pass_from_3(&mut cmd, fds);
-    support::start(cmd, "coregate listening on http://", dir)
+    (cmd, dir)
 }
 
 /// Make `fds` the child's descriptors 3, 4, ... as systemd does.
@@ -218,21 +247,9 @@ fn socket_activation_serves_the_passed_listener_and_binds_the_rest() {
 
     // A passed descriptor that is not a listening socket is an error
     // naming it.
-    let dir = support::temp_dir();
-    let path = dir.join("coregate.toml");
-    std::fs::write(&path, &config).unwrap();
     let client = TcpStream::connect(addr).unwrap();
-    let mut cmd = Command::new("sh");
-    cmd.arg("-c")
-        .arg("LISTEN_PID=$$ exec \"$0\" \"$@\"")
-        .arg(BIN)
-        .arg("run")
-        .arg("--config")
-        .arg(&path)
-        .env("LISTEN_FDS", "1")
-        .env("LISTEN_FDNAMES", "web")
-        .stdout(Stdio::null());
-    pass_from_3(&mut cmd, vec![client.as_raw_fd()]);
+    let (mut cmd, _dir) = activated_command(&config, vec![client.as_raw_fd()], "web");
+    cmd.stdout(Stdio::null());
     let out = cmd.output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -378,55 +395,53 @@ fn admin_status(admin: &Path) -> serde_json::Value {
 
 #[test]
 fn a_failed_upgrade_changes_nothing_and_a_good_one_tells_systemd_the_new_pid() {
-    let dir = support::temp_dir();
-    let notify_path = dir.join("notify.sock");
-    let notify = UnixDatagram::bind(&notify_path).unwrap();
-    let origin = support::coregate_origin(16);
-    let admin = dir.join("admin.sock");
+    let m = Managed::new();
+    let (notify_path, notify, admin) = (&m.notify_path, &m.notify, &m.admin);
     // A metrics listener too: the new process takes it over like the
     // others (a fixed port could not be bound twice).
-    let config = support::config_for(&format!("tcp://{}", origin.addr), "")
+    let config = m
+        .config
         .replace("[server]\n", "[server]\nmetrics_listen = \"127.0.0.1:0\"\n");
     let (mut old, printed) = coregate_printing(
         &config,
-        &notify_path,
+        notify_path,
         &["--admin-socket", admin.to_str().unwrap()],
         &["coregate listening on http://", "metrics on http://"],
     );
     let url = format!("http://{}/", old.addr);
     let metrics = format!("http://{}", printed[1]);
     assert_eq!(support::status_of(&[&metrics]), 200);
-    assert!(next_notification(&notify).starts_with("READY=1"));
-    assert!(support::reload(&admin).status.success());
-    notifications_until(&notify, "READY=1");
-    let before = admin_status(&admin);
+    assert!(next_notification(notify).starts_with("READY=1"));
+    assert!(support::reload(admin).status.success());
+    notifications_until(notify, "READY=1");
+    let before = admin_status(admin);
     assert_eq!(before["epoch"], 2);
 
     // A binary that exits at once, and one that is not there: refused,
     // and the running process serves as before, reload and all.
     for bad in ["/bin/false", "/nonexistent/coregate"] {
-        let out = upgrade(&admin, Some(bad));
+        let out = upgrade(admin, Some(bad));
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success(), "{out:?}");
         assert!(
             err.contains("upgrade refused; the running process keeps serving"),
             "{err}"
         );
-        assert_eq!(admin_status(&admin)["epoch"], 2);
+        assert_eq!(admin_status(admin)["epoch"], 2);
         assert_eq!(support::status_of(&[&url]), 200);
         assert!(old.child.try_wait().unwrap().is_none());
     }
     assert!(
-        String::from_utf8_lossy(&upgrade(&admin, Some("/bin/false")).stderr)
+        String::from_utf8_lossy(&upgrade(admin, Some("/bin/false")).stderr)
             .contains("exited (exit status: 1) before it was ready")
     );
 
     // The real binary: the old process names the new main PID, the new
     // one is ready, the old one drains and exits, the address serves on.
-    let out = upgrade(&admin, None);
+    let out = upgrade(admin, None);
     assert!(out.status.success(), "{out:?}");
     let new = Adopted(upgraded_pid(&out));
-    let seen = notifications_until(&notify, "READY=1");
+    let seen = notifications_until(notify, "READY=1");
     assert!(
         seen.iter()
             .any(|n| n.starts_with(&format!("MAINPID={}\n", new.0))),
@@ -451,7 +466,7 @@ fn a_failed_upgrade_changes_nothing_and_a_good_one_tells_systemd_the_new_pid() {
     assert_eq!(support::status_of(&[&metrics]), 200);
     // The admin socket is the new process's now (and was not removed by
     // the old one's exit): it reloads the new process, from epoch 1.
-    assert_eq!(admin_status(&admin)["epoch"], 1);
+    assert_eq!(admin_status(admin)["epoch"], 1);
 }
 
 /// What the load saw.
