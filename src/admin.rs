@@ -90,6 +90,11 @@ impl Reloader {
         }
     }
 
+    /// `server.drain_grace` of the configuration running now.
+    pub fn drain_grace(&self) -> Duration {
+        self.published.load().1.drain_grace
+    }
+
     pub fn status(&self) -> Loaded {
         self.last.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
@@ -344,7 +349,12 @@ fn answer(stream: UnixStream, serving: &Serving) {
         "stats" => {
             let workers = hub.collect(COLLECT_TIMEOUT);
             let total = Report::merge(&workers);
-            serde_json::json!({ "ok": true, "total": total, "workers": workers })
+            serde_json::json!({
+                "ok": true,
+                "total": total,
+                "workers": workers,
+                "fleet": hub.fleet.to_json(),
+            })
         }
         "drain" => {
             // The control thread owns the drain and waits for its signals
@@ -356,7 +366,7 @@ fn answer(stream: UnixStream, serving: &Serving) {
         }
         "metrics" => {
             let mut out = &stream;
-            let _ = out.write_all(render::prometheus(&hub.collect(COLLECT_TIMEOUT)).as_bytes());
+            let _ = out.write_all(metrics_text(hub).as_bytes());
             return;
         }
         other => serde_json::json!({
@@ -366,6 +376,13 @@ fn answer(stream: UnixStream, serving: &Serving) {
     };
     let mut out = &stream;
     let _ = writeln!(out, "{reply}");
+}
+
+/// The Prometheus text of the workers' figures and the fleet thread's.
+fn metrics_text(hub: &Hub) -> String {
+    let mut text = render::prometheus(&hub.collect(COLLECT_TIMEOUT));
+    text.push_str(&hub.fleet.prometheus());
+    text
 }
 
 fn no_upgrade() -> serde_json::Value {
@@ -457,7 +474,7 @@ fn scrape(stream: std::net::TcpStream, hub: &Hub) {
         ("GET" | "HEAD", "/metrics") => (
             "200 OK",
             "text/plain; version=0.0.4; charset=utf-8",
-            render::prometheus(&hub.collect(COLLECT_TIMEOUT)),
+            metrics_text(hub),
         ),
         (_, "/metrics") => ("405 Method Not Allowed", "text/plain", "GET only\n".into()),
         _ => ("404 Not Found", "text/plain", "see /metrics\n".into()),

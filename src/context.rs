@@ -10,8 +10,10 @@
 use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 
 use crate::access_log::AccessLog;
+use crate::admission::fleet::{self, Board};
 use crate::admission::{Admission, Rejections};
 use crate::balance::GroupView;
 use crate::config::Snapshot;
@@ -52,11 +54,16 @@ impl Current {
         workers: usize,
         tallies: Tallies,
         groups: Vec<GroupView>,
+        board: &Arc<Board>,
     ) -> Self {
+        let fleet = snapshot
+            .fleet
+            .as_ref()
+            .map(|f| Rc::new(fleet::View::new(board.clone(), f.instances)));
         Current {
             epoch,
             rules: snapshot.rules.clone(),
-            admission: Admission::new(&snapshot.policies, workers),
+            admission: Admission::new(&snapshot.policies, workers, fleet.as_ref()),
             tallies,
             groups,
             snapshot,
@@ -92,10 +99,23 @@ pub struct WorkerCtx {
     pub stats: WorkerStats,
     pub access_log: AccessLog,
     pub driver: DriverKind,
+    /// What this worker and the fleet thread tell each other
+    /// (fleet-scoped rate limits).
+    pub fleet: Arc<Board>,
+    /// Set by the control thread at SIGTERM: `/readyz` says draining
+    /// while requests are still served (`server.drain_grace`).
+    pub leaving: Arc<AtomicBool>,
 }
 
 impl WorkerCtx {
-    pub fn new(id: usize, workers: usize, published: Arc<Published>, driver: DriverKind) -> Self {
+    pub fn new(
+        id: usize,
+        workers: usize,
+        published: Arc<Published>,
+        driver: DriverKind,
+        fleet: Arc<Board>,
+        leaving: Arc<AtomicBool>,
+    ) -> Self {
         let (epoch, snapshot) = published.load();
         let tallies = Tallies::new(&snapshot);
         let groups = snapshot
@@ -116,8 +136,10 @@ impl WorkerCtx {
             rejections: Rejections::default(),
             stats: WorkerStats::default(),
             current: RefCell::new(Rc::new(Current::new(
-                epoch, snapshot, workers, tallies, groups,
+                epoch, snapshot, workers, tallies, groups, &fleet,
             ))),
+            fleet,
+            leaving,
             published,
             scratch: RefCell::new(Scratch::default()),
             bufs: BufPool::new(),
@@ -161,7 +183,14 @@ impl WorkerCtx {
                 },
             )
             .collect();
-        let next = Rc::new(Current::new(epoch, snapshot, self.workers, tallies, groups));
+        let next = Rc::new(Current::new(
+            epoch,
+            snapshot,
+            self.workers,
+            tallies,
+            groups,
+            &self.fleet,
+        ));
         *self.current.borrow_mut() = next.clone();
         crate::debug!("worker {} now on config epoch {epoch}", self.id);
         next

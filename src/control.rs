@@ -11,12 +11,14 @@ use std::net::SocketAddr;
 use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use anyhow::{Context, bail};
 
 use crate::admin::Reloader;
+use crate::admission::fleet::Board;
 use crate::config::epoch::Published;
 use crate::context::{MSG_DRAIN, MSG_HANDOVER};
 use crate::net::listener::bind_reuseport;
@@ -52,6 +54,10 @@ pub struct Server {
     addrs: Vec<SocketAddr>,
     /// A message from each worker once it accepts.
     ready: std::sync::mpsc::Receiver<()>,
+    /// Each worker's exchange with the fleet thread.
+    boards: Vec<Arc<Board>>,
+    /// Read by every worker's `/readyz`: set during the drain grace.
+    leaving: Arc<AtomicBool>,
 }
 
 /// Parse `0-3,6` into `[0, 1, 2, 3, 6]`.
@@ -142,6 +148,8 @@ impl Bound {
     ) -> anyhow::Result<Server> {
         let n = self.cores.len();
         let (ready_tx, ready) = std::sync::mpsc::channel();
+        let leaving = Arc::new(AtomicBool::new(false));
+        let boards: Vec<Arc<Board>> = (0..n).map(|_| Arc::new(Board::default())).collect();
         let mut handles = Vec::with_capacity(n);
         let mut controls = Vec::with_capacity(n);
         for (id, (core, listeners)) in self.cores.into_iter().zip(self.per_worker).enumerate() {
@@ -163,6 +171,8 @@ impl Bound {
                 listeners,
                 control: theirs,
                 ready: ready_tx.clone(),
+                fleet: boards[id].clone(),
+                leaving: leaving.clone(),
                 role: role.clone(),
             };
             handles.push(worker::spawn(spec).context("spawn worker thread")?);
@@ -173,6 +183,8 @@ impl Bound {
             controls,
             addrs: self.addrs,
             ready,
+            boards,
+            leaving,
         })
     }
 }
@@ -310,6 +322,16 @@ impl Server {
         &self.addrs
     }
 
+    /// Each worker's board, for the fleet thread (`crate::fleet`).
+    pub fn boards(&self) -> Vec<Arc<Board>> {
+        self.boards.clone()
+    }
+
+    /// `/readyz` answers draining from now on; requests are still served.
+    fn leave(&self) {
+        self.leaving.store(true, Ordering::Relaxed);
+    }
+
     /// Ask every worker to drain: stop accepting, finish in-flight
     /// requests, close idle connections (after their next answer when
     /// `handed_over`: see `MSG_HANDOVER`), exit.
@@ -413,9 +435,9 @@ pub fn run_until_signal(
     reloader: Option<&Reloader>,
     handover: Option<&Arc<Handover>>,
 ) -> anyhow::Result<()> {
-    loop {
+    let stop = loop {
         match next_signal(Duration::from_millis(200)) {
-            Some(libc::SIGTERM) | Some(libc::SIGINT) => break,
+            Some(s @ (libc::SIGTERM | libc::SIGINT)) => break s,
             Some(libc::SIGHUP) => match reloader {
                 Some(r) => {
                     let _ = r.reload_and_log("SIGHUP");
@@ -439,6 +461,13 @@ pub fn run_until_signal(
             }
             bail!("a worker exited unexpectedly");
         }
+    };
+    let upgraded = handover.is_some_and(|h| h.handed_over());
+    if stop == libc::SIGTERM
+        && !upgraded
+        && let Some(r) = reloader
+    {
+        grace(&servers, r.drain_grace());
     }
     let handed_over = handover.is_some_and(|h| {
         h.close_listeners();
@@ -471,6 +500,42 @@ pub fn run_until_signal(
     }
     crate::info!("drained; exiting");
     Ok(())
+}
+
+/// SIGTERM's first step (`server.drain_grace`): `/readyz` says draining
+/// at once, so a load balancer checking it takes this instance out, while
+/// requests are still served; the listeners close when the grace ends.
+/// Another SIGTERM or SIGINT ends the grace early. SIGINT (an operator's
+/// Ctrl-C) and an upgrade have no grace: nobody needs to route away; nor
+/// do the demo and the built-in origin, which have no config to reload.
+fn grace(servers: &[Server], grace: Duration) {
+    if grace.is_zero() {
+        return;
+    }
+    for s in servers {
+        s.leave();
+    }
+    crate::info!(
+        "SIGTERM: /readyz says draining; serving {:.1}s more before the listeners close",
+        grace.as_secs_f64()
+    );
+    crate::systemd::notify(&format!(
+        "STATUS=leaving: /readyz says draining for {:.1}s",
+        grace.as_secs_f64()
+    ));
+    let end = std::time::Instant::now() + grace;
+    loop {
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() || servers.iter().any(Server::any_finished) {
+            return;
+        }
+        if let Some(libc::SIGTERM | libc::SIGINT) =
+            next_signal(left.min(Duration::from_millis(200)))
+        {
+            crate::info!("second signal: the drain starts now");
+            return;
+        }
+    }
 }
 
 /// Run as `user` from here on (`server.user`, `--user`): its groups, its

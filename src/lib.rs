@@ -31,6 +31,8 @@
 //! - [`balance`]: backend selection (p2c on inflight and EWMA latency,
 //!   least-inflight, round robin, smooth WRR, Maglev hashing), passive
 //!   ejection with backoff, the retry budget.
+//! - [`fleet`]: fleet-wide rate limits: the thread that shares counts
+//!   through Redis and gives each worker its part of the fleet's rate.
 //! - [`health`]: active health checks on a thread of the control side,
 //!   marking backends down and up in the published snapshot.
 //! - [`admin`]: the admin UNIX socket, live reload, and its client.
@@ -54,6 +56,7 @@ pub mod config;
 pub mod context;
 pub mod control;
 pub mod engine;
+pub mod fleet;
 pub mod health;
 pub mod http;
 pub mod log;

@@ -210,7 +210,10 @@ fn run(args: RunArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::FAILURE);
         }
     }
-    let server = bound.spawn(published, &options, Role::Proxy, Some(&hub))?;
+    let server = bound.spawn(published.clone(), &options, Role::Proxy, Some(&hub))?;
+    // Idle while the config has no [fleet]; a reload may add one.
+    coregate::fleet::spawn(published, server.boards(), hub.fleet.clone())
+        .context("start the fleet sync thread")?;
     server.wait_ready(std::time::Duration::from_secs(30))?;
     for (addr, scheme) in server.local_addrs().iter().zip(&schemes) {
         println!("coregate listening on {scheme}://{addr}");

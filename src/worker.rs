@@ -9,7 +9,10 @@
 //! drain (`control`).
 
 use std::sync::Arc;
+use std::sync::atomic::AtomicBool;
 use std::sync::mpsc::Sender;
+
+use crate::admission::fleet::Board;
 
 use crate::config::epoch::Published;
 use crate::context::WorkerCtx;
@@ -43,6 +46,10 @@ pub struct WorkerSpec {
     pub control: std::os::unix::net::UnixStream,
     /// Told once the worker accepts on its listeners.
     pub ready: Sender<()>,
+    /// This worker's exchange with the fleet thread.
+    pub fleet: Arc<Board>,
+    /// Set at SIGTERM, during `server.drain_grace`.
+    pub leaving: Arc<AtomicBool>,
     pub role: Role,
 }
 
@@ -91,7 +98,14 @@ fn native_main(spec: WorkerSpec, driver: DriverKind) {
             ring.setup().name()
         );
     }
-    let mut ctx = WorkerCtx::new(spec.id, spec.workers, spec.published.clone(), driver);
+    let mut ctx = WorkerCtx::new(
+        spec.id,
+        spec.workers,
+        spec.published.clone(),
+        driver,
+        spec.fleet.clone(),
+        spec.leaving.clone(),
+    );
     ctx.core = spec.core.map(|c| c.id);
     let mut service: Box<dyn Service> = match spec.role {
         Role::Proxy => Box::new(Proxy::new()),

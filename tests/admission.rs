@@ -14,7 +14,7 @@ use crate::support::*;
 /// with extra listener and route keys (either may open a `limits` table).
 fn proxy_with(origin: &Proc, listener: &str, route: &str) -> Proc {
     let config = format!(
-        "[server]\ndrain_timeout = \"5s\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n{listener}\n\n\
+        "[server]\ndrain_timeout = \"5s\"\ndrain_grace = \"0s\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\n{listener}\n\n\
          [upstream.app]\nbackends = [\"tcp://{}\"]\n\n[[route]]\nupstream = \"app\"\n{route}\n",
         origin.addr
     );

@@ -9,6 +9,7 @@ mod balance;
 mod bodies;
 mod deploy;
 mod failures;
+mod fleet;
 mod forwarding;
 mod lifecycle;
 mod modules;

@@ -130,7 +130,7 @@ fn tunnel_config(
     log: &Path,
 ) -> String {
     format!(
-        "[server]\nadmin_socket = \"{}\"\naccess_log = \"{}\"\n{server}\n\n\
+        "[server]\nadmin_socket = \"{}\"\naccess_log = \"{}\"\ndrain_grace = \"0s\"\n{server}\n\n\
          [[listener]]\nlisten = \"127.0.0.1:0\"\n{listener}\n\n\
          [upstream.app]\nbackends = [\"tcp://{backend}\"]\n\n\
          [[rule]]\nlog = [\"path\", \"status\", \"bytes\"]\n\n\

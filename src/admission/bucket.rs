@@ -44,10 +44,22 @@ impl Buckets {
     /// the next arrives in that many seconds (rounded up, at least 1, as
     /// Retry-After counts whole seconds).
     pub fn take(&mut self, principal: u64, now: Instant) -> Result<(), u32> {
+        self.take_at(principal, now, self.rate, self.burst)
+    }
+
+    /// [`Buckets::take`] at a rate and burst of the caller's (a fleet
+    /// limit's, which change with the fleet's use). A bucket's tokens are
+    /// capped at the burst given now.
+    pub fn take_at(
+        &mut self,
+        principal: u64,
+        now: Instant,
+        rate: f64,
+        burst: f64,
+    ) -> Result<(), u32> {
         if self.map.len() >= MAX_PRINCIPALS && !self.map.contains_key(&principal) {
             self.forget_full(now);
         }
-        let (rate, burst) = (self.rate, self.burst);
         let b = self.map.entry(principal).or_insert(Bucket {
             tokens: burst,
             last: now,

@@ -25,6 +25,7 @@
 pub mod bucket;
 pub mod decode;
 pub mod fair;
+pub mod fleet;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
@@ -54,12 +55,24 @@ pub enum Key {
     All,
 }
 
-/// A rate limit as configured: the whole process's rate per principal.
+/// A rate limit as configured: the whole process's rate per principal,
+/// or the whole fleet's (`scope = "fleet"`).
 #[derive(Debug, Clone)]
 pub struct Rate {
     pub per_second: f64,
     pub burst: f64,
     pub principal: Key,
+    pub scope: Scope,
+}
+
+/// Who a rate limit's rate is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// This process: each worker gets its share.
+    Local,
+    /// Every instance of the fleet together, shared through Redis
+    /// (`crate::fleet`).
+    Fleet,
 }
 
 /// Queueing when the inflight cap is reached.
@@ -290,6 +303,10 @@ pub fn ip_hash(ip: IpAddr) -> u64 {
 pub struct PolicyState {
     pub policy: Arc<Policy>,
     buckets: Option<RefCell<Buckets>>,
+    /// A fleet-scoped rate's shares and its local share (`None` for a
+    /// local rate, or when the config has no `[fleet]`: then it counts as
+    /// a local one).
+    fleet: Option<(Rc<fleet::View>, f64)>,
     pub gate: Option<Rc<Gate>>,
 }
 
@@ -314,7 +331,14 @@ pub enum Admit {
 }
 
 impl PolicyState {
-    pub fn new(policy: Arc<Policy>, workers: usize) -> Self {
+    pub fn new(policy: Arc<Policy>, workers: usize, fleet: Option<&Rc<fleet::View>>) -> Self {
+        let fleet = match (&policy.rate, fleet) {
+            (Some(r), Some(view)) if r.scope == Scope::Fleet => Some((
+                view.clone(),
+                r.per_second / view.instances as f64 / workers.max(1) as f64,
+            )),
+            _ => None,
+        };
         let workers = workers.max(1) as f64;
         let buckets = policy.rate.as_ref().map(|r| {
             RefCell::new(Buckets::new(
@@ -328,6 +352,7 @@ impl PolicyState {
         PolicyState {
             policy,
             buckets,
+            fleet,
             gate,
         }
     }
@@ -384,7 +409,7 @@ impl PolicyState {
             return Admit::Refuse(Refusal::of(Reason::BodyTooLarge));
         }
         if let Some(buckets) = &self.buckets
-            && let Err(seconds) = buckets.borrow_mut().take(ask.principal, Instant::now())
+            && let Err(seconds) = self.take_token(&mut buckets.borrow_mut(), ask.principal)
         {
             return Admit::Refuse(Refusal::retry(Reason::RateLimited, seconds));
         }
@@ -404,6 +429,27 @@ impl PolicyState {
             Ok(ticket) => Admit::Wait(ticket),
             Err(Full::QueueFull) => Admit::Refuse(Refusal::retry(Reason::QueueFull, 1)),
             Err(Full::Inflight) => Admit::Refuse(Refusal::retry(Reason::Inflight, 1)),
+        }
+    }
+
+    /// A token of the rate limit: at this worker's share of the process's
+    /// rate, or of the fleet's as the fleet thread last said (the burst in
+    /// the same proportion).
+    fn take_token(&self, buckets: &mut Buckets, principal: u64) -> Result<(), u32> {
+        let (Some((view, local_share)), Some(rate)) = (&self.fleet, &self.policy.rate) else {
+            return buckets.take(principal, Instant::now());
+        };
+        match view.offer((self.policy.id, principal), *local_share) {
+            None => Ok(()),
+            Some(share) => {
+                let burst = (rate.burst * share / rate.per_second).max(1.0);
+                buckets.take_at(
+                    principal,
+                    Instant::now(),
+                    share.max(f64::MIN_POSITIVE),
+                    burst,
+                )
+            }
         }
     }
 
@@ -436,11 +482,13 @@ pub struct Admission {
 }
 
 impl Admission {
-    pub fn new(policies: &[Arc<Policy>], workers: usize) -> Self {
+    /// `fleet`: the worker's view of its fleet board, when the config
+    /// has a `[fleet]`.
+    pub fn new(policies: &[Arc<Policy>], workers: usize, fleet: Option<&Rc<fleet::View>>) -> Self {
         Admission {
             states: policies
                 .iter()
-                .map(|p| Rc::new(PolicyState::new(p.clone(), workers)))
+                .map(|p| Rc::new(PolicyState::new(p.clone(), workers, fleet)))
                 .collect(),
         }
     }
@@ -530,7 +578,7 @@ mod tests {
 
     #[test]
     fn body_cap_goes_first() {
-        let s = PolicyState::new(policy(1, 1, None), 1);
+        let s = PolicyState::new(policy(1, 1, None), 1, None);
         let big = Ask {
             content_length: Some(101),
             ..ask(true)
@@ -548,7 +596,7 @@ mod tests {
 
     #[test]
     fn writes_are_shed_before_reads() {
-        let s = PolicyState::new(policy(4, 2, None), 1);
+        let s = PolicyState::new(policy(4, 2, None), 1, None);
         let a = s.admit(&ask(true));
         let b = s.admit(&ask(false));
         assert!(matches!((&a, &b), (Admit::Go(Some(_)), Admit::Go(Some(_)))));
@@ -577,11 +625,12 @@ mod tests {
                 per_second: 10.0,
                 burst: 10.0,
                 principal: Key::ClientIp,
+                scope: Scope::Local,
             }),
             ..Policy::body_only(0, None)
         });
         let admitted = |workers| {
-            let s = PolicyState::new(p.clone(), workers);
+            let s = PolicyState::new(p.clone(), workers, None);
             (0..20)
                 .filter(|_| matches!(s.admit(&ask(false)), Admit::Go(_)))
                 .count()
@@ -598,7 +647,7 @@ mod tests {
             timeout: Duration::from_millis(20),
             weights: HashMap::new(),
         };
-        let s = PolicyState::new(policy(1, 1, Some(q)), 1);
+        let s = PolicyState::new(policy(1, 1, Some(q)), 1, None);
         assert_eq!(s.queue_timeout(), Duration::from_millis(20));
         let held = s.admit(&ask(false));
         let Admit::Wait(ticket) = s.admit(&ask(false)) else {

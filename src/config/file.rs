@@ -24,6 +24,24 @@ pub struct FileConfig {
     /// Stacking rules (header edits, access log): every match applies.
     #[serde(default)]
     pub rule: Vec<Spanned<RuleSection>>,
+    /// Fleet-wide rate limits through Redis.
+    pub fleet: Option<Spanned<FleetSection>>,
+}
+
+/// `[fleet]`: the instances behind one L4 balancer share rate limits with
+/// `scope = "fleet"` through Redis.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetSection {
+    /// `redis://[:PASSWORD@]HOST:PORT/DB`, `rediss://...` (TLS), or
+    /// `redis+unix:///PATH`.
+    pub redis: Option<Spanned<String>>,
+    /// How often counts go to Redis and shares come back.
+    pub sync_interval: Option<Spanned<String>>,
+    /// `local_share` or `fail_open`.
+    pub on_unreachable: Option<Spanned<String>>,
+    /// The fleet's size, for the local share.
+    pub instances: Option<Spanned<i64>>,
 }
 
 /// `[server]`: process-wide settings.
@@ -32,6 +50,9 @@ pub struct FileConfig {
 pub struct ServerSection {
     /// How long in-flight requests may take to finish after SIGTERM.
     pub drain_timeout: Option<Spanned<String>>,
+    /// After SIGTERM, how long `/readyz` says draining while requests are
+    /// still served, before the listeners close.
+    pub drain_grace: Option<Spanned<String>>,
     /// Admin UNIX socket (reload, stats), created with mode 0600.
     pub admin_socket: Option<Spanned<String>>,
     /// Loopback address of an HTTP listener serving `/metrics`; off by
@@ -102,6 +123,8 @@ pub struct LimitsSection {
     pub burst: Option<Spanned<i64>>,
     /// `client_ip`, `header:NAME`, `tenant` or `all`.
     pub principal: Option<Spanned<String>>,
+    /// `local` (this process) or `fleet` (every instance, via `[fleet]`).
+    pub scope: Option<Spanned<String>>,
     /// Requests in flight per worker.
     pub max_inflight: Option<Spanned<i64>>,
     /// Share of `max_inflight` beyond which writes are shed.

@@ -13,7 +13,7 @@ use toml::Spanned;
 use super::Validator;
 use super::file::LimitsSection;
 use crate::admission::{
-    DEFAULT_MAX_BODY, DEFAULT_SHED_WRITES_AT, DecodeGuard, Key, Policy, Queue, Rate,
+    DEFAULT_MAX_BODY, DEFAULT_SHED_WRITES_AT, DecodeGuard, Key, Policy, Queue, Rate, Scope,
 };
 use crate::http::head::is_tchar;
 
@@ -118,6 +118,31 @@ impl Validator<'_> {
         Key::All
     }
 
+    /// `scope`: `local` (the default) or `fleet`, which needs `[fleet]`.
+    fn scope(&mut self, value: &Option<Spanned<String>>, key: &str) -> Scope {
+        match value.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "local")) => Scope::Local,
+            Some((v, "fleet")) => {
+                if !self.has_fleet {
+                    self.problem(
+                        v.span(),
+                        key,
+                        "\"fleet\" needs a [fleet] section naming the Redis the instances share",
+                    );
+                }
+                Scope::Fleet
+            }
+            Some((v, other)) => {
+                self.problem(
+                    v.span(),
+                    key,
+                    format!("{other:?} is not one of \"local\", \"fleet\""),
+                );
+                Scope::Local
+            }
+        }
+    }
+
     /// Compile a listener's or route's `limits` table. A listener always
     /// gets a policy (its body cap defaults to 1 MiB); a route only when it
     /// has a table.
@@ -154,7 +179,9 @@ impl Validator<'_> {
                         Some(p) => self.key_source(p, &key("principal"), true),
                         None => Key::ClientIp,
                     };
+                    let scope = self.scope(&l.scope, &key("scope"));
                     Some(Rate {
+                        scope,
                         per_second,
                         // A second's worth by default, at least one.
                         burst: if burst > 0 {
@@ -181,6 +208,7 @@ impl Validator<'_> {
                 for (span, name) in [
                     (l.burst.as_ref().map(|v| v.span()), "burst"),
                     (l.principal.as_ref().map(|v| v.span()), "principal"),
+                    (l.scope.as_ref().map(|v| v.span()), "scope"),
                 ] {
                     if let Some(span) = span {
                         self.problem(span, key(name), "needs `rate`");

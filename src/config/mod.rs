@@ -31,7 +31,9 @@ use crate::net::buffer::BUF_SIZE;
 use crate::rules::RuleSet;
 use crate::tls;
 use file::{FileConfig, ListenerSection, TlsSection, UpstreamSection};
-pub use snapshot::{Backend, BackendAddr, Check, Listener, Snapshot, UpstreamGroup};
+pub use snapshot::{
+    Backend, BackendAddr, Check, Fleet, Listener, Snapshot, Unreachable, UpstreamGroup,
+};
 
 /// One thing wrong with a config, located.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -88,6 +90,7 @@ pub fn parse(text: &str, source: &str) -> Result<Snapshot, ConfigError> {
         base,
         problems: Vec::new(),
         policies: Vec::new(),
+        has_fleet: false,
     };
     let file: FileConfig = match toml::from_str(text) {
         Ok(f) => f,
@@ -150,6 +153,10 @@ fn toml_string(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
+/// `server.drain_grace` by default: long enough for a balancer checking
+/// `/readyz` every second or two to take the instance out.
+pub const DEFAULT_DRAIN_GRACE: Duration = Duration::from_secs(5);
+
 /// Longest duration a config may set. Deadlines are computed as
 /// `Instant + duration`; an unbounded one would overflow.
 const MAX_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -178,6 +185,8 @@ struct Validator<'t> {
     /// Admission policies in the order compiled; a policy's id is its
     /// index here.
     policies: Vec<Arc<Policy>>,
+    /// The file has a `[fleet]` (a limit may then say `scope = "fleet"`).
+    has_fleet: bool,
 }
 
 impl Validator<'_> {
@@ -256,6 +265,12 @@ impl Validator<'_> {
             "server.drain_timeout",
             Duration::from_secs(30),
         );
+        let drain_grace = match &file.server.drain_grace {
+            Some(v) if parse_duration(v.get_ref()).is_some_and(|d| d.is_zero()) => Duration::ZERO,
+            other => self.duration(other, "server.drain_grace", DEFAULT_DRAIN_GRACE),
+        };
+        // Before the limits that may refer to it.
+        let fleet = file.fleet.as_ref().and_then(|f| self.fleet(f));
         if file.listener.is_empty() {
             self.problem(
                 0..0,
@@ -302,6 +317,8 @@ impl Validator<'_> {
             metrics_listen,
             access_log,
             user,
+            drain_grace,
+            fleet,
             policies: std::mem::take(&mut self.policies),
             hash: fnv1a64(self.text.as_bytes()),
         }
@@ -748,6 +765,68 @@ impl Validator<'_> {
         Some(path.as_bytes().to_vec())
     }
 
+    /// `[fleet]`: a Redis URL the `redis` crate accepts, the sync
+    /// interval, the fallback and the fleet's size.
+    fn fleet(&mut self, section: &Spanned<file::FleetSection>) -> Option<Fleet> {
+        self.has_fleet = true;
+        let f = section.get_ref();
+        let redis = match &f.redis {
+            Some(url) => match redis::Client::open(url.get_ref().as_str()) {
+                Ok(_) => Some(url.get_ref().clone()),
+                Err(e) => {
+                    self.problem(
+                        url.span(),
+                        "fleet.redis",
+                        format!(
+                            "{:?} is not a Redis URL ({e}); write e.g. \"redis://127.0.0.1:6379/0\"",
+                            url.get_ref()
+                        ),
+                    );
+                    None
+                }
+            },
+            None => {
+                self.problem(
+                    section.span(),
+                    "fleet.redis",
+                    "missing: where the fleet's counts are kept, e.g. \"redis://127.0.0.1:6379/0\"",
+                );
+                None
+            }
+        };
+        let sync_interval = self.duration(
+            &f.sync_interval,
+            "fleet.sync_interval",
+            Duration::from_millis(100),
+        );
+        let on_unreachable = match f.on_unreachable.as_ref().map(|v| (v, v.get_ref().as_str())) {
+            None | Some((_, "local_share")) => Unreachable::LocalShare,
+            Some((_, "fail_open")) => Unreachable::FailOpen,
+            Some((v, other)) => {
+                self.problem(
+                    v.span(),
+                    "fleet.on_unreachable",
+                    format!("{other:?} is not one of \"local_share\", \"fail_open\""),
+                );
+                Unreachable::LocalShare
+            }
+        };
+        if f.instances.is_none() {
+            self.problem(
+                section.span(),
+                "fleet.instances",
+                "missing: the number of instances, which share a limit while Redis is unreachable",
+            );
+        }
+        let instances = self.int(&f.instances, "fleet.instances", 1..=10_000, 1) as usize;
+        Some(Fleet {
+            redis: redis?,
+            sync_interval,
+            on_unreachable,
+            instances,
+        })
+    }
+
     /// `server.user`: a user of this system (what the process runs as
     /// after binding, when started as root).
     fn user(&mut self, value: &Option<Spanned<String>>) -> Option<String> {
@@ -1094,6 +1173,64 @@ upstream = "missing"
                 .contains("u:2: server.user: no user \"no-such-user-coregate\" on this system"),
             "{bad}"
         );
+    }
+
+    #[test]
+    fn fleet_settings_are_checked_with_file_line_and_key() {
+        let base = "[[listener]]\nlisten = \"127.0.0.1:1\"\n";
+        let ok = parse(
+            &format!(
+                "[fleet]\nredis = \"redis://:pw@10.0.0.5:6379/2\"\ninstances = 3\n\
+                 on_unreachable = \"fail_open\"\nsync_interval = \"50ms\"\n{base}\
+                 [listener.limits]\nrate = \"300/s\"\nscope = \"fleet\"\n"
+            ),
+            "f",
+        )
+        .expect("a valid fleet");
+        let fleet = ok.fleet.expect("[fleet]");
+        assert_eq!(fleet.instances, 3);
+        assert_eq!(fleet.on_unreachable, Unreachable::FailOpen);
+        assert_eq!(fleet.sync_interval, Duration::from_millis(50));
+        let rate = ok.policies[0].rate.as_ref().expect("rate");
+        assert_eq!(rate.scope, crate::admission::Scope::Fleet);
+        assert_eq!(ok.drain_grace, DEFAULT_DRAIN_GRACE);
+
+        let problems = |text: &str| parse(text, "f").unwrap_err().to_string();
+        let e = problems(&format!(
+            "[fleet]\nredis = \"http://10.0.0.5\"\ninstances = 3\n{base}"
+        ));
+        assert!(
+            e.contains("f:2: fleet.redis: \"http://10.0.0.5\" is not a Redis URL"),
+            "{e}"
+        );
+        let e = problems(&format!("[fleet]\nredis = \"redis://h:1\"\n{base}"));
+        assert!(e.contains("f:1: fleet.instances: missing"), "{e}");
+        let e = problems(&format!(
+            "[fleet]\nredis = \"redis://h:1\"\ninstances = 2\non_unreachable = \"open\"\n{base}"
+        ));
+        assert!(
+            e.contains("f:4: fleet.on_unreachable: \"open\" is not one of"),
+            "{e}"
+        );
+        let e = problems(&format!(
+            "{base}[listener.limits]\nrate = \"1/s\"\nscope = \"fleet\"\n"
+        ));
+        assert!(
+            e.contains("f:5: listener.limits.scope: \"fleet\" needs a [fleet] section"),
+            "{e}"
+        );
+        let e = problems(&format!("{base}[listener.limits]\nscope = \"fleet\"\n"));
+        assert!(
+            e.contains("f:4: listener.limits.scope: needs `rate`"),
+            "{e}"
+        );
+        let e = problems(&format!("[server]\ndrain_grace = \"soon\"\n{base}"));
+        assert!(
+            e.contains("f:2: server.drain_grace: \"soon\" is not a duration"),
+            "{e}"
+        );
+        let off = parse(&format!("[server]\ndrain_grace = \"0s\"\n{base}"), "f").unwrap();
+        assert_eq!(off.drain_grace, Duration::ZERO);
     }
 
     #[test]

@@ -31,6 +31,11 @@ pub struct Snapshot {
     pub access_log: Option<PathBuf>,
     /// Who the process runs as once its sockets are open (`server.user`).
     pub user: Option<String>,
+    /// After SIGTERM, how long `/readyz` says draining while requests are
+    /// still served (`server.drain_grace`).
+    pub drain_grace: Duration,
+    /// Fleet-wide rate limits (`[fleet]`).
+    pub fleet: Option<Fleet>,
     /// Every admission policy (listeners' and routes'), indexed by id.
     pub policies: Vec<Arc<Policy>>,
     /// FNV-1a 64 of the config text, to tell which file is running.
@@ -170,4 +175,23 @@ mod tests {
         assert_eq!(strip_port(b"[::1]:8080"), b"[::1]");
         assert_eq!(strip_port(b"[::1]"), b"[::1]");
     }
+}
+
+/// `[fleet]`: where fleet-scoped rate limits are shared.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Fleet {
+    /// The Redis URL as written (checked by the `redis` crate at load).
+    pub redis: String,
+    pub sync_interval: Duration,
+    pub on_unreachable: Unreachable,
+    pub instances: usize,
+}
+
+/// What fleet-scoped limits do while Redis cannot be reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Unreachable {
+    /// Each instance enforces `rate / instances`.
+    LocalShare,
+    /// No limit.
+    FailOpen,
 }

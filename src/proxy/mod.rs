@@ -861,7 +861,7 @@ impl Proxy {
                 client: d.client,
                 req: &ex.req,
                 data: ex.buf.data(),
-                draining: io.draining,
+                draining: io.draining || ctx.leaving.load(std::sync::atomic::Ordering::Relaxed),
                 tls: d.tls.is_some(),
             },
             &mut ex.edits,

@@ -29,7 +29,98 @@ struct Link {
 }
 
 /// The workers' addresses and the channel their reports come back on.
+/// Where fleet-scoped limits stand with Redis.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum FleetState {
+    /// No `[fleet]` in the config.
+    Off = 0,
+    Synced = 1,
+    /// Redis unreachable: each instance enforces `rate / instances`.
+    LocalShare = 2,
+    /// Redis unreachable: no limit.
+    FailOpen = 3,
+}
+
+impl FleetState {
+    pub fn name(self) -> &'static str {
+        match self {
+            FleetState::Off => "off",
+            FleetState::Synced => "synced",
+            FleetState::LocalShare => "local_share",
+            FleetState::FailOpen => "fail_open",
+        }
+    }
+}
+
+/// The fleet sync thread's figures.
+#[derive(Debug, Default)]
+pub struct FleetStatus {
+    state: std::sync::atomic::AtomicU8,
+    /// Switches to the fallback (Redis became unreachable).
+    pub fallbacks: std::sync::atomic::AtomicU64,
+    /// Syncs that reached Redis.
+    pub syncs: std::sync::atomic::AtomicU64,
+}
+
+impl FleetStatus {
+    pub fn set(&self, state: FleetState) {
+        self.state
+            .store(state as u8, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    pub fn state(&self) -> FleetState {
+        match self.state.load(std::sync::atomic::Ordering::Relaxed) {
+            1 => FleetState::Synced,
+            2 => FleetState::LocalShare,
+            3 => FleetState::FailOpen,
+            _ => FleetState::Off,
+        }
+    }
+
+    /// For `coregate stats --json` and the admin socket's `stats`.
+    pub fn to_json(&self) -> serde_json::Value {
+        use std::sync::atomic::Ordering::Relaxed;
+        serde_json::json!({
+            "state": self.state().name(),
+            "fallbacks": self.fallbacks.load(Relaxed),
+            "syncs": self.syncs.load(Relaxed),
+        })
+    }
+
+    /// Prometheus text: the state as a gauge per state, and the counts.
+    pub fn prometheus(&self) -> String {
+        use std::sync::atomic::Ordering::Relaxed;
+        let now = self.state();
+        let mut out = String::from(
+            "# HELP coregate_fleet_state Where fleet-scoped rate limits stand with Redis (1 for the current state).\n# TYPE coregate_fleet_state gauge\n",
+        );
+        for s in [
+            FleetState::Off,
+            FleetState::Synced,
+            FleetState::LocalShare,
+            FleetState::FailOpen,
+        ] {
+            out.push_str(&format!(
+                "coregate_fleet_state{{state=\"{}\"}} {}\n",
+                s.name(),
+                u8::from(s == now)
+            ));
+        }
+        out.push_str(&format!(
+            "# HELP coregate_fleet_fallbacks_total Times Redis became unreachable and fleet limits fell back.\n# TYPE coregate_fleet_fallbacks_total counter\ncoregate_fleet_fallbacks_total {}\n\
+             # HELP coregate_fleet_syncs_total Syncs with Redis that succeeded.\n# TYPE coregate_fleet_syncs_total counter\ncoregate_fleet_syncs_total {}\n",
+            self.fallbacks.load(Relaxed),
+            self.syncs.load(Relaxed)
+        ));
+        out
+    }
+}
+
 pub struct Hub {
+    /// The fleet sync thread's state (`crate::fleet`), reported beside the
+    /// workers' figures.
+    pub fleet: Arc<FleetStatus>,
     links: Mutex<Vec<Link>>,
     /// Held for a whole round, so rounds from two admin clients do not
     /// take each other's answers.
@@ -41,6 +132,7 @@ impl Hub {
     pub fn new() -> Arc<Hub> {
         let (sender, answers) = channel();
         Arc::new(Hub {
+            fleet: Arc::new(FleetStatus::default()),
             links: Mutex::new(Vec::new()),
             answers: Mutex::new(answers),
             sender,

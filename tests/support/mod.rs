@@ -27,7 +27,8 @@ pub fn temp_dir() -> PathBuf {
     dir
 }
 
-/// A child process, sent SIGTERM then SIGKILL when dropped.
+/// A child process, sent SIGINT then SIGKILL when dropped (SIGINT: a
+/// coregate drains at once, without SIGTERM's `drain_grace`).
 pub struct Proc {
     pub child: Child,
     /// What the process printed as its address (host:port or a path).
@@ -77,7 +78,7 @@ impl Proc {
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            self.signal(libc::SIGTERM);
+            self.signal(libc::SIGINT);
             if self.wait_exit(Duration::from_secs(3)).is_none() {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
@@ -209,7 +210,7 @@ pub fn coregate(config: &str, extra: &[&str]) -> Proc {
 /// A one-route config in front of `backend` (a tcp:// or unix: URL).
 pub fn config_for(backend: &str, upstream_extra: &str) -> String {
     format!(
-        "[server]\ndrain_timeout = \"10s\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"2s\"\n\n\
+        "[server]\ndrain_timeout = \"10s\"\ndrain_grace = \"0s\"\n\n[[listener]]\nlisten = \"127.0.0.1:0\"\nheader_timeout = \"2s\"\n\n\
          [upstream.app]\nbackends = [\"{backend}\"]\n{upstream_extra}\n\n[[route]]\nupstream = \"app\"\n"
     )
 }

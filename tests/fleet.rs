@@ -1,0 +1,248 @@
+//! Beyond one machine: fleet-scoped rate limits shared through a real
+//! `redis-server`, Redis going away and coming back, and the drain grace
+//! a load balancer's readiness checks need.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::support::{self, Proc};
+
+/// A `redis-server` on a UNIX socket of its own (no TCP port to race
+/// for), stopped when dropped.
+struct Redis {
+    child: Child,
+    socket: PathBuf,
+}
+
+impl Redis {
+    fn start(dir: &Path) -> Redis {
+        let socket = dir.join("redis.sock");
+        let _ = std::fs::remove_file(&socket);
+        let child = Command::new("redis-server")
+            .args(["--port", "0", "--save", "", "--appendonly", "no"])
+            .arg("--unixsocket")
+            .arg(&socket)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server (installed by .ci/run)");
+        let end = Instant::now() + Duration::from_secs(10);
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
+            assert!(Instant::now() < end, "redis-server did not listen");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Redis { child, socket }
+    }
+
+    fn url(&self) -> String {
+        format!("redis+unix://{}", self.socket.display())
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// coregate with a fleet limit of `rate` for everyone together.
+fn fleet_proxy(origin: &Proc, redis_url: &str, rate: u32, admin: &Path) -> Proc {
+    let config = format!(
+        "[server]\ndrain_grace = \"0s\"\n\n\
+         [fleet]\nredis = \"{redis_url}\"\ninstances = 2\nsync_interval = \"100ms\"\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\n\
+         [listener.limits]\nrate = \"{rate}/s\"\nburst = 10\nprincipal = \"all\"\nscope = \"fleet\"\n\n\
+         [upstream.app]\nbackends = [\"tcp://{}\"]\n\n[[route]]\nupstream = \"app\"\n",
+        origin.addr
+    );
+    support::coregate(
+        &config,
+        &["--workers", "2", "--admin-socket", admin.to_str().unwrap()],
+    )
+}
+
+/// Send `per_second` requests a second to `addr` for `length` over one
+/// keep-alive connection; how many were answered 200 and 429.
+fn paced(addr: &str, per_second: u32, length: Duration) -> (u64, u64) {
+    let mut conn: Option<TcpStream> = None;
+    let interval = Duration::from_secs(1) / per_second;
+    let start = Instant::now();
+    let mut next = start;
+    let (mut ok, mut limited) = (0, 0);
+    while start.elapsed() < length {
+        if let Some(wait) = next.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        next += interval;
+        let mut s = match conn.take() {
+            Some(s) => s,
+            None => {
+                let s = TcpStream::connect(addr).expect("connect");
+                s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                s
+            }
+        };
+        s.write_all(b"GET / HTTP/1.1\r\nHost: fleet\r\n\r\n")
+            .expect("send");
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") {
+            assert_eq!(s.read(&mut byte).expect("read"), 1, "closed mid-answer");
+            head.push(byte[0]);
+        }
+        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+        let length: usize = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .map_or(0, |v| v.trim().parse().unwrap());
+        let mut body = vec![0u8; length];
+        s.read_exact(&mut body).unwrap();
+        match text.split_whitespace().nth(1) {
+            Some("200") => ok += 1,
+            Some("429") => limited += 1,
+            other => panic!("unexpected status {other:?}"),
+        }
+        if !text.contains("connection: close") {
+            conn = Some(s);
+        }
+    }
+    (ok, limited)
+}
+
+/// The admin socket's `fleet` figures.
+fn fleet_status(admin: &Path) -> serde_json::Value {
+    let mut s = std::os::unix::net::UnixStream::connect(admin).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    writeln!(s, "stats").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
+    reply["fleet"].clone()
+}
+
+fn wait_fleet_state(admin: &Path, state: &str) -> serde_json::Value {
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let status = fleet_status(admin);
+        if status["state"] == state {
+            return status;
+        }
+        assert!(
+            Instant::now() < end,
+            "fleet state not {state} within 10 s: {status}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Two instances behind one fleet limit of 100/s (instances = 2): all the
+/// load on one instance still gets the fleet's whole rate when Redis
+/// answers (the local share alone would be 50/s), and half of it when
+/// Redis is gone; spread over both, the two together get the fleet's
+/// rate, not one each. Bounds are wide (the machine is shared); the
+/// figures for the record come from scripts/fleet-demo.
+#[test]
+fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
+    let dir = support::temp_dir();
+    let redis = Redis::start(&dir);
+    let origin = support::coregate_origin(16);
+    let (admin_a, admin_b) = (dir.join("a.sock"), dir.join("b.sock"));
+    let a = fleet_proxy(&origin, &redis.url(), 100, &admin_a);
+    let b = fleet_proxy(&origin, &redis.url(), 100, &admin_b);
+    wait_fleet_state(&admin_a, "synced");
+    wait_fleet_state(&admin_b, "synced");
+
+    // All of it on A: the fleet's rate, 100/s, not the local share (50/s).
+    let warm = paced(&a.addr, 200, Duration::from_secs(1));
+    assert!(warm.0 > 0);
+    let (ok, limited) = paced(&a.addr, 200, Duration::from_secs(3));
+    let rate = ok as f64 / 3.0;
+    assert!(
+        (75.0..=130.0).contains(&rate),
+        "A alone: {rate}/s ({ok} ok, {limited} limited)"
+    );
+
+    // Spread over both: together the fleet's rate, not 100/s each.
+    let t = std::thread::spawn({
+        let addr = b.addr.clone();
+        move || paced(&addr, 200, Duration::from_secs(4))
+    });
+    let (ok_a, _) = paced(&a.addr, 200, Duration::from_secs(4));
+    let (ok_b, _) = t.join().unwrap();
+    let rate = (ok_a + ok_b) as f64 / 4.0;
+    assert!(
+        (75.0..=135.0).contains(&rate),
+        "A and B: {rate}/s ({ok_a} + {ok_b})"
+    );
+
+    // Redis gone: the switch is counted once, requests keep flowing, and
+    // A alone gets the local share.
+    drop(redis);
+    let status = wait_fleet_state(&admin_a, "local_share");
+    assert_eq!(status["fallbacks"], 1, "{status}");
+    paced(&a.addr, 200, Duration::from_millis(500));
+    let (ok, limited) = paced(&a.addr, 200, Duration::from_secs(3));
+    let rate = ok as f64 / 3.0;
+    assert!(
+        (35.0..=70.0).contains(&rate),
+        "fallback: {rate}/s ({ok} ok, {limited} limited)"
+    );
+    // Still one switch, however many syncs failed since.
+    assert_eq!(fleet_status(&admin_a)["fallbacks"], 1);
+    let log = a.stderr();
+    assert_eq!(log.matches("unreachable").count(), 1, "{log}");
+
+    // Redis back (empty, as after a restart): shares resume by themselves.
+    let redis = Redis::start(&dir);
+    wait_fleet_state(&admin_a, "synced");
+    paced(&a.addr, 200, Duration::from_millis(500));
+    let (ok, limited) = paced(&a.addr, 200, Duration::from_secs(3));
+    let rate = ok as f64 / 3.0;
+    assert!(
+        (75.0..=130.0).contains(&rate),
+        "after Redis returned: {rate}/s ({ok} ok, {limited} limited)"
+    );
+    assert!(a.stderr().contains("answers again"));
+    drop(redis);
+}
+
+/// SIGTERM with `drain_grace`: `/readyz` says draining at once while
+/// requests are still served; then the listener closes and the process
+/// exits.
+#[test]
+fn the_drain_grace_tells_the_balancer_first_and_serves_on() {
+    let origin = support::coregate_origin(16);
+    let config = support::config_for(&format!("tcp://{}", origin.addr), "")
+        .replace("drain_grace = \"0s\"", "drain_grace = \"2s\"");
+    let mut proxy = support::coregate(&config, &[]);
+    let url = |path: &str| format!("http://{}{path}", proxy.addr);
+    assert_eq!(support::status_of(&[&url("/readyz")]), 200);
+    let signalled = Instant::now();
+    proxy.signal(libc::SIGTERM);
+    // Ready no more, at once...
+    let end = Instant::now() + Duration::from_secs(5);
+    while support::status_of(&[&url("/readyz")]) != 503 {
+        assert!(Instant::now() < end, "/readyz still 200 after SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let out = support::curl(&[&url("/readyz")]);
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "not ready: draining\n"
+    );
+    // ...while requests are served, until the grace ends.
+    let mut served = 0;
+    while signalled.elapsed() < Duration::from_millis(1500) {
+        assert_eq!(support::status_of(&[&url("/")]), 200);
+        served += 1;
+    }
+    assert!(served > 0);
+    assert!(proxy.wait_exit(Duration::from_secs(10)).is_some());
+    assert!(signalled.elapsed() >= Duration::from_secs(2));
+    assert!(proxy.stderr().contains("SIGTERM: /readyz says draining"));
+}
