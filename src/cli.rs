@@ -33,6 +33,14 @@ pub enum Command {
         #[arg(long, short)]
         socket: PathBuf,
     },
+    /// Take a running coregate out of service: /readyz says draining for
+    /// server.drain_grace while requests are served, then it drains and
+    /// exits (as SIGTERM).
+    Drain {
+        /// The admin socket (server.admin_socket, or run --admin-socket).
+        #[arg(long, short)]
+        socket: PathBuf,
+    },
     /// Replace a running coregate with a new binary, refusing no
     /// connection: the new process takes the listening sockets over the
     /// admin socket and the old one drains once the new one serves.

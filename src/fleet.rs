@@ -30,9 +30,15 @@ use crate::config::epoch::Published;
 use crate::config::{Fleet, Snapshot, Unreachable};
 use crate::stats::hub::{FleetState, FleetStatus};
 
-/// Slots of history kept per principal: the two read back, and the one
-/// being filled.
-const SLOTS_KEPT: u64 = 3;
+/// The slots read back are `slot - LAG - 1` and `slot - LAG`, not the one
+/// just ended: an instance that synced at its very end may not have had
+/// its count reach Redis yet, and a short total would give every instance
+/// a larger part of the rate. It costs one interval of reaction.
+const LAG: u64 = 2;
+
+/// Slots of history kept per principal: the two read back, the ones
+/// between, and the one being filled.
+const SLOTS_KEPT: u64 = LAG + 2;
 
 /// How often the thread looks for a `[fleet]` when the config has none.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
@@ -255,8 +261,8 @@ impl Sync {
                     .ignore();
             }
             pipe.cmd("MGET")
-                .arg(redis_key(*key, slot.wrapping_sub(1)))
-                .arg(redis_key(*key, slot.wrapping_sub(2)));
+                .arg(redis_key(*key, slot.wrapping_sub(LAG)))
+                .arg(redis_key(*key, slot.wrapping_sub(LAG + 1)));
         }
         let read: Vec<Vec<Option<u64>>> = pipe.query(conn)?;
         for (key, added) in sending {
@@ -292,7 +298,7 @@ impl Sync {
             };
             for s in &h.slots {
                 // The two slots read back from Redis.
-                if s.slot + 2 < slot || s.slot >= slot {
+                if s.slot + LAG + 1 < slot || s.slot + LAG > slot {
                     continue;
                 }
                 // Only what Redis has of ours (counts taken while it was

@@ -35,6 +35,7 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Check { .. }
             | Command::Reload { .. }
             | Command::Upgrade { .. }
+            | Command::Drain { .. }
             | Command::Stats { .. }
             | Command::Top { .. }
     ) {
@@ -66,6 +67,21 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run(args),
         Command::Reload { socket } => reload(&socket),
         Command::Upgrade { socket, binary } => upgrade_to(&socket, binary.as_deref()),
+        Command::Drain { socket } => {
+            let reply = client::request(&socket, "drain")?;
+            if reply["ok"].as_bool() == Some(true) {
+                println!(
+                    "draining: /readyz says so at once; the listeners close after server.drain_grace"
+                );
+                Ok(ExitCode::SUCCESS)
+            } else {
+                eprintln!(
+                    "drain refused: {}",
+                    reply["error"].as_str().unwrap_or("unknown error")
+                );
+                Ok(ExitCode::FAILURE)
+            }
+        }
         Command::Stats {
             socket,
             json,

@@ -29,7 +29,6 @@ pub mod fleet;
 
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
-use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::rc::Rc;
 use std::sync::Arc;
@@ -285,17 +284,30 @@ pub struct Ask {
     pub content_length: Option<u64>,
 }
 
-/// `hash(value)`, for principal and tenant keys.
+/// `hash(value)`, for principal and tenant keys (and the balancer's hash
+/// keys). Stable across processes, builds and hosts: a fleet limit's
+/// Redis key and a consistent-hash pick are the same on every instance.
 pub fn key_hash(value: &[u8]) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    value.hash(&mut h);
-    h.finish()
+    fnv1a64(value)
 }
 
+/// [`key_hash`] of a client address: its family and octets.
 pub fn ip_hash(ip: IpAddr) -> u64 {
-    let mut h = std::collections::hash_map::DefaultHasher::new();
-    ip.hash(&mut h);
-    h.finish()
+    match ip {
+        IpAddr::V4(v4) => fnv1a64(&[&[4u8][..], &v4.octets()].concat()),
+        IpAddr::V6(v6) => fnv1a64(&[&[6u8][..], &v6.octets()].concat()),
+    }
+}
+
+/// FNV-1a, 64 bits: a stable hash (not a keyed one: maps of these values
+/// hash them again with their own random keys).
+pub fn fnv1a64(data: &[u8]) -> u64 {
+    let mut h: u64 = 0xcbf29ce484222325;
+    for &b in data {
+        h ^= u64::from(b);
+        h = h.wrapping_mul(0x100000001b3);
+    }
+    h
 }
 
 /// One policy's state on one worker.
@@ -556,6 +568,19 @@ mod tests {
             write,
             content_length: None,
         }
+    }
+
+    #[test]
+    fn principal_hashes_are_the_same_in_every_build() {
+        // FNV-1a 64 test vectors: a fleet's instances and Redis keys rely
+        // on these never changing.
+        assert_eq!(fnv1a64(b""), 0xcbf29ce484222325);
+        assert_eq!(fnv1a64(b"a"), 0xaf63dc4c8601ec8c);
+        assert_eq!(key_hash(b"foobar"), 0x85944171f73967e8);
+        assert_ne!(
+            ip_hash("10.0.0.1".parse().unwrap()),
+            ip_hash("::ffff:10.0.0.1".parse().unwrap())
+        );
     }
 
     #[test]

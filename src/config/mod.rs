@@ -895,14 +895,7 @@ pub fn lookup_user(user: &str) -> anyhow::Result<UserIds> {
 
 /// FNV-1a, 64 bits: a fingerprint of the config text for `coregate reload`
 /// to report (not a security hash).
-pub fn fnv1a64(data: &[u8]) -> u64 {
-    let mut h: u64 = 0xcbf29ce484222325;
-    for &b in data {
-        h ^= u64::from(b);
-        h = h.wrapping_mul(0x100000001b3);
-    }
-    h
-}
+pub use crate::admission::fnv1a64;
 
 /// A route's host: a name or IPv4 address without port, or a bracketed
 /// IPv6 literal such as `[::1]`, as it appears in Host.
