@@ -462,17 +462,24 @@ pub fn run_until_signal(
             bail!("a worker exited unexpectedly");
         }
     };
-    let upgraded = handover.is_some_and(|h| h.handed_over());
-    if stop == libc::SIGTERM
-        && !upgraded
-        && let Some(r) = reloader
-    {
-        grace(&servers, r.drain_grace());
-    }
+    // Decided before the grace: a stop that began first wins over an
+    // upgrade asked for during it.
     let handed_over = handover.is_some_and(|h| {
         h.close_listeners();
         h.handed_over()
     });
+    if stop == libc::SIGTERM
+        && !handed_over
+        && let Some(r) = reloader
+    {
+        grace(&servers, r);
+        if servers.iter().any(Server::any_finished) {
+            for s in &mut servers {
+                s.drain(false);
+            }
+            bail!("a worker exited unexpectedly");
+        }
+    }
     // After an upgrade a stop of the service (systemd signals the whole
     // cgroup) or the upgrade's own SIGTERM must not cut this drain short:
     // only a signal after a signalled drain exits at once.
@@ -505,10 +512,12 @@ pub fn run_until_signal(
 /// SIGTERM's first step (`server.drain_grace`): `/readyz` says draining
 /// at once, so a load balancer checking it takes this instance out, while
 /// requests are still served; the listeners close when the grace ends.
-/// Another SIGTERM or SIGINT ends the grace early. SIGINT (an operator's
-/// Ctrl-C) and an upgrade have no grace: nobody needs to route away; nor
-/// do the demo and the built-in origin, which have no config to reload.
-fn grace(servers: &[Server], grace: Duration) {
+/// Another SIGTERM or SIGINT ends the grace early; SIGHUP still reloads,
+/// and SIGUSR2 is refused. SIGINT (an operator's Ctrl-C) and an upgrade
+/// have no grace: nobody needs to route away; nor do the demo and the
+/// built-in origin, which have no config to reload.
+fn grace(servers: &[Server], reloader: &Reloader) {
+    let grace = reloader.drain_grace();
     if grace.is_zero() {
         return;
     }
@@ -529,11 +538,16 @@ fn grace(servers: &[Server], grace: Duration) {
         if left.is_zero() || servers.iter().any(Server::any_finished) {
             return;
         }
-        if let Some(libc::SIGTERM | libc::SIGINT) =
-            next_signal(left.min(Duration::from_millis(200)))
-        {
-            crate::info!("second signal: the drain starts now");
-            return;
+        match next_signal(left.min(Duration::from_millis(200))) {
+            Some(libc::SIGTERM | libc::SIGINT) => {
+                crate::info!("second signal: the drain starts now");
+                return;
+            }
+            Some(libc::SIGHUP) => {
+                let _ = reloader.reload_and_log("SIGHUP");
+            }
+            Some(libc::SIGUSR2) => crate::warn!("SIGUSR2: no upgrade while stopping"),
+            _ => {}
         }
     }
 }

@@ -40,6 +40,12 @@ const LAG: u64 = 2;
 /// between, and the one being filled.
 const SLOTS_KEPT: u64 = LAG + 2;
 
+/// Principals followed per instance. Past this, a new principal is not
+/// counted and gets the local share: a client sending a new key with each
+/// request cannot grow the sync's work (and its time, which a slow sync
+/// would turn into a fallback) without bound.
+pub const MAX_TRACKED: usize = 1024;
+
 /// How often the thread looks for a `[fleet]` when the config has none.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 
@@ -78,6 +84,9 @@ struct Sync {
     history: HashMap<FleetKey, History>,
     /// The last mode published, to log and count switches once.
     mode: Option<Mode>,
+    /// The interval slots were numbered by: history kept under another
+    /// one means nothing.
+    interval_ms: u64,
 }
 
 impl Sync {
@@ -88,6 +97,7 @@ impl Sync {
             conn: None,
             history: HashMap::new(),
             mode: None,
+            interval_ms: 0,
         }
     }
 
@@ -96,6 +106,11 @@ impl Sync {
         loop {
             let (_, snapshot) = published.load();
             let Some(fleet) = snapshot.fleet.clone() else {
+                if self.mode.is_some() {
+                    // Off by a reload: no stale shares for when a later
+                    // reload turns it on again.
+                    self.publish(Mode::LocalShare, Vec::new());
+                }
                 self.status.set(FleetState::Off);
                 self.conn = None;
                 self.mode = None;
@@ -119,6 +134,10 @@ impl Sync {
         let demand: Vec<HashMap<FleetKey, u64>> =
             self.boards.iter().map(|b| b.take_demand()).collect();
         let interval_ms = fleet.sync_interval.as_millis().max(1) as u64;
+        if interval_ms != self.interval_ms {
+            self.history.clear();
+            self.interval_ms = interval_ms;
+        }
         let slot = unix_ms() / interval_ms;
         self.record(&demand, slot);
         match self.exchange(fleet, slot, interval_ms) {
@@ -167,7 +186,7 @@ impl Sync {
                 continue;
             };
             let mut per_worker = vec![0u64; self.boards.len()];
-            for s in h.slots.iter().filter(|s| s.slot + 2 >= slot) {
+            for s in h.slots.iter().filter(|s| s.slot + LAG >= slot) {
                 for (w, n) in s.per_worker.iter().enumerate() {
                     per_worker[w] += n;
                 }
@@ -188,6 +207,9 @@ impl Sync {
         let workers = self.boards.len();
         for (w, counts) in demand.iter().enumerate() {
             for (&key, &n) in counts {
+                if self.history.len() >= MAX_TRACKED && !self.history.contains_key(&key) {
+                    continue;
+                }
                 let h = self.history.entry(key).or_default();
                 if h.slots.back().is_none_or(|s| s.slot != slot) {
                     h.slots.push_back(Slot {
@@ -201,22 +223,23 @@ impl Sync {
                 }
             }
         }
+        // By both ends: a clock stepped back leaves slots "ahead".
         self.history.retain(|_, h| {
-            while h.slots.front().is_some_and(|s| s.slot + SLOTS_KEPT <= slot) {
-                h.slots.pop_front();
-            }
+            h.slots
+                .retain(|s| s.slot <= slot && s.slot + SLOTS_KEPT > slot);
             !h.slots.is_empty()
         });
     }
 
-    /// Add this slot's demand into Redis and read the fleet's totals of
-    /// the two slots before, for every principal with history.
+    /// Add this slot's demand into Redis and read the fleet's counts of
+    /// the slots `slot - LAG` and `slot - LAG - 1`, for every principal
+    /// with history.
     fn exchange(
         &mut self,
         fleet: &Fleet,
         slot: u64,
         interval_ms: u64,
-    ) -> redis::RedisResult<HashMap<FleetKey, u64>> {
+    ) -> redis::RedisResult<HashMap<FleetKey, [u64; 2]>> {
         let timeout = fleet.sync_interval.max(Duration::from_millis(50));
         let conn = match self.conn.take() {
             Some(open) if open.0 == fleet.redis => &mut self.conn.insert(open).1,
@@ -273,7 +296,10 @@ impl Sync {
         Ok(keys
             .into_iter()
             .zip(read)
-            .map(|(key, counts)| (key, counts.into_iter().flatten().sum()))
+            .map(|(key, counts)| {
+                let at = |i: usize| counts.get(i).copied().flatten().unwrap_or(0);
+                (key, [at(0), at(1)])
+            })
             .collect())
     }
 
@@ -283,24 +309,27 @@ impl Sync {
         &self,
         snapshot: &Snapshot,
         slot: u64,
-        totals: &HashMap<FleetKey, u64>,
+        counts: &HashMap<FleetKey, [u64; 2]>,
     ) -> Vec<HashMap<FleetKey, f64>> {
         let mut out = vec![HashMap::new(); self.boards.len()];
-        for (&key, &fleet_total) in totals {
+        for (&key, read) in counts {
             let Some(rate) = snapshot.policies.get(key.0).and_then(|p| p.rate.as_ref()) else {
                 continue;
             };
-            if fleet_total == 0 {
-                continue;
-            }
             let Some(h) = self.history.get(&key) else {
                 continue;
             };
-            for s in &h.slots {
-                // The two slots read back from Redis.
-                if s.slot + LAG + 1 < slot || s.slot + LAG > slot {
+            let mut fleet_total = 0;
+            for (i, &in_fleet) in read.iter().enumerate() {
+                let target = slot.wrapping_sub(LAG + i as u64);
+                let Some(s) = h.slots.iter().find(|s| s.slot == target) else {
+                    fleet_total += in_fleet;
                     continue;
-                }
+                };
+                // Redis holds at least what we sent, unless it lost it (a
+                // restart, an eviction): never count the fleet as smaller
+                // than ourselves.
+                fleet_total += in_fleet.max(s.sent);
                 // Only what Redis has of ours (counts taken while it was
                 // unreachable never reached it).
                 let total: u64 = s.per_worker.iter().sum();
@@ -308,6 +337,12 @@ impl Sync {
                 for (w, &n) in s.per_worker.iter().enumerate() {
                     *out[w].entry(key).or_insert(0.0) += n as f64 * in_redis;
                 }
+            }
+            if fleet_total == 0 {
+                for worker in &mut out {
+                    worker.remove(&key);
+                }
+                continue;
             }
             for worker in &mut out {
                 if let Some(own) = worker.get_mut(&key) {
@@ -367,6 +402,78 @@ fn redacted(url: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn snapshot() -> Snapshot {
+        crate::config::parse(
+            "[fleet]\nredis = \"redis://127.0.0.1:1/0\"\ninstances = 3\n\
+             [[listener]]\nlisten = \"127.0.0.1:1\"\n\
+             [listener.limits]\nrate = \"300/s\"\nprincipal = \"all\"\nscope = \"fleet\"\n",
+            "t",
+        )
+        .expect("config")
+    }
+
+    fn sync(workers: usize) -> Sync {
+        let boards = (0..workers).map(|_| Arc::new(Board::default())).collect();
+        Sync::new(boards, Arc::new(FleetStatus::default()))
+    }
+
+    /// This instance's demand per worker in `slot`, all of it sent.
+    fn sent(sync: &mut Sync, slot: u64, per_worker: &[u64]) {
+        let demand: Vec<HashMap<FleetKey, u64>> = per_worker
+            .iter()
+            .map(|&n| HashMap::from([((0, 0), n)]))
+            .collect();
+        sync.record(&demand, slot);
+        let s = sync
+            .history
+            .get_mut(&(0, 0))
+            .unwrap()
+            .slots
+            .back_mut()
+            .unwrap();
+        s.sent = per_worker.iter().sum();
+    }
+
+    #[test]
+    fn each_worker_gets_the_rate_in_proportion_to_its_part_of_the_fleets_demand() {
+        let snap = snapshot();
+        let mut sync = sync(2);
+        // Slots 8 and 9 are read back at slot 11 (LAG 2): this instance had
+        // 150 + 150 of the fleet's 900 in each (its workers 100 and 50).
+        sent(&mut sync, 8, &[100, 50]);
+        sent(&mut sync, 9, &[100, 50]);
+        let counts = HashMap::from([((0, 0), [900, 900])]);
+        let rates = sync.shares(&snap, 11, &counts);
+        assert!((rates[0][&(0, 0)] - 300.0 * 200.0 / 1800.0).abs() < 1e-9);
+        assert!((rates[1][&(0, 0)] - 300.0 * 100.0 / 1800.0).abs() < 1e-9);
+
+        // Redis lost our counts (a restart): the fleet is never smaller
+        // than this instance, so its rate stays within the fleet's.
+        let lost = HashMap::from([((0, 0), [0, 0])]);
+        let rates = sync.shares(&snap, 11, &lost);
+        let total: f64 = rates.iter().map(|r| r[&(0, 0)]).sum();
+        assert!((total - 300.0).abs() < 1e-9, "{total}");
+
+        // A worker without demand gets no rate of its own (the local share).
+        let mut sync = self::sync(2);
+        sent(&mut sync, 8, &[100, 0]);
+        sent(&mut sync, 9, &[100, 0]);
+        let rates = sync.shares(&snap, 11, &counts);
+        assert!(rates[1].is_empty());
+    }
+
+    #[test]
+    fn history_outside_the_window_goes_whichever_way_the_clock_moved() {
+        let mut sync = sync(1);
+        sent(&mut sync, 100, &[5]);
+        // The clock stepped back: slot 100 is "ahead" and must go.
+        sent(&mut sync, 50, &[5]);
+        let slots: Vec<u64> = sync.history[&(0, 0)].slots.iter().map(|s| s.slot).collect();
+        assert_eq!(slots, [50]);
+        sync.record(&[HashMap::new()], 50 + SLOTS_KEPT);
+        assert!(sync.history.is_empty());
+    }
 
     #[test]
     fn passwords_stay_out_of_the_log() {

@@ -50,11 +50,13 @@ impl Drop for Redis {
     }
 }
 
-/// coregate with a fleet limit of `rate` for everyone together.
+/// coregate with a fleet limit of `rate` for everyone together. The sync
+/// interval is also the time Redis has to answer: 250 ms, so that a
+/// shared, busy machine does not make a slow answer look like an outage.
 fn fleet_proxy(origin: &Proc, redis_url: &str, rate: u32, admin: &Path) -> Proc {
     let config = format!(
         "[server]\ndrain_grace = \"0s\"\n\n\
-         [fleet]\nredis = \"{redis_url}\"\ninstances = 2\nsync_interval = \"100ms\"\n\n\
+         [fleet]\nredis = \"{redis_url}\"\ninstances = 2\nsync_interval = \"250ms\"\n\n\
          [[listener]]\nlisten = \"127.0.0.1:0\"\n\
          [listener.limits]\nrate = \"{rate}/s\"\nburst = 10\nprincipal = \"all\"\nscope = \"fleet\"\n\n\
          [upstream.app]\nbackends = [\"tcp://{}\"]\n\n[[route]]\nupstream = \"app\"\n",

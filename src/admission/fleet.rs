@@ -15,6 +15,10 @@ use std::sync::{Arc, Mutex};
 /// A fleet-scoped limit's principal: `(policy id, principal hash)`.
 pub type FleetKey = (usize, u64);
 
+/// Principals a worker counts between two syncs (the fleet thread follows
+/// at most `crate::fleet::MAX_TRACKED` of them).
+pub const MAX_BOARD: usize = 1024;
+
 /// How the fleet thread stands with Redis, which decides the rate of a
 /// principal it has no share for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -103,13 +107,19 @@ impl View {
     /// there is no share from the fleet: the fleet's rate divided by the
     /// instances and this process's workers.
     pub fn offer(&self, key: FleetKey, local_share: f64) -> Option<f64> {
-        *self
-            .board
-            .demand
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
-            .or_insert(0) += 1;
+        {
+            let mut demand = self.board.demand.lock().unwrap_or_else(|p| p.into_inner());
+            let tracked = demand.len();
+            match demand.get_mut(&key) {
+                Some(n) => *n += 1,
+                // Bounded as the fleet thread's history is: beyond it a
+                // principal is not counted and keeps the local share.
+                None if tracked < crate::admission::fleet::MAX_BOARD => {
+                    demand.insert(key, 1);
+                }
+                None => {}
+            }
+        }
         let generation = self.board.generation.load(Ordering::Acquire);
         let mut seen = self.seen.borrow_mut();
         if seen.0 != generation {

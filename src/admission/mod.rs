@@ -294,8 +294,15 @@ pub fn key_hash(value: &[u8]) -> u64 {
 /// [`key_hash`] of a client address: its family and octets.
 pub fn ip_hash(ip: IpAddr) -> u64 {
     match ip {
-        IpAddr::V4(v4) => fnv1a64(&[&[4u8][..], &v4.octets()].concat()),
-        IpAddr::V6(v6) => fnv1a64(&[&[6u8][..], &v6.octets()].concat()),
+        IpAddr::V4(v4) => {
+            let o = v4.octets();
+            fnv1a64(&[4, o[0], o[1], o[2], o[3]])
+        }
+        IpAddr::V6(v6) => {
+            let mut bytes = [6u8; 17];
+            bytes[1..].copy_from_slice(&v6.octets());
+            fnv1a64(&bytes)
+        }
     }
 }
 
@@ -455,12 +462,18 @@ impl PolicyState {
             None => Ok(()),
             Some(share) => {
                 let burst = (rate.burst * share / rate.per_second).max(1.0);
-                buckets.take_at(
-                    principal,
-                    Instant::now(),
-                    share.max(f64::MIN_POSITIVE),
-                    burst,
-                )
+                // A tiny share (little demand here, much elsewhere) is
+                // recomputed every sync: Retry-After never says more than
+                // a token takes at the local share.
+                let longest = (1.0 / local_share).ceil().clamp(1.0, u32::MAX as f64) as u32;
+                buckets
+                    .take_at(
+                        principal,
+                        Instant::now(),
+                        share.max(f64::MIN_POSITIVE),
+                        burst,
+                    )
+                    .map_err(|wait| wait.min(longest))
             }
         }
     }

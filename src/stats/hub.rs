@@ -28,7 +28,6 @@ struct Link {
     control: UnixStream,
 }
 
-/// The workers' addresses and the channel their reports come back on.
 /// Where fleet-scoped limits stand with Redis.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[repr(u8)]
@@ -117,6 +116,7 @@ impl FleetStatus {
     }
 }
 
+/// The workers' addresses and the channel their reports come back on.
 pub struct Hub {
     /// The fleet sync thread's state (`crate::fleet`), reported beside the
     /// workers' figures.
