@@ -442,16 +442,23 @@ fn connections_past_the_cap_are_closed_at_once() {
 #[test]
 fn connection_caps_are_per_listener() {
     let origin = python_origin();
-    let a = dead_port();
-    let b = dead_port();
     let config = format!(
-        "[[listener]]\nlisten = \"127.0.0.1:{a}\"\nmax_connections = 2\n\n\
-         [[listener]]\nlisten = \"127.0.0.1:{b}\"\nmax_connections = 2\n\n\
+        "[[listener]]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n\n\
+         [[listener]]\nlisten = \"127.0.0.1:0\"\nmax_connections = 2\n\n\
          [upstream.app]\nbackends = [\"tcp://{}\"]\n\n[[route]]\nupstream = \"app\"\n",
         origin.addr
     );
-    let mut proxy = coregate(&config, &["--workers", "1"]);
-    let (a, b) = (format!("127.0.0.1:{a}"), format!("127.0.0.1:{b}"));
+    // Both listeners on port 0: the addresses are the ones printed.
+    let dir = temp_dir();
+    let path = dir.join("coregate.toml");
+    std::fs::write(&path, &config).unwrap();
+    let mut cmd = std::process::Command::new(BIN);
+    cmd.arg("run")
+        .arg("--config")
+        .arg(&path)
+        .args(["--workers", "1"]);
+    let (mut proxy, addrs) = start_lines(cmd, "coregate listening on http://", 2, dir);
+    let (a, b) = (addrs[0].clone(), addrs[1].clone());
     for _ in 0..5 {
         assert_eq!(get(&b, "/echo", "").0, 200);
     }

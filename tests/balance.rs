@@ -110,7 +110,8 @@ fn five_hundreds_eject_when_asked_and_not_otherwise() {
 
 #[test]
 fn an_ejected_backend_comes_back_after_its_backoff() {
-    let port = dead_port();
+    let reserved = reserve_port();
+    let port = reserved.port;
     let other = coregate_origin(1);
     let proxy = proxy(
         &[format!("127.0.0.1:{port}"), other.addr.clone()],
@@ -121,7 +122,7 @@ fn an_ejected_backend_comes_back_after_its_backoff() {
     }
     // The backend starts; once its ejection ends it gets its share again
     // (waited for: the first request it answers).
-    let revived = python_origin_on(port);
+    let revived = python_origin_on(&reserved);
     assert!(
         until(|| fetch(&proxy.addr, "/echo").1.starts_with('{')),
         "the revived backend got no request"
@@ -177,7 +178,8 @@ fn consistent_hashing_keeps_a_key_on_one_backend() {
 
 #[test]
 fn active_checks_take_a_dead_backend_out_and_put_it_back() {
-    let port = dead_port();
+    let reserved = reserve_port();
+    let port = reserved.port;
     let other = coregate_origin(1);
     // Passive ejection and retries off: only the checks keep requests
     // away from the dead backend.
@@ -198,7 +200,7 @@ fn active_checks_take_a_dead_backend_out_and_put_it_back() {
         "checked down: {statuses:?}"
     );
     // It comes up: two good checks later it is back in the rotation.
-    let revived = python_origin_on(port);
+    let revived = python_origin_on(&reserved);
     assert!(
         until(|| fetch(&proxy.addr, "/echo").1.starts_with('{')),
         "never checked up"

@@ -5,7 +5,6 @@ use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
-use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -183,35 +182,8 @@ fn activated_command(config: &str, fds: Vec<i32>, names: &str) -> (Command, std:
         .arg(&path)
         .env("LISTEN_FDS", fds.len().to_string())
         .env("LISTEN_FDNAMES", names);
-    pass_from_3(&mut cmd, fds);
+    support::pass_from_3(&mut cmd, fds);
     (cmd, dir)
-}
-
-/// Make `fds` the child's descriptors 3, 4, ... as systemd does.
-fn pass_from_3(cmd: &mut Command, fds: Vec<i32>) {
-    // SAFETY: between fork and exec only fcntl and dup2 run, which are
-    // async-signal-safe; the descriptors belong to sockets the test keeps
-    // open until the child has started.
-    unsafe {
-        cmd.pre_exec(move || {
-            // Each source is first copied above the targets, so that
-            // placing one cannot overwrite another still to be placed.
-            let mut high = Vec::new();
-            for &fd in &fds {
-                let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
-                if copy < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                high.push(copy);
-            }
-            for (i, &fd) in high.iter().enumerate() {
-                if libc::dup2(fd, 3 + i as i32) < 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            }
-            Ok(())
-        });
-    }
 }
 
 #[test]

@@ -152,8 +152,8 @@ fn upstream_that_answers_early_is_forwarded() {
 
 #[test]
 fn backend_restart_does_not_fail_requests_on_dead_pooled_connections() {
-    let port = dead_port();
-    let first = python_origin_on(port);
+    let reserved = reserve_port();
+    let first = python_origin_on(&reserved);
     let proxy = proxy_to(&first, "", &["--workers", "1"]);
     let url = format!("http://{}/echo", proxy.addr);
     // Fill the pool with three idle upstream connections.
@@ -168,7 +168,7 @@ fn backend_restart_does_not_fail_requests_on_dead_pooled_connections() {
     }
     // Restart the backend: every pooled connection is now dead.
     drop(first);
-    let _second = python_origin_on(port);
+    let _second = python_origin_on(&reserved);
     // An idempotent request is retried once on a fresh connection.
     assert_eq!(status_of(&[&url]), 200);
     // A POST is never retried; its pooled connection is checked first.

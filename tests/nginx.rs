@@ -11,7 +11,7 @@ fn nginx_origin() -> Option<(Proc, u16)> {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
     let dir = temp_dir();
-    let port = dead_port();
+    let port = free_port();
     std::fs::create_dir_all(dir.join("logs")).unwrap();
     let conf = format!(
         "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {dir}/logs/error.log;\npid {dir}/nginx.pid;\n\

@@ -148,7 +148,7 @@ fn percentiles_match_a_latency_the_origin_injects() {
 
 #[test]
 fn prometheus_text_passes_a_real_parser_and_agrees_with_json() {
-    let metrics = format!("127.0.0.1:{}", dead_port());
+    let metrics = format!("127.0.0.1:{}", free_port());
     let (proxy, socket) = proxy_with_server_keys(
         "[[route]]\nname = \"quote \\\" and \\\\ backslash\"\nrespond = { status = 200 }\n",
         "",

@@ -281,7 +281,8 @@ impl Validator<'_> {
         let mut listeners: Vec<Listener> = Vec::new();
         for l in &file.listener {
             if let Some(listener) = self.listener(l) {
-                if listeners.iter().any(|x| x.addr == listener.addr) {
+                // Port 0 is "any free port": two of them are two ports.
+                if listener.addr.port() != 0 && listeners.iter().any(|x| x.addr == listener.addr) {
                     self.problem(
                         l.get_ref().listen.span(),
                         "listener.listen",

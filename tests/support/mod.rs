@@ -140,12 +140,16 @@ pub fn python_origin() -> Proc {
     p
 }
 
-/// The Python test origin on a given TCP port (to restart a backend).
-pub fn python_origin_on(port: u16) -> Proc {
+/// The Python test origin on a reserved port (a backend that starts, or
+/// starts again): it listens on the reserved socket itself, so no other
+/// process can have taken the port meanwhile.
+pub fn python_origin_on(reserved: &Reserved) -> Proc {
+    use std::os::fd::AsRawFd;
     let dir = temp_dir();
     let mut cmd = Command::new("python3");
     cmd.arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/support/origin.py"))
-        .args(["--port", &port.to_string()]);
+        .args(["--fd", "3"]);
+    pass_from_3(&mut cmd, vec![reserved.socket.as_raw_fd()]);
     let mut p = start(cmd, "READY", dir);
     p.addr = format!("127.0.0.1:{}", p.addr);
     p
@@ -270,9 +274,74 @@ pub fn statuses(raw: &[u8]) -> Vec<u16> {
 }
 
 /// A TCP port on 127.0.0.1 with nothing listening.
+/// A port nothing else can take: a socket bound to it without
+/// SO_REUSEADDR and not listening, so a connection to it is refused until
+/// a peer is handed the socket and listens on it ([`python_origin_on`]).
+pub struct Reserved {
+    socket: socket2::Socket,
+    pub port: u16,
+}
+
+pub fn reserve_port() -> Reserved {
+    let socket =
+        socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).expect("socket");
+    let any: std::net::SocketAddr = "127.0.0.1:0".parse().unwrap();
+    socket.bind(&any.into()).expect("bind 127.0.0.1:0");
+    let port = socket
+        .local_addr()
+        .unwrap()
+        .as_socket()
+        .expect("an inet address")
+        .port();
+    Reserved { socket, port }
+}
+
+/// A port where nothing listens, for the whole test run: reserved, and
+/// the reservation kept (no other test or process can start a server
+/// there).
 pub fn dead_port() -> u16 {
+    static KEPT: std::sync::Mutex<Vec<Reserved>> = std::sync::Mutex::new(Vec::new());
+    let r = reserve_port();
+    let port = r.port;
+    KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(r);
+    port
+}
+
+/// A port free when asked, for a server that cannot report the port it
+/// bound (nginx). Another process may take it in between; use port 0 and
+/// read the bound address wherever the server reports one.
+pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     l.local_addr().unwrap().port()
+}
+
+/// Make `fds` the child's descriptors 3, 4, ... (as systemd passes
+/// sockets, and as the Python origin takes a reserved one).
+pub fn pass_from_3(cmd: &mut Command, fds: Vec<i32>) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: between fork and exec only fcntl and dup2 run, which are
+    // async-signal-safe; the descriptors belong to sockets the caller
+    // keeps open until the child has started.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Each source is first copied above the targets, so that
+            // placing one cannot overwrite another still to be placed.
+            let mut high = Vec::new();
+            for &fd in &fds {
+                let copy = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 100);
+                if copy < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                high.push(copy);
+            }
+            for (i, &fd) in high.iter().enumerate() {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
 }
 
 /// Parse the Python origin's /echo JSON.

@@ -230,6 +230,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--unix")
+    ap.add_argument("--fd", type=int,
+                    help="listen on this bound TCP socket (a port the test reserved)")
     ap.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"),
                     help="serve HTTPS with this certificate and key")
     args = ap.parse_args()
@@ -240,7 +242,14 @@ def main():
         where = args.unix
     else:
         ThreadingHTTPServer.daemon_threads = True
-        server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
+        if args.fd is not None:
+            server = ThreadingHTTPServer(("127.0.0.1", 0), Handler, bind_and_activate=False)
+            server.socket.close()
+            server.socket = socket.socket(fileno=args.fd)
+            server.socket.listen(128)
+            server.server_address = server.socket.getsockname()
+        else:
+            server = ThreadingHTTPServer(("127.0.0.1", args.port), Handler)
         where = str(server.server_address[1])
         if args.tls:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
