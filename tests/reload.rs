@@ -57,7 +57,9 @@ fn reload_under_load_never_fails_or_mixes_configs() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("start load.py");
-    std::thread::sleep(Duration::from_millis(300));
+    // The load runs before the first reload: its first answers are in.
+    let answered = stat_when(&admin, &["responses", "2xx"], |n| n > 0 && n != u64::MAX);
+    assert!(answered > 0 && answered != u64::MAX, "no load answered");
     let mut reloads = 0;
     for i in 0..50 {
         let which = if i % 2 == 0 { "B" } else { "A" };
