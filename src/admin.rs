@@ -203,11 +203,7 @@ impl AdminSocket {
     /// socket onto the path (or failed to, and said so); from now on the
     /// file to remove at exit is wherever our socket is.
     pub fn settle(&mut self) {
-        use std::os::unix::fs::MetadataExt;
-        let at_path = std::fs::symlink_metadata(&self.path)
-            .ok()
-            .map(|m| (m.dev(), m.ino()));
-        if self.staged.is_some() && at_path == self.id {
+        if self.staged.is_some() && crate::upgrade::file_id(&self.path) == self.id {
             self.staged = None;
         }
     }
@@ -270,12 +266,7 @@ pub fn serve(path: &Path, serving: Serving, staged: bool) -> anyhow::Result<Admi
     let listener = bound.with_context(|| format!("bind admin socket {}", bind_at.display()))?;
     std::fs::set_permissions(&bind_at, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("chmod 0600 {}", bind_at.display()))?;
-    let id = {
-        use std::os::unix::fs::MetadataExt;
-        std::fs::symlink_metadata(&bind_at)
-            .ok()
-            .map(|m| (m.dev(), m.ino()))
-    };
+    let id = crate::upgrade::file_id(&bind_at);
     let serving = Arc::new(serving);
     std::thread::Builder::new()
         .name("coregate-admin".into())

@@ -455,12 +455,7 @@ pub fn run_until_signal(
             },
             _ => {}
         }
-        if servers.iter().any(Server::any_finished) {
-            for s in &mut servers {
-                s.drain(false);
-            }
-            bail!("a worker exited unexpectedly");
-        }
+        stop_if_a_worker_died(&mut servers)?;
     };
     // Decided before the grace: a stop that began first wins over an
     // upgrade asked for during it.
@@ -473,12 +468,7 @@ pub fn run_until_signal(
         && let Some(r) = reloader
     {
         grace(&servers, r);
-        if servers.iter().any(Server::any_finished) {
-            for s in &mut servers {
-                s.drain(false);
-            }
-            bail!("a worker exited unexpectedly");
-        }
+        stop_if_a_worker_died(&mut servers)?;
     }
     // After an upgrade a stop of the service (systemd signals the whole
     // cgroup) or the upgrade's own SIGTERM must not cut this drain short:
@@ -506,6 +496,18 @@ pub fn run_until_signal(
         s.join();
     }
     crate::info!("drained; exiting");
+    Ok(())
+}
+
+/// A worker that exited on its own ends the process: the others drain,
+/// and the error says why.
+fn stop_if_a_worker_died(servers: &mut [Server]) -> anyhow::Result<()> {
+    if servers.iter().any(Server::any_finished) {
+        for s in servers {
+            s.drain(false);
+        }
+        bail!("a worker exited unexpectedly");
+    }
     Ok(())
 }
 

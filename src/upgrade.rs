@@ -652,13 +652,18 @@ pub fn tcp_listener(fd: OwnedFd, what: &str) -> anyhow::Result<std::net::TcpList
 /// device and inode): after an upgrade the path holds the new process's
 /// admin socket, which must outlive us.
 pub fn remove_if_ours(path: &Path, ours: Option<(u64, u64)>) {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if Some((m.dev(), m.ino())) == ours => {
-            let _ = std::fs::remove_file(path);
-        }
-        _ => {}
+    if ours.is_some() && file_id(path) == ours {
+        let _ = std::fs::remove_file(path);
     }
+}
+
+/// The device and inode of the file at `path` itself (not what a link
+/// points to): which socket file is there.
+pub fn file_id(path: &Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
 }
 
 #[cfg(test)]
