@@ -1,7 +1,7 @@
 //! Running under a service manager: systemd's readiness notifications,
 //! socket activation, privilege drop, and the binary upgrade under load.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixDatagram;
@@ -357,12 +357,7 @@ fn upgraded_pid(out: &std::process::Output) -> i32 {
 }
 
 fn admin_status(admin: &Path) -> serde_json::Value {
-    let mut s = std::os::unix::net::UnixStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "status").unwrap();
-    let mut line = String::new();
-    BufReader::new(&s).read_line(&mut line).unwrap();
-    serde_json::from_str(&line).unwrap()
+    support::admin(admin, "status")
 }
 
 #[test]
@@ -455,33 +450,6 @@ struct Tally {
     errors: Vec<String>,
 }
 
-/// Read one response; its status and whether the server closes after it.
-fn read_response(stream: &mut TcpStream, got_any: &mut bool) -> std::io::Result<(u16, bool)> {
-    let mut head = Vec::new();
-    let mut byte = [0u8; 1];
-    while !head.ends_with(b"\r\n\r\n") {
-        if stream.read(&mut byte)? == 0 {
-            return Err(std::io::ErrorKind::UnexpectedEof.into());
-        }
-        *got_any = true;
-        head.push(byte[0]);
-    }
-    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let length: usize = text
-        .lines()
-        .find_map(|l| l.strip_prefix("content-length:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body)?;
-    Ok((status, text.contains("\r\nconnection: close")))
-}
-
 /// One load thread: `rate` requests a second until `end`, each on a new
 /// connection (`keep_alive` false) or over one kept connection.
 fn load(addr: String, rate: u64, end: Instant, keep_alive: bool, tally: Arc<Mutex<Tally>>) {
@@ -526,7 +494,7 @@ fn load(addr: String, rate: u64, end: Instant, keep_alive: bool, tally: Arc<Mute
             let mut got_any = false;
             let result = stream
                 .write_all(request.as_bytes())
-                .and_then(|_| read_response(&mut stream, &mut got_any));
+                .and_then(|_| support::read_response(&mut stream, &mut got_any));
             match result {
                 Ok((200, closes)) => {
                     t.ok += 1;

@@ -2,7 +2,7 @@
 //! `redis-server`, Redis going away and coming back, and the drain grace
 //! a load balancer's readiness checks need.
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -91,25 +91,14 @@ fn paced(addr: &str, per_second: u32, length: Duration) -> (u64, u64) {
         };
         s.write_all(b"GET / HTTP/1.1\r\nHost: fleet\r\n\r\n")
             .expect("send");
-        let mut head = Vec::new();
-        let mut byte = [0u8; 1];
-        while !head.ends_with(b"\r\n\r\n") {
-            assert_eq!(s.read(&mut byte).expect("read"), 1, "closed mid-answer");
-            head.push(byte[0]);
+        let (status, closes) = support::read_response(&mut s, &mut false)
+            .unwrap_or_else(|e| panic!("no whole answer (closed mid-answer?): {e}"));
+        match status {
+            200 => ok += 1,
+            429 => limited += 1,
+            other => panic!("unexpected status {other}"),
         }
-        let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-        let length: usize = text
-            .lines()
-            .find_map(|l| l.strip_prefix("content-length:"))
-            .map_or(0, |v| v.trim().parse().unwrap());
-        let mut body = vec![0u8; length];
-        s.read_exact(&mut body).unwrap();
-        match text.split_whitespace().nth(1) {
-            Some("200") => ok += 1,
-            Some("429") => limited += 1,
-            other => panic!("unexpected status {other:?}"),
-        }
-        if !text.contains("connection: close") {
+        if !closes {
             conn = Some(s);
         }
     }
@@ -118,13 +107,7 @@ fn paced(addr: &str, per_second: u32, length: Duration) -> (u64, u64) {
 
 /// The admin socket's `fleet` figures.
 fn fleet_status(admin: &Path) -> serde_json::Value {
-    let mut s = std::os::unix::net::UnixStream::connect(admin).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    writeln!(s, "stats").unwrap();
-    let mut text = String::new();
-    s.read_to_string(&mut text).unwrap();
-    let reply: serde_json::Value = serde_json::from_str(&text).unwrap();
-    reply["fleet"].clone()
+    support::admin(admin, "stats")["fleet"].clone()
 }
 
 fn wait_fleet_state(admin: &Path, state: &str) -> serde_json::Value {

@@ -315,6 +315,42 @@ pub fn free_port() -> u16 {
     l.local_addr().unwrap().port()
 }
 
+/// One admin-socket command's JSON answer, through coregate's own client.
+pub fn admin(socket: &Path, command: &str) -> serde_json::Value {
+    coregate::client::request(socket, command)
+        .unwrap_or_else(|e| panic!("admin socket {}: {command}: {e:#}", socket.display()))
+}
+
+/// Read one response from `stream` (a head, then a Content-Length body):
+/// its status and whether the server closes after it. `got_any` says
+/// whether any byte came (a reused connection closed before any may be
+/// retried, as HTTP clients do).
+pub fn read_response(stream: &mut TcpStream, got_any: &mut bool) -> std::io::Result<(u16, bool)> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if stream.read(&mut byte)? == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        *got_any = true;
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let status = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let length: usize = text
+        .lines()
+        .find_map(|l| l.strip_prefix("content-length:"))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok((status, text.contains("\r\nconnection: close")))
+}
+
 /// Make `fds` the child's descriptors 3, 4, ... (as systemd passes
 /// sockets, and as the Python origin takes a reserved one).
 pub fn pass_from_3(cmd: &mut Command, fds: Vec<i32>) {
