@@ -214,6 +214,7 @@ impl WorkerCtx {
             tallies: &cur.tallies,
             rejections: &self.rejections,
             connections_open: self.open_connections.get() as u64,
+            requests_queued: cur.admission.queued(),
             buffers_free: self.bufs.free_count() as u64,
             upstream_idle: self.upstream_idle.get() as u64,
         })

@@ -551,9 +551,15 @@ fn upgrade_under_load_refuses_no_connection_and_fails_no_request() {
             std::thread::spawn(move || load(addr, 250, end, i % 2 == 0, tally))
         })
         .collect();
-    while start.elapsed() < Duration::from_secs(5) {
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    // The upgrade once the load is under way: 5,000 answers in (of about
+    // 20,000), with most of the run still to come.
+    let answered = support::stat_when(&admin, &["responses", "2xx"], |n| {
+        (5_000..u64::MAX).contains(&n)
+    });
+    assert!(
+        (5_000..u64::MAX).contains(&answered),
+        "the load is not under way"
+    );
     let out = upgrade(&admin, None);
     assert!(out.status.success(), "{out:?}");
     let new = Adopted(upgraded_pid(&out));

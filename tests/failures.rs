@@ -2,7 +2,7 @@
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::support::*;
 
@@ -28,9 +28,8 @@ fn dead_backend_is_502() {
 fn hanging_backend_is_504_after_response_timeout() {
     let origin = python_origin();
     let proxy = proxy_to(&origin, "response_timeout = \"1s\"", &[]);
-    let start = Instant::now();
+    // /hang never answers: only the response timeout can make a 504.
     assert_eq!(status_of(&[&format!("http://{}/hang", proxy.addr)]), 504);
-    assert!(start.elapsed() < Duration::from_secs(10));
 }
 
 #[test]
@@ -185,18 +184,15 @@ fn silent_connection_is_closed_after_header_timeout() {
     // header_timeout is 2s in config_for; keepalive_timeout stays 60s.
     let proxy = proxy_to(&origin, "", &[]);
     let mut s = TcpStream::connect(&proxy.addr).unwrap();
+    // Nothing else closes a fresh connection within the read timeout
+    // (keepalive_timeout is 60s): an end of stream is the header timeout.
     s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    let start = Instant::now();
     let mut got = Vec::new();
-    let _ = s.read_to_end(&mut got);
+    let read = s.read_to_end(&mut got);
+    assert!(read.is_ok(), "closed by the proxy, not timed out: {read:?}");
     assert!(
         got.is_empty(),
         "no response for a connection that sent nothing"
-    );
-    let waited = start.elapsed();
-    assert!(
-        waited < Duration::from_secs(8),
-        "closed after {waited:?}, not at header_timeout"
     );
 }
 

@@ -6,15 +6,24 @@ use crate::support::*;
 
 /// nginx on 127.0.0.1:PORT serving fixed bodies, run in the foreground
 /// from a temp prefix. `None` when nginx is not installed.
+///
+/// nginx cannot report a port it picked, so the test binds and listens
+/// first and hands nginx the socket the way nginx hands its sockets to a
+/// new binary (`NGINX="3;"`): no other process can take the port between.
+/// nginx 1.22 takes inherited sockets only with a master process (without
+/// one it crashes on them).
 fn nginx_origin() -> Option<(Proc, u16)> {
+    use std::os::fd::AsRawFd;
     let nginx = ["/usr/sbin/nginx", "/usr/local/sbin/nginx", "/usr/bin/nginx"]
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())?;
     let dir = temp_dir();
-    let port = free_port();
+    let reserved = reserve_port();
+    reserved.socket.listen(128).expect("listen");
+    let port = reserved.port;
     std::fs::create_dir_all(dir.join("logs")).unwrap();
     let conf = format!(
-        "daemon off;\nmaster_process off;\nworker_processes 1;\nerror_log {dir}/logs/error.log;\npid {dir}/nginx.pid;\n\
+        "daemon off;\nmaster_process on;\nworker_processes 1;\nerror_log {dir}/logs/error.log;\npid {dir}/nginx.pid;\n\
          events {{ worker_connections 256; }}\n\
          http {{\n  access_log off;\n  client_body_temp_path {dir}/body;\n  proxy_temp_path {dir}/proxy;\n\
          fastcgi_temp_path {dir}/fcgi;\n  uwsgi_temp_path {dir}/uwsgi;\n  scgi_temp_path {dir}/scgi;\n\
@@ -25,7 +34,10 @@ fn nginx_origin() -> Option<(Proc, u16)> {
         dir = dir.display()
     );
     std::fs::write(dir.join("nginx.conf"), conf).unwrap();
-    let child = Command::new(nginx)
+    let mut cmd = Command::new(nginx);
+    cmd.env("NGINX", "3;");
+    pass_from_3(&mut cmd, vec![reserved.socket.as_raw_fd()]);
+    let child = cmd
         .arg("-p")
         .arg(&dir)
         .arg("-c")
@@ -39,13 +51,14 @@ fn nginx_origin() -> Option<(Proc, u16)> {
         addr: format!("127.0.0.1:{port}"),
         dir,
     };
-    for _ in 0..100 {
-        if std::net::TcpStream::connect(&proc_.addr).is_ok() {
-            return Some((proc_, port));
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    panic!("nginx did not start: {}", proc_.stderr());
+    // Connections queue on the socket from the start: nginx is up once
+    // one is answered.
+    let answered = raw_exchange(
+        &proc_.addr,
+        b"GET /hello HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert_eq!(statuses(&answered.0), [200], "nginx: {}", proc_.stderr());
+    Some((proc_, port))
 }
 
 #[test]

@@ -517,6 +517,15 @@ impl Admission {
                 .collect(),
         }
     }
+
+    /// Requests waiting in this epoch's fair queues now.
+    pub fn queued(&self) -> u64 {
+        self.states
+            .iter()
+            .filter_map(|s| s.gate.as_ref())
+            .map(|g| g.queued() as u64)
+            .sum()
+    }
 }
 
 /// What `/readyz` answers.

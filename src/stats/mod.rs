@@ -407,6 +407,10 @@ pub struct Report {
     pub bytes_out: u64,
     pub connections_open: u64,
     pub connections_accepted: u64,
+    /// Requests waiting in the current epoch's fair queues
+    /// (`queue_depth`) now.
+    #[serde(default)]
+    pub requests_queued: u64,
     /// By backend label, `group/label`.
     pub upstreams: BTreeMap<String, BackendReport>,
     pub latency: Latency,
@@ -452,6 +456,7 @@ pub struct Context<'a> {
     pub tallies: &'a Tallies,
     pub rejections: &'a Rejections,
     pub connections_open: u64,
+    pub requests_queued: u64,
     pub buffers_free: u64,
     pub upstream_idle: u64,
 }
@@ -506,6 +511,7 @@ impl WorkerStats {
             bytes_in: self.bytes_in.get(),
             bytes_out: self.bytes_out.get(),
             connections_open: c.connections_open,
+            requests_queued: c.requests_queued,
             connections_accepted: self.accepted.get(),
             upstreams,
             latency: Latency::of(&self.latency.borrow()),
@@ -594,6 +600,7 @@ impl Report {
             total.bytes_in += r.bytes_in;
             total.bytes_out += r.bytes_out;
             total.connections_open += r.connections_open;
+            total.requests_queued += r.requests_queued;
             total.connections_accepted += r.connections_accepted;
             for (k, b) in &r.upstreams {
                 let t = total.upstreams.entry(k.clone()).or_default();

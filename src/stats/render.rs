@@ -143,6 +143,12 @@ pub fn prometheus(reports: &[Report]) -> String {
             |r| r.connections_accepted,
         ),
         (
+            "coregate_requests_queued",
+            "gauge",
+            "Requests waiting in fair queues now.",
+            |r| r.requests_queued,
+        ),
+        (
             "coregate_buffers_free",
             "gauge",
             "Free buffers in the worker's pool.",

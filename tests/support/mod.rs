@@ -73,6 +73,20 @@ impl Proc {
     pub fn stderr(&self) -> String {
         std::fs::read_to_string(self.dir.join("stderr.log")).unwrap_or_default()
     }
+
+    /// The rest of the first stdout line starting with `prefix`, once
+    /// printed (waited for 10 s at most), for a process [`start`]ed.
+    pub fn printed(&self, prefix: &str) -> String {
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let out = std::fs::read_to_string(self.dir.join("stdout.log")).unwrap_or_default();
+            if let Some(rest) = out.lines().find_map(|l| l.strip_prefix(prefix)) {
+                return rest.trim().to_string();
+            }
+            assert!(Instant::now() < end, "no {prefix:?} line in:\n{out}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
 }
 
 impl Drop for Proc {
@@ -107,9 +121,12 @@ pub fn start_lines(mut cmd: Command, marker: &str, n: usize, dir: PathBuf) -> (P
     let stdout = child.stdout.take().expect("piped stdout");
     let (tx, rx) = std::sync::mpsc::channel();
     let wanted = marker.to_string();
+    let mut log = std::fs::File::create(dir.join("stdout.log")).expect("stdout log");
     std::thread::spawn(move || {
-        // Every line is read, so the child never blocks on a full pipe.
+        // Every line is read, so the child never blocks on a full pipe,
+        // and kept for `Proc::printed`.
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = writeln!(log, "{line}");
             if let Some(rest) = line.strip_prefix(&wanted) {
                 let _ = tx.send(rest.trim().to_string());
             }
@@ -196,7 +213,12 @@ pub fn coregate_origin(body_size: usize) -> Proc {
 
 /// coregate with this config text (its listener should use port 0).
 pub fn coregate(config: &str, extra: &[&str]) -> Proc {
-    let dir = temp_dir();
+    coregate_in(temp_dir(), config, extra)
+}
+
+/// [`coregate`] with its files in `dir` (where the config may have put
+/// an admin socket).
+pub fn coregate_in(dir: PathBuf, config: &str, extra: &[&str]) -> Proc {
     let path = dir.join("coregate.toml");
     std::fs::write(&path, config).expect("write config");
     let mut cmd = Command::new(BIN);
@@ -273,12 +295,11 @@ pub fn statuses(raw: &[u8]) -> Vec<u16> {
         .collect()
 }
 
-/// A TCP port on 127.0.0.1 with nothing listening.
 /// A port nothing else can take: a socket bound to it without
 /// SO_REUSEADDR and not listening, so a connection to it is refused until
 /// a peer is handed the socket and listens on it ([`python_origin_on`]).
 pub struct Reserved {
-    socket: socket2::Socket,
+    pub socket: socket2::Socket,
     pub port: u16,
 }
 
@@ -305,14 +326,6 @@ pub fn dead_port() -> u16 {
     let port = r.port;
     KEPT.lock().unwrap_or_else(|p| p.into_inner()).push(r);
     port
-}
-
-/// A port free when asked, for a server that cannot report the port it
-/// bound (nginx). Another process may take it in between; use port 0 and
-/// read the bound address wherever the server reports one.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
 }
 
 /// One admin-socket command's JSON answer, through coregate's own client.
