@@ -17,6 +17,7 @@ use crate::admission::fleet::{self, Board};
 use crate::admission::{Admission, Rejections};
 use crate::balance::GroupView;
 use crate::config::Snapshot;
+use crate::config::carry::Carry;
 use crate::config::epoch::Published;
 use crate::http::head::HeaderSpan;
 use crate::net::buffer::{BufPool, VecPool};
@@ -45,6 +46,9 @@ pub struct Current {
     pub tallies: Tallies,
     /// This worker's view of each upstream group (`balance`).
     pub groups: Vec<GroupView>,
+    /// The epoch this worker switched from, and what this snapshot kept
+    /// of it: the idle connection pool follows it too (`proxy::pool`).
+    pub carried: Option<(u64, Carry)>,
 }
 
 impl Current {
@@ -54,6 +58,7 @@ impl Current {
         workers: usize,
         tallies: Tallies,
         groups: Vec<GroupView>,
+        carried: Option<(u64, Carry)>,
         board: &Arc<Board>,
     ) -> Self {
         let fleet = snapshot
@@ -66,6 +71,7 @@ impl Current {
             admission: Admission::new(&snapshot.policies, workers, fleet.as_ref()),
             tallies,
             groups,
+            carried,
             snapshot,
         }
     }
@@ -136,7 +142,7 @@ impl WorkerCtx {
             rejections: Rejections::default(),
             stats: WorkerStats::default(),
             current: RefCell::new(Rc::new(Current::new(
-                epoch, snapshot, workers, tallies, groups, &fleet,
+                epoch, snapshot, workers, tallies, groups, None, &fleet,
             ))),
             fleet,
             leaving,
@@ -168,20 +174,23 @@ impl WorkerCtx {
         let (epoch, snapshot) = self.published.load();
         let old = self.current.borrow().clone();
         self.access_log.retarget(snapshot.access_log.as_deref());
-        let tallies = Tallies::carry(&old.snapshot, &old.tallies, &snapshot);
-        // What this worker learned of backends (latency, ejections)
-        // follows them by group name and label.
+        // Counts and what this worker learned of backends (latency,
+        // ejections) follow what the new snapshot keeps.
+        let carry = Carry::between(&old.snapshot, &snapshot);
+        let tallies = Tallies::carry(&carry, &old.tallies, &snapshot);
         let groups = snapshot
             .upstreams
             .iter()
-            .map(
-                |g| match old.snapshot.upstreams.iter().position(|o| o.name == g.name) {
-                    Some(i) => {
-                        GroupView::carry(&old.snapshot.upstreams[i], &old.groups[i], g, self.id)
-                    }
-                    None => GroupView::new(g, self.id),
-                },
-            )
+            .enumerate()
+            .map(|(g, group)| match carry.groups[g] {
+                Some(og) => GroupView::carry(
+                    &old.groups[og],
+                    group,
+                    |b| carry.backends[g][b].map(|k| k.old),
+                    self.id,
+                ),
+                None => GroupView::new(group, self.id),
+            })
             .collect();
         let next = Rc::new(Current::new(
             epoch,
@@ -189,6 +198,7 @@ impl WorkerCtx {
             self.workers,
             tallies,
             groups,
+            Some((old.epoch, carry)),
             &self.fleet,
         ));
         *self.current.borrow_mut() = next.clone();

@@ -6,8 +6,9 @@
 //! down, `healthy` successes in a row mark it up again; the mark is an
 //! `AtomicBool` on the backend in the published snapshot, which workers
 //! read (relaxed) when they pick: read-mostly, written only on a change.
-//! When a reload publishes a new snapshot, the marks of backends it keeps
-//! (same group name and label) are carried over.
+//! A reload's new snapshot gets the marks of the backends it keeps when it
+//! is published (`config::carry`); this thread keeps its streaks and
+//! schedule by group name and label, the same key.
 //!
 //! Checks of one round run one after another on this thread, so a round
 //! takes up to `timeout` per unreachable backend; with the defaults (1 s,
@@ -24,7 +25,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use crate::config::epoch::Published;
-use crate::config::{BackendAddr, Check, Snapshot};
+use crate::config::{BackendAddr, Check};
 use rustls::pki_types::ServerName;
 use rustls::{ClientConfig, ClientConnection, StreamOwned};
 
@@ -53,11 +54,8 @@ fn run(published: Arc<Published>) {
     let mut due: HashMap<(String, String), Instant> = HashMap::new();
     let (mut epoch, mut snapshot) = published.load();
     loop {
-        let (e, s) = published.load();
-        if e != epoch {
-            carry_marks(&snapshot, &s);
-            epoch = e;
-            snapshot = s;
+        if published.epoch() != epoch {
+            (epoch, snapshot) = published.load();
         }
         let now = Instant::now();
         for group in &snapshot.upstreams {
@@ -91,21 +89,6 @@ fn run(published: Arc<Published>) {
             }
         }
         std::thread::sleep(TICK);
-    }
-}
-
-/// Marks of backends the new snapshot keeps.
-fn carry_marks(old: &Snapshot, new: &Snapshot) {
-    for g in &new.upstreams {
-        let Some(og) = old.upstreams.iter().find(|o| o.name == g.name) else {
-            continue;
-        };
-        for b in &g.backends {
-            if let Some(ob) = og.backends.iter().find(|o| o.label == b.label) {
-                b.healthy
-                    .store(ob.healthy.load(Ordering::Relaxed), Ordering::Relaxed);
-            }
-        }
     }
 }
 

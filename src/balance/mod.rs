@@ -196,16 +196,13 @@ impl BackendView {
 }
 
 /// What balancing reads of an upstream group: its settings, and its
-/// backends' health and labels. The configuration's group implements it
+/// backends' health. The configuration's group implements it
 /// (`config::UpstreamGroup`); balancing never sees the config type.
 pub trait Group {
     fn balance(&self) -> &Balance;
     fn backend_count(&self) -> usize;
     /// Whether active health checks let backend `i` be picked.
     fn healthy(&self, i: usize) -> bool;
-    /// Backend `i`'s label: what a worker learned of a backend follows
-    /// it by label across a reload.
-    fn label(&self, i: usize) -> &str;
 }
 
 /// One worker's view of one group.
@@ -241,16 +238,21 @@ impl GroupView {
         }
     }
 
-    /// The view for `new`, keeping what this worker learned of backends
-    /// that `old` had too (same label): EWMA, ejection, failure streak.
-    /// Inflight counts start at zero: requests in flight release into the
-    /// view they started on, so a copied count would never come down.
-    pub fn carry(old: &impl Group, view: &GroupView, new: &impl Group, seed: usize) -> Self {
+    /// The view for `new`, keeping what this worker learned of the
+    /// backends it keeps: `kept[i]` is new backend `i`'s index in the old
+    /// view (the reload's one map, `config::carry`). EWMA, ejection and
+    /// failure streak carry; inflight counts start at zero: requests in
+    /// flight release into the view they started on, so a copied count
+    /// would never come down.
+    pub fn carry(
+        view: &GroupView,
+        new: &impl Group,
+        kept: impl Fn(usize) -> Option<usize>,
+        seed: usize,
+    ) -> Self {
         let next = GroupView::new(new, seed);
-        for (b, v) in view.backends.iter().enumerate() {
-            let label = old.label(b);
-            if let Some(i) = (0..new.backend_count()).find(|&i| new.label(i) == label) {
-                let n = &next.backends[i];
+        for (i, n) in next.backends.iter().enumerate() {
+            if let Some(v) = kept(i).map(|o| &view.backends[o]) {
                 n.ewma_us.set(v.ewma_us.get());
                 n.fails.set(v.fails.get());
                 n.ejections.set(v.ejections.get());

@@ -14,6 +14,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::Snapshot;
+use super::carry::Carry;
 
 pub struct Published {
     epoch: AtomicU64,
@@ -41,9 +42,15 @@ impl Published {
         (self.epoch.load(Ordering::Relaxed), current.clone())
     }
 
-    /// Make `snapshot` current; returns its epoch.
+    /// Make `snapshot` current; returns its epoch. The backends it keeps
+    /// (`Carry`) get the current snapshot's health marks first, so no
+    /// worker reads a mark the checks have not set. A mark the health
+    /// thread flips on the old snapshot during this call is lost, and set
+    /// again by that backend's next check: the thread keeps its streaks
+    /// across reloads.
     pub fn publish(&self, snapshot: Arc<Snapshot>) -> u64 {
         let mut current = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        Carry::between(&current, &snapshot).health_marks(&current, &snapshot);
         *current = snapshot;
         // Bumped under the lock, so `load` never pairs an epoch with a
         // snapshot other than its own.

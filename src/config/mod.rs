@@ -6,6 +6,7 @@
 //! workers read snapshots from (`epoch`). Does not own: matching requests
 //! (`crate::rules`).
 
+pub mod carry;
 pub mod epoch;
 pub mod file;
 mod limits;

@@ -111,10 +111,6 @@ impl crate::balance::Group for UpstreamGroup {
             .healthy
             .load(std::sync::atomic::Ordering::Relaxed)
     }
-
-    fn label(&self, i: usize) -> &str {
-        &self.backends[i].label
-    }
 }
 
 /// A group's active health checks (`health_check`), run by the health

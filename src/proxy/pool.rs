@@ -4,8 +4,8 @@
 //! Owns: the lists, their order (LIFO: the most recently used connection
 //! is the warmest and the least likely to have been closed by the
 //! backend's own idle timer), their caps, and following a reload (idle
-//! connections to a backend the new configuration keeps, by group name
-//! and address, stay pooled). Does not own: the sockets. An idle
+//! connections to a backend the new configuration keeps, `config::carry`,
+//! at the same address, stay pooled). Does not own: the sockets. An idle
 //! connection keeps its receive armed, so the proxy learns at once when
 //! the backend closes it or sends bytes nobody asked for, and takes it
 //! out (`remove`) before any request could meet it.
@@ -13,6 +13,7 @@
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
+use crate::config::carry::Carry;
 use crate::context::{Current, WorkerCtx};
 
 struct Idle {
@@ -43,22 +44,26 @@ impl Pool {
             .map(|g| g.backends.iter().map(|_| Vec::new()).collect())
             .collect();
         if let Some(old) = self.cur.take() {
-            for (g, lists) in old.snapshot.upstreams.iter().zip(self.idle.drain(..)) {
-                let ng = cur.snapshot.upstreams.iter().position(|n| n.name == g.name);
-                for (b, list) in g.backends.iter().zip(lists) {
-                    let nb = ng.and_then(|ng| {
-                        cur.snapshot.upstreams[ng]
-                            .backends
-                            .iter()
-                            .position(|n| n.addr == b.addr)
-                            .map(|nb| (ng, nb))
-                    });
-                    match nb {
-                        Some((ng, nb)) => fresh[ng][nb].extend(list),
-                        None => close.extend(list.iter().map(|i| i.id)),
+            // The worker's map of this switch, unless the pool was not
+            // used on an epoch in between: then one of its own.
+            let built;
+            let carry = match &cur.carried {
+                Some((from, carry)) if *from == old.epoch => carry,
+                _ => {
+                    built = Carry::between(&old.snapshot, &cur.snapshot);
+                    &built
+                }
+            };
+            for (g, lists) in fresh.iter_mut().enumerate() {
+                for (b, list) in lists.iter_mut().enumerate() {
+                    if let Some((og, kept)) = carry.backend(g, b)
+                        && kept.same_peer
+                    {
+                        *list = std::mem::take(&mut self.idle[og][kept.old]);
                     }
                 }
             }
+            close.extend(self.idle.drain(..).flatten().flatten().map(|i| i.id));
         }
         self.idle = fresh;
         self.cur = Some(cur.clone());

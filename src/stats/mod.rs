@@ -32,6 +32,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::admission::{Reason, Rejections};
 use crate::config::Snapshot;
+use crate::config::carry::Carry;
 
 /// Latencies are recorded in microseconds from 1 us to an hour, to three
 /// significant figures (0.1%).
@@ -275,27 +276,19 @@ impl Tallies {
         }
     }
 
-    /// Tallies for `new`, carrying the counts of `old`'s routes and
-    /// backends that `new` still has.
-    pub fn carry(old: &Snapshot, tallies: &Tallies, new: &Snapshot) -> Self {
+    /// Tallies for `new`, carrying the counts of the routes and backends
+    /// it keeps (`carry`) from `old`.
+    pub fn carry(carry: &Carry, old: &Tallies, new: &Snapshot) -> Self {
         let next = Tallies::new(new);
-        let old_routes = old.rules.routes();
-        for (r, count) in old_routes.iter().zip(&tallies.routes) {
-            if let Some(i) = new.rules.routes().iter().position(|n| n.name == r.name) {
-                next.routes[i].set(count.get());
+        for (count, kept) in next.routes.iter().zip(&carry.routes) {
+            if let Some(o) = kept {
+                count.set(old.routes[*o].get());
             }
         }
-        for (g, lists) in old.upstreams.iter().zip(&tallies.backends) {
-            let Some(ng) = new.upstreams.iter().position(|n| n.name == g.name) else {
-                continue;
-            };
-            for (b, t) in g.backends.iter().zip(lists) {
-                if let Some(nb) = new.upstreams[ng]
-                    .backends
-                    .iter()
-                    .position(|n| n.label == b.label)
-                {
-                    let n = &next.backends[ng][nb];
+        for (g, lists) in next.backends.iter().enumerate() {
+            for (b, n) in lists.iter().enumerate() {
+                if let Some((og, kept)) = carry.backend(g, b) {
+                    let t = &old.backends[og][kept.old];
                     n.connects.set(t.connects.get());
                     n.reuses.set(t.reuses.get());
                     n.failures.set(t.failures.get());
