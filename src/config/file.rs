@@ -187,59 +187,92 @@ pub struct HealthCheckSection {
     pub unhealthy: Option<Spanned<i64>>,
 }
 
-/// `[[route]]` and `[[rule]]`: matchers, then actions. Which keys a kind
-/// accepts is checked by validation (a `[[rule]]` has no terminal action).
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RuleSection {
-    pub name: Option<Spanned<String>>,
-    // Matchers.
-    pub host: Option<Spanned<OneOrMany>>,
-    pub path: Option<Spanned<String>>,
-    pub path_prefix: Option<Spanned<String>>,
-    pub path_regex: Option<Spanned<String>>,
-    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
-    pub header: Option<Vec<Spanned<FieldSection>>>,
-    pub query: Option<Vec<Spanned<FieldSection>>>,
-    pub client: Option<Spanned<Vec<Spanned<String>>>>,
-    /// `"http"` or `"https"`: how the request came.
-    pub scheme: Option<Spanned<String>>,
-    /// The rule does not match when all of these hold.
-    pub not: Option<Spanned<MatchSection>>,
-    // Terminal actions (routes only): exactly one.
-    pub upstream: Option<Spanned<String>>,
-    pub respond: Option<Spanned<RespondSection>>,
-    pub redirect: Option<Spanned<RedirectSection>>,
-    pub drop: Option<Spanned<String>>,
-    // Path changes for `upstream`.
-    pub strip_prefix: Option<Spanned<String>>,
-    pub rewrite: Option<Spanned<String>>,
-    // Stacking actions.
-    pub request_headers: Option<Spanned<EditSection>>,
-    pub response_headers: Option<Spanned<EditSection>>,
-    pub log: Option<Spanned<Vec<Spanned<String>>>>,
-    /// Admission control for the route (routes only).
-    pub limits: Option<Spanned<LimitsSection>>,
-    /// Protocols a request may switch to through this route (`Upgrade`):
-    /// routes with `upstream` only; `["websocket"]` when unset.
-    pub upgrade: Option<Spanned<Vec<Spanned<String>>>>,
-    /// Replaces the listener's for tunnels opened through this route.
-    pub tunnel_idle_timeout: Option<Spanned<String>>,
+/// Declares the sections that hold matchers with the matcher keys written
+/// once: `[[route]]`/`[[rule]]` (`RuleSection`, with the keys of its own
+/// after them), `not = { ... }` (`MatchSection`), and `Matchers`, the
+/// keys borrowed from either, which the rule compiler reads. Both
+/// sections keep `deny_unknown_fields` and every key's span.
+macro_rules! sections_with_matchers {
+    (
+        matchers { $($(#[$m_doc:meta])* $m_key:ident: $m_ty:ty,)* }
+        $(#[$r_doc:meta])*
+        rule { $($(#[$k_doc:meta])* $k_key:ident: $k_ty:ty,)* }
+    ) => {
+        /// The matcher keys of a rule or of its `not`.
+        pub struct Matchers<'a> {
+            $($(#[$m_doc])* pub $m_key: &'a Option<$m_ty>,)*
+        }
+
+        /// The matchers of `not = { ... }`: the same keys as a rule's.
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct MatchSection {
+            $($(#[$m_doc])* pub $m_key: Option<$m_ty>,)*
+        }
+
+        $(#[$r_doc])*
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct RuleSection {
+            $($(#[$m_doc])* pub $m_key: Option<$m_ty>,)*
+            $($(#[$k_doc])* pub $k_key: Option<$k_ty>,)*
+        }
+
+        impl MatchSection {
+            pub fn matchers(&self) -> Matchers<'_> {
+                Matchers { $($m_key: &self.$m_key,)* }
+            }
+        }
+
+        impl RuleSection {
+            pub fn matchers(&self) -> Matchers<'_> {
+                Matchers { $($m_key: &self.$m_key,)* }
+            }
+        }
+    };
 }
 
-/// The matchers of `not = { ... }`: the same keys as a rule's.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MatchSection {
-    pub host: Option<Spanned<OneOrMany>>,
-    pub path: Option<Spanned<String>>,
-    pub path_prefix: Option<Spanned<String>>,
-    pub path_regex: Option<Spanned<String>>,
-    pub methods: Option<Spanned<Vec<Spanned<String>>>>,
-    pub header: Option<Vec<Spanned<FieldSection>>>,
-    pub query: Option<Vec<Spanned<FieldSection>>>,
-    pub client: Option<Spanned<Vec<Spanned<String>>>>,
-    pub scheme: Option<Spanned<String>>,
+sections_with_matchers! {
+    matchers {
+        host: Spanned<OneOrMany>,
+        path: Spanned<String>,
+        path_prefix: Spanned<String>,
+        path_regex: Spanned<String>,
+        methods: Spanned<Vec<Spanned<String>>>,
+        header: Vec<Spanned<FieldSection>>,
+        query: Vec<Spanned<FieldSection>>,
+        client: Spanned<Vec<Spanned<String>>>,
+        /// `"http"` or `"https"`: how the request came.
+        scheme: Spanned<String>,
+    }
+    /// `[[route]]` and `[[rule]]`: matchers, then actions. Which keys a
+    /// kind accepts is checked by validation (a `[[rule]]` has no terminal
+    /// action).
+    rule {
+        name: Spanned<String>,
+        /// The rule does not match when all of these hold.
+        not: Spanned<MatchSection>,
+        // Terminal actions (routes only): exactly one.
+        upstream: Spanned<String>,
+        respond: Spanned<RespondSection>,
+        redirect: Spanned<RedirectSection>,
+        drop: Spanned<String>,
+        // Path changes for `upstream`.
+        strip_prefix: Spanned<String>,
+        rewrite: Spanned<String>,
+        // Stacking actions.
+        request_headers: Spanned<EditSection>,
+        response_headers: Spanned<EditSection>,
+        log: Spanned<Vec<Spanned<String>>>,
+        /// Admission control for the route (routes only).
+        limits: Spanned<LimitsSection>,
+        /// Protocols a request may switch to through this route
+        /// (`Upgrade`): routes with `upstream` only; `["websocket"]` when
+        /// unset.
+        upgrade: Spanned<Vec<Spanned<String>>>,
+        /// Replaces the listener's for tunnels opened through this route.
+        tunnel_idle_timeout: Spanned<String>,
+    }
 }
 
 /// `"a"` or `["a", "b"]`.

@@ -11,7 +11,9 @@ use regex::bytes::{Regex, RegexBuilder};
 use toml::Spanned;
 
 use super::Validator;
-use super::file::{EditSection, FieldSection, MatchSection, OneOrMany, RuleSection};
+use super::file::{
+    EditSection, FieldSection, Matchers, OneOrMany, RedirectSection, RespondSection, RuleSection,
+};
 use crate::http::head::is_tchar;
 use crate::rules::action::{Action, HeaderEdits, LogField, Rewrite, Template};
 use crate::rules::matcher::{Cidr, Conditions, FieldTest, HostPattern, PathMatch, ValueTest};
@@ -61,51 +63,6 @@ impl Kind {
         match self {
             Kind::Route => "route",
             Kind::Rule => "rule",
-        }
-    }
-}
-
-/// The matcher keys of a rule or of its `not`.
-struct Matchers<'a> {
-    host: &'a Option<Spanned<OneOrMany>>,
-    path: &'a Option<Spanned<String>>,
-    path_prefix: &'a Option<Spanned<String>>,
-    path_regex: &'a Option<Spanned<String>>,
-    methods: &'a Option<Spanned<Vec<Spanned<String>>>>,
-    header: &'a Option<Vec<Spanned<FieldSection>>>,
-    query: &'a Option<Vec<Spanned<FieldSection>>>,
-    client: &'a Option<Spanned<Vec<Spanned<String>>>>,
-    scheme: &'a Option<Spanned<String>>,
-}
-
-impl<'a> From<&'a RuleSection> for Matchers<'a> {
-    fn from(r: &'a RuleSection) -> Self {
-        Matchers {
-            host: &r.host,
-            path: &r.path,
-            path_prefix: &r.path_prefix,
-            path_regex: &r.path_regex,
-            methods: &r.methods,
-            header: &r.header,
-            query: &r.query,
-            client: &r.client,
-            scheme: &r.scheme,
-        }
-    }
-}
-
-impl<'a> From<&'a MatchSection> for Matchers<'a> {
-    fn from(r: &'a MatchSection) -> Self {
-        Matchers {
-            host: &r.host,
-            path: &r.path,
-            path_prefix: &r.path_prefix,
-            path_regex: &r.path_regex,
-            methods: &r.methods,
-            header: &r.header,
-            query: &r.query,
-            client: &r.client,
-            scheme: &r.scheme,
         }
     }
 }
@@ -176,6 +133,9 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         }
     }
 
+    /// One `[[route]]` or `[[rule]]`: its matchers, its action, its
+    /// stacking actions and its limits; `None` with every problem
+    /// reported.
     fn rule(
         &mut self,
         section: &Spanned<RuleSection>,
@@ -191,11 +151,11 @@ impl<'v, 't> RuleCompiler<'v, 't> {
             Some(n) => n.get_ref().clone(),
             None => format!("{k} #{} (line {line})", position + 1),
         };
-        let when = self.conditions(Matchers::from(r), k);
+        let when = self.conditions(r.matchers(), k);
         let unless = r
             .not
             .as_ref()
-            .map(|n| self.conditions(Matchers::from(n.get_ref()), &format!("{k}.not")));
+            .map(|n| self.conditions(n.get_ref().matchers(), &format!("{k}.not")));
         let path_regex = match &when.path {
             Some(PathMatch::Regex(i)) => Some(*i),
             _ => None,
@@ -224,232 +184,18 @@ impl<'v, 't> RuleCompiler<'v, 't> {
                     None
                 }
             };
-
-        // Terminal action.
-        let given: Vec<&str> = [
-            ("upstream", r.upstream.is_some()),
-            ("respond", r.respond.is_some()),
-            ("redirect", r.redirect.is_some()),
-            ("drop", r.drop.is_some()),
-        ]
-        .into_iter()
-        .filter_map(|(n, set)| set.then_some(n))
-        .collect();
-        let action = match kind {
-            Kind::Rule if !given.is_empty() => {
-                self.v.problem(
-                    section.span(),
-                    format!("rule.{}", given[0]),
-                    "a [[rule]] only edits headers and logs; put terminal actions in a [[route]]",
-                );
-                None
-            }
-            Kind::Rule => None,
-            Kind::Route if given.len() != 1 => {
-                self.v.problem(
-                    section.span(),
-                    "route",
-                    if given.is_empty() {
-                        "a route needs one action: upstream, respond, redirect or drop".to_string()
-                    } else {
-                        format!(
-                            "a route has one action; this one has {}",
-                            given.join(" and ")
-                        )
-                    },
-                );
-                None
-            }
-            Kind::Route => {
-                let v = &mut *self.v;
-                if let Some(u) = &r.upstream {
-                    let upstream = match upstreams.get(u.get_ref()) {
-                        Some(&i) => Some(i),
-                        None => {
-                            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
-                            v.problem(
-                                u.span(),
-                                "route.upstream",
-                                format!(
-                                    "no upstream named {:?} (defined: {})",
-                                    u.get_ref(),
-                                    known.join(", ")
-                                ),
-                            );
-                            None
-                        }
-                    };
-                    let rewrite = match (&r.strip_prefix, &r.rewrite) {
-                        (Some(_), Some(w)) => {
-                            v.problem(
-                                w.span(),
-                                "route.rewrite",
-                                "use strip_prefix or rewrite, not both",
-                            );
-                            None
-                        }
-                        (Some(p), None) if p.get_ref().starts_with('/') => {
-                            Some(Rewrite::StripPrefix(p.get_ref().as_bytes().to_vec().into()))
-                        }
-                        (Some(p), None) => {
-                            v.problem(
-                                p.span(),
-                                "route.strip_prefix",
-                                format!("{:?} must start with '/'", p.get_ref()),
-                            );
-                            None
-                        }
-                        (None, Some(w)) if !w.get_ref().starts_with(['/', '$']) => {
-                            v.problem(
-                                w.span(),
-                                "route.rewrite",
-                                format!("{:?} must start with '/' or a variable", w.get_ref()),
-                            );
-                            None
-                        }
-                        (None, Some(w)) => {
-                            template(v, w, "route.rewrite".into()).map(Rewrite::Path)
-                        }
-                        (None, None) => Some(Rewrite::None),
-                    };
-                    Some(Action::Proxy {
-                        upstream: upstream?,
-                        rewrite: rewrite?,
-                    })
-                } else if let Some(resp) = &r.respond {
-                    let resp_ref = resp.get_ref();
-                    let status = *resp_ref.status.get_ref();
-                    let status_ok = (200..=599).contains(&status);
-                    if !status_ok {
-                        v.problem(
-                            resp_ref.status.span(),
-                            "route.respond.status",
-                            format!("{status} is not a final status (200..=599)"),
-                        );
-                    } else if matches!(status, 204 | 304) && !resp_ref.body.is_empty() {
-                        v.problem(
-                            resp_ref.status.span(),
-                            "route.respond.body",
-                            format!("a {status} response has no body"),
-                        );
-                    }
-                    let mut headers = Vec::new();
-                    for (n, val) in &resp_ref.headers {
-                        let key = format!("route.respond.headers.{n}");
-                        if check_field(v, resp.span(), &key, n, val, &[]) {
-                            let s = Spanned::new(resp.span(), val.clone());
-                            if let Some(t) = template(v, &s, key) {
-                                headers.push((n.as_bytes().to_vec().into_boxed_slice(), t));
-                            }
-                        }
-                    }
-                    let body = Spanned::new(resp.span(), resp_ref.body.clone());
-                    let body = template(v, &body, "route.respond.body".into());
-                    match (status_ok, body) {
-                        (true, Some(body)) => Some(Action::Respond {
-                            status: status as u16,
-                            headers,
-                            body,
-                        }),
-                        _ => None,
-                    }
-                } else if let Some(red) = &r.redirect {
-                    let red_ref = red.get_ref();
-                    let status = red_ref.status.as_ref().map_or(302, |s| *s.get_ref());
-                    let status_ok = matches!(status, 301 | 302 | 303 | 307 | 308);
-                    if !status_ok {
-                        v.problem(
-                            red_ref.status.as_ref().map_or(red.span(), |s| s.span()),
-                            "route.redirect.status",
-                            format!("{status} is not a redirect status (301, 302, 303, 307, 308)"),
-                        );
-                    }
-                    let loc = &red_ref.location;
-                    let location = if check_value(loc.get_ref()) {
-                        template(v, loc, "route.redirect.location".into())
-                    } else {
-                        v.problem(
-                            loc.span(),
-                            "route.redirect.location",
-                            "control characters are not allowed in a header value",
-                        );
-                        None
-                    };
-                    match (status_ok, location) {
-                        (true, Some(location)) => Some(Action::Redirect {
-                            status: status as u16,
-                            location,
-                        }),
-                        _ => None,
-                    }
-                } else if let Some(d) = &r.drop {
-                    match d.get_ref().as_str() {
-                        "403" => Some(Action::Drop { close: false }),
-                        "close" => Some(Action::Drop { close: true }),
-                        other => {
-                            v.problem(
-                                d.span(),
-                                "route.drop",
-                                format!("{other:?}: write \"403\" (answer Forbidden) or \"close\" (close without answering)"),
-                            );
-                            None
-                        }
-                    }
-                } else {
-                    None
-                }
-            }
-        };
-        if kind == Kind::Rule || r.upstream.is_none() {
-            for (key, present) in [
-                ("strip_prefix", r.strip_prefix.as_ref()),
-                ("rewrite", r.rewrite.as_ref()),
-            ] {
-                if let Some(s) = present {
-                    self.v.problem(
-                        s.span(),
-                        format!("{k}.{key}"),
-                        "only applies to a route with `upstream`",
-                    );
-                }
-            }
-        }
-
-        let request_headers = edits(
-            &mut *self.v,
-            &r.request_headers,
-            k,
-            "request_headers",
-            &mut template,
-        );
-        let response_headers = edits(
-            &mut *self.v,
-            &r.response_headers,
-            k,
-            "response_headers",
-            &mut template,
-        );
-        let mut log = Vec::new();
-        if let Some(fields) = &r.log {
-            if fields.get_ref().is_empty() {
-                self.v
-                    .problem(fields.span(), format!("{k}.log"), "list at least one field");
-            }
-            for f in fields.get_ref() {
-                match LogField::parse(f.get_ref()) {
-                    Ok(field) if !log.contains(&field) => log.push(field),
-                    Ok(_) => {}
-                    Err(e) => self.v.problem(f.span(), format!("{k}.log"), e),
-                }
-            }
-        }
+        let v = &mut *self.v;
+        let action = action(v, section, kind, upstreams, &mut template);
+        let request_headers = edits(v, &r.request_headers, k, "request_headers", &mut template);
+        let response_headers = edits(v, &r.response_headers, k, "response_headers", &mut template);
+        let log = log_fields(v, r, k);
         if kind == Kind::Rule
             && request_headers.is_empty()
             && response_headers.is_empty()
             && log.is_empty()
-            && self.v.problems.len() == before
+            && v.problems.len() == before
         {
-            self.v.problem(
+            v.problem(
                 section.span(),
                 "rule",
                 "a [[rule]] needs request_headers, response_headers or log",
@@ -457,32 +203,20 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         }
         let policy = match (&r.limits, kind) {
             (Some(l), Kind::Rule) => {
-                self.v.problem(
+                v.problem(
                     l.span(),
                     "rule.limits",
                     "admission limits belong to a [[route]] (or a listener), not a [[rule]]",
                 );
                 None
             }
-            (limits, _) => self.v.policy(limits.as_ref(), super::limits::Owner::Route),
+            (limits, _) => v.policy(limits.as_ref(), super::limits::Owner::Route),
         };
         let upgrades = self.upgrades(r, kind);
         if self.v.problems.len() > before || !templates_ok {
             return None;
         }
-        let uses_captures = match &action {
-            Some(Action::Proxy {
-                rewrite: Rewrite::Path(t),
-                ..
-            }) => t.uses_captures(),
-            Some(Action::Redirect { location, .. }) => location.uses_captures(),
-            Some(Action::Respond { headers, body, .. }) => {
-                body.uses_captures() || headers.iter().any(|(_, t)| t.uses_captures())
-            }
-            _ => false,
-        } || [&request_headers, &response_headers]
-            .iter()
-            .any(|e| e.set.iter().chain(&e.add).any(|(_, t)| t.uses_captures()));
+        let uses_captures = uses_captures(&action, [&request_headers, &response_headers]);
         if kind == Kind::Rule && uses_captures {
             self.v.problem(
                 section.span(),
@@ -561,29 +295,27 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         upgrades
     }
 
+    /// The matchers of a rule (`k` is `route` or `rule`) or of its `not`
+    /// (`route.not`), each kind checked and compiled by its own function.
     fn conditions(&mut self, m: Matchers<'_>, k: &str) -> Conditions {
         let v = &mut *self.v;
-        let mut c = Conditions::default();
-        if let Some(h) = m.host {
-            for host in h.get_ref().items() {
-                let lower = host.to_ascii_lowercase();
-                match lower.strip_prefix("*.") {
-                    Some(rest) if super::valid_route_host(rest) && !rest.starts_with('[') => c
-                        .hosts
-                        .push(HostPattern::Suffix(format!(".{rest}").into_bytes().into())),
-                    None if super::valid_route_host(&lower) => {
-                        c.hosts.push(HostPattern::Exact(lower.into_bytes().into()))
-                    }
-                    _ => v.problem(
-                        h.span(),
-                        format!("{k}.host"),
-                        format!(
-                            "{host:?} is not a host name, *.suffix or IP literal (no port, no path)"
-                        ),
-                    ),
-                }
-            }
+        let hosts = m.host.as_ref().map(|h| hosts(v, h, k));
+        let methods = m.methods.as_ref().map(|ms| methods(v, ms, k));
+        let clients = m.client.as_ref().map(|cs| clients(v, cs, k));
+        let tls = m.scheme.as_ref().and_then(|s| scheme(v, s, k));
+        Conditions {
+            hosts: hosts.unwrap_or_default(),
+            path: self.path(&m, k),
+            methods: methods.unwrap_or_default(),
+            headers: self.field_tests(m.header, k, "header"),
+            query: self.field_tests(m.query, k, "query"),
+            clients: clients.unwrap_or_default(),
+            tls,
         }
+    }
+
+    /// At most one of `path`, `path_prefix` and `path_regex`.
+    fn path(&mut self, m: &Matchers<'_>, k: &str) -> Option<PathMatch> {
         let paths: Vec<(&str, &Spanned<String>)> = [
             ("path", m.path),
             ("path_prefix", m.path_prefix),
@@ -592,93 +324,51 @@ impl<'v, 't> RuleCompiler<'v, 't> {
         .into_iter()
         .filter_map(|(n, p)| p.as_ref().map(|p| (n, p)))
         .collect();
-        if paths.len() > 1 {
-            v.problem(
-                paths[1].1.span(),
-                format!("{k}.{}", paths[1].0),
-                format!(
-                    "use one of path, path_prefix and path_regex (also has {})",
-                    paths[0].0
-                ),
-            );
-        } else if let Some(&(key, p)) = paths.first() {
-            let s = p.get_ref();
-            match key {
-                "path_regex" => {
-                    if let Some(i) = self.regex(s, p.span(), &format!("{k}.path_regex")) {
-                        c.path = Some(PathMatch::Regex(i));
-                    }
-                }
-                _ if !s.starts_with('/') => self.v.problem(
+        let &(key, p) = match paths.as_slice() {
+            [] => return None,
+            [one] => one,
+            [first, second, ..] => {
+                self.v.problem(
+                    second.1.span(),
+                    format!("{k}.{}", second.0),
+                    format!(
+                        "use one of path, path_prefix and path_regex (also has {})",
+                        first.0
+                    ),
+                );
+                return None;
+            }
+        };
+        let s = p.get_ref();
+        match key {
+            "path_regex" => self
+                .regex(s, p.span(), &format!("{k}.path_regex"))
+                .map(PathMatch::Regex),
+            _ if !s.starts_with('/') => {
+                self.v.problem(
                     p.span(),
                     format!("{k}.{key}"),
                     format!("{s:?} must start with '/'"),
-                ),
-                "path" => c.path = Some(PathMatch::Exact(s.as_bytes().to_vec().into())),
-                _ => c.path = Some(PathMatch::Prefix(s.as_bytes().to_vec().into())),
-            }
-        }
-        let v = &mut *self.v;
-        if let Some(ms) = m.methods {
-            if ms.get_ref().is_empty() {
-                v.problem(
-                    ms.span(),
-                    format!("{k}.methods"),
-                    "list at least one method",
                 );
+                None
             }
-            for method in ms.get_ref() {
-                let s = method.get_ref();
-                if s.is_empty() || !s.bytes().all(is_tchar) {
-                    v.problem(
-                        method.span(),
-                        format!("{k}.methods"),
-                        format!("{s:?} is not a method"),
-                    );
-                } else {
-                    // Methods are case-sensitive; GET is meant, not get.
-                    c.methods.push(s.to_ascii_uppercase().into_bytes().into());
-                }
-            }
+            "path" => Some(PathMatch::Exact(s.as_bytes().to_vec().into())),
+            _ => Some(PathMatch::Prefix(s.as_bytes().to_vec().into())),
         }
-        if let Some(cs) = m.client {
-            if cs.get_ref().is_empty() {
-                v.problem(
-                    cs.span(),
-                    format!("{k}.client"),
-                    "list at least one network",
-                );
-            }
-            for net in cs.get_ref() {
-                match Cidr::parse(net.get_ref()) {
-                    Ok(n) => c.clients.push(n),
-                    Err(e) => v.problem(net.span(), format!("{k}.client"), e),
-                }
-            }
-        }
-        if let Some(scheme) = m.scheme {
-            match scheme.get_ref().to_ascii_lowercase().as_str() {
-                "http" => c.tls = Some(false),
-                "https" => c.tls = Some(true),
-                other => v.problem(
-                    scheme.span(),
-                    format!("{k}.scheme"),
-                    format!("{other:?}: write \"http\" or \"https\""),
-                ),
-            }
-        }
-        for (which, list) in [("header", m.header), ("query", m.query)] {
-            for f in list.iter().flatten() {
-                if let Some(t) = self.field_test(f, &format!("{k}.{which}"), which == "header") {
-                    if which == "header" {
-                        c.headers.push(t);
-                    } else {
-                        c.query.push(t);
-                    }
-                }
-            }
-        }
-        c
+    }
+
+    /// `header = [...]` or `query = [...]` (`which`).
+    fn field_tests(
+        &mut self,
+        list: &Option<Vec<Spanned<FieldSection>>>,
+        k: &str,
+        which: &str,
+    ) -> Vec<FieldTest> {
+        let key = format!("{k}.{which}");
+        list.iter()
+            .flatten()
+            .filter_map(|f| self.field_test(f, &key, which == "header"))
+            .collect()
     }
 
     fn field_test(
@@ -734,6 +424,358 @@ impl<'v, 't> RuleCompiler<'v, 't> {
             test,
         })
     }
+}
+
+/// `host = "a.example"` or a list: exact names and `*.suffix`es.
+fn hosts(v: &mut Validator<'_>, h: &Spanned<OneOrMany>, k: &str) -> Vec<HostPattern> {
+    let mut hosts = Vec::new();
+    for host in h.get_ref().items() {
+        let lower = host.to_ascii_lowercase();
+        match lower.strip_prefix("*.") {
+            Some(rest) if super::valid_route_host(rest) && !rest.starts_with('[') => {
+                hosts.push(HostPattern::Suffix(format!(".{rest}").into_bytes().into()))
+            }
+            None if super::valid_route_host(&lower) => {
+                hosts.push(HostPattern::Exact(lower.into_bytes().into()))
+            }
+            _ => v.problem(
+                h.span(),
+                format!("{k}.host"),
+                format!("{host:?} is not a host name, *.suffix or IP literal (no port, no path)"),
+            ),
+        }
+    }
+    hosts
+}
+
+/// `methods = [...]`, uppercased: GET is meant, not get (methods are
+/// case-sensitive).
+fn methods(v: &mut Validator<'_>, ms: &Spanned<Vec<Spanned<String>>>, k: &str) -> Vec<Box<[u8]>> {
+    if ms.get_ref().is_empty() {
+        v.problem(
+            ms.span(),
+            format!("{k}.methods"),
+            "list at least one method",
+        );
+    }
+    let mut methods = Vec::new();
+    for method in ms.get_ref() {
+        let s = method.get_ref();
+        if s.is_empty() || !s.bytes().all(is_tchar) {
+            v.problem(
+                method.span(),
+                format!("{k}.methods"),
+                format!("{s:?} is not a method"),
+            );
+        } else {
+            methods.push(s.to_ascii_uppercase().into_bytes().into());
+        }
+    }
+    methods
+}
+
+/// `client = ["10.0.0.0/8", ...]`.
+fn clients(v: &mut Validator<'_>, cs: &Spanned<Vec<Spanned<String>>>, k: &str) -> Vec<Cidr> {
+    if cs.get_ref().is_empty() {
+        v.problem(
+            cs.span(),
+            format!("{k}.client"),
+            "list at least one network",
+        );
+    }
+    let mut clients = Vec::new();
+    for net in cs.get_ref() {
+        match Cidr::parse(net.get_ref()) {
+            Ok(n) => clients.push(n),
+            Err(e) => v.problem(net.span(), format!("{k}.client"), e),
+        }
+    }
+    clients
+}
+
+/// `scheme = "http"` or `"https"`: whether the request came over TLS.
+fn scheme(v: &mut Validator<'_>, scheme: &Spanned<String>, k: &str) -> Option<bool> {
+    match scheme.get_ref().to_ascii_lowercase().as_str() {
+        "http" => Some(false),
+        "https" => Some(true),
+        other => {
+            v.problem(
+                scheme.span(),
+                format!("{k}.scheme"),
+                format!("{other:?}: write \"http\" or \"https\""),
+            );
+            None
+        }
+    }
+}
+
+/// The terminal action of a route: exactly one of `upstream`, `respond`,
+/// `redirect` and `drop`; a `[[rule]]` has none. `strip_prefix` and
+/// `rewrite` only go with `upstream`.
+fn action(
+    v: &mut Validator<'_>,
+    section: &Spanned<RuleSection>,
+    kind: Kind,
+    upstreams: &BTreeMap<String, usize>,
+    template: &mut TemplateFn<'_>,
+) -> Option<Action> {
+    let r = section.get_ref();
+    let k = kind.key();
+    if kind == Kind::Rule || r.upstream.is_none() {
+        for (key, present) in [("strip_prefix", &r.strip_prefix), ("rewrite", &r.rewrite)] {
+            if let Some(s) = present {
+                v.problem(
+                    s.span(),
+                    format!("{k}.{key}"),
+                    "only applies to a route with `upstream`",
+                );
+            }
+        }
+    }
+    let given: Vec<&str> = [
+        ("upstream", r.upstream.is_some()),
+        ("respond", r.respond.is_some()),
+        ("redirect", r.redirect.is_some()),
+        ("drop", r.drop.is_some()),
+    ]
+    .into_iter()
+    .filter_map(|(n, set)| set.then_some(n))
+    .collect();
+    match (kind, given.as_slice()) {
+        (Kind::Rule, []) => None,
+        (Kind::Rule, [first, ..]) => {
+            v.problem(
+                section.span(),
+                format!("rule.{first}"),
+                "a [[rule]] only edits headers and logs; put terminal actions in a [[route]]",
+            );
+            None
+        }
+        (Kind::Route, [_]) => {
+            if let Some(u) = &r.upstream {
+                proxy_action(v, u, r, upstreams, template)
+            } else if let Some(resp) = &r.respond {
+                respond_action(v, resp, template)
+            } else if let Some(red) = &r.redirect {
+                redirect_action(v, red, template)
+            } else {
+                r.drop.as_ref().and_then(|d| drop_action(v, d))
+            }
+        }
+        (Kind::Route, _) => {
+            v.problem(
+                section.span(),
+                "route",
+                if given.is_empty() {
+                    "a route needs one action: upstream, respond, redirect or drop".to_string()
+                } else {
+                    format!(
+                        "a route has one action; this one has {}",
+                        given.join(" and ")
+                    )
+                },
+            );
+            None
+        }
+    }
+}
+
+/// `upstream = "NAME"`, with its path change (`strip_prefix` or
+/// `rewrite`).
+fn proxy_action(
+    v: &mut Validator<'_>,
+    u: &Spanned<String>,
+    r: &RuleSection,
+    upstreams: &BTreeMap<String, usize>,
+    template: &mut TemplateFn<'_>,
+) -> Option<Action> {
+    let upstream = match upstreams.get(u.get_ref()) {
+        Some(&i) => Some(i),
+        None => {
+            let known: Vec<&str> = upstreams.keys().map(String::as_str).collect();
+            v.problem(
+                u.span(),
+                "route.upstream",
+                format!(
+                    "no upstream named {:?} (defined: {})",
+                    u.get_ref(),
+                    known.join(", ")
+                ),
+            );
+            None
+        }
+    };
+    let rewrite = match (&r.strip_prefix, &r.rewrite) {
+        (Some(_), Some(w)) => {
+            v.problem(
+                w.span(),
+                "route.rewrite",
+                "use strip_prefix or rewrite, not both",
+            );
+            None
+        }
+        (Some(p), None) if p.get_ref().starts_with('/') => {
+            Some(Rewrite::StripPrefix(p.get_ref().as_bytes().to_vec().into()))
+        }
+        (Some(p), None) => {
+            v.problem(
+                p.span(),
+                "route.strip_prefix",
+                format!("{:?} must start with '/'", p.get_ref()),
+            );
+            None
+        }
+        (None, Some(w)) if !w.get_ref().starts_with(['/', '$']) => {
+            v.problem(
+                w.span(),
+                "route.rewrite",
+                format!("{:?} must start with '/' or a variable", w.get_ref()),
+            );
+            None
+        }
+        (None, Some(w)) => template(v, w, "route.rewrite".into()).map(Rewrite::Path),
+        (None, None) => Some(Rewrite::None),
+    };
+    Some(Action::Proxy {
+        upstream: upstream?,
+        rewrite: rewrite?,
+    })
+}
+
+/// `respond = { status, headers, body }`: an answer of the proxy's own.
+fn respond_action(
+    v: &mut Validator<'_>,
+    resp: &Spanned<RespondSection>,
+    template: &mut TemplateFn<'_>,
+) -> Option<Action> {
+    let r = resp.get_ref();
+    let status = *r.status.get_ref();
+    let status_ok = (200..=599).contains(&status);
+    if !status_ok {
+        v.problem(
+            r.status.span(),
+            "route.respond.status",
+            format!("{status} is not a final status (200..=599)"),
+        );
+    } else if matches!(status, 204 | 304) && !r.body.is_empty() {
+        v.problem(
+            r.status.span(),
+            "route.respond.body",
+            format!("a {status} response has no body"),
+        );
+    }
+    let mut headers = Vec::new();
+    for (n, val) in &r.headers {
+        let key = format!("route.respond.headers.{n}");
+        if check_field(v, resp.span(), &key, n, val, &[]) {
+            let s = Spanned::new(resp.span(), val.clone());
+            if let Some(t) = template(v, &s, key) {
+                headers.push((n.as_bytes().to_vec().into_boxed_slice(), t));
+            }
+        }
+    }
+    let body = Spanned::new(resp.span(), r.body.clone());
+    let body = template(v, &body, "route.respond.body".into());
+    match (status_ok, body) {
+        (true, Some(body)) => Some(Action::Respond {
+            status: status as u16,
+            headers,
+            body,
+        }),
+        _ => None,
+    }
+}
+
+/// `redirect = { status, location }`.
+fn redirect_action(
+    v: &mut Validator<'_>,
+    red: &Spanned<RedirectSection>,
+    template: &mut TemplateFn<'_>,
+) -> Option<Action> {
+    let r = red.get_ref();
+    let status = r.status.as_ref().map_or(302, |s| *s.get_ref());
+    let status_ok = matches!(status, 301 | 302 | 303 | 307 | 308);
+    if !status_ok {
+        v.problem(
+            r.status.as_ref().map_or(red.span(), |s| s.span()),
+            "route.redirect.status",
+            format!("{status} is not a redirect status (301, 302, 303, 307, 308)"),
+        );
+    }
+    let loc = &r.location;
+    let location = if check_value(loc.get_ref()) {
+        template(v, loc, "route.redirect.location".into())
+    } else {
+        v.problem(
+            loc.span(),
+            "route.redirect.location",
+            "control characters are not allowed in a header value",
+        );
+        None
+    };
+    match (status_ok, location) {
+        (true, Some(location)) => Some(Action::Redirect {
+            status: status as u16,
+            location,
+        }),
+        _ => None,
+    }
+}
+
+/// `drop = "403"` (answer Forbidden) or `drop = "close"`.
+fn drop_action(v: &mut Validator<'_>, d: &Spanned<String>) -> Option<Action> {
+    match d.get_ref().as_str() {
+        "403" => Some(Action::Drop { close: false }),
+        "close" => Some(Action::Drop { close: true }),
+        other => {
+            v.problem(
+                d.span(),
+                "route.drop",
+                format!(
+                    "{other:?}: write \"403\" (answer Forbidden) or \"close\" (close without answering)"
+                ),
+            );
+            None
+        }
+    }
+}
+
+/// `log = [...]`: access log fields this rule adds, each once.
+fn log_fields(v: &mut Validator<'_>, r: &RuleSection, k: &str) -> Vec<LogField> {
+    let mut log = Vec::new();
+    let Some(fields) = &r.log else {
+        return log;
+    };
+    if fields.get_ref().is_empty() {
+        v.problem(fields.span(), format!("{k}.log"), "list at least one field");
+    }
+    for f in fields.get_ref() {
+        match LogField::parse(f.get_ref()) {
+            Ok(field) if !log.contains(&field) => log.push(field),
+            Ok(_) => {}
+            Err(e) => v.problem(f.span(), format!("{k}.log"), e),
+        }
+    }
+    log
+}
+
+/// Whether any template of the rule reads regex captures.
+fn uses_captures(action: &Option<Action>, edits: [&HeaderEdits; 2]) -> bool {
+    let in_action = match action {
+        Some(Action::Proxy {
+            rewrite: Rewrite::Path(t),
+            ..
+        }) => t.uses_captures(),
+        Some(Action::Redirect { location, .. }) => location.uses_captures(),
+        Some(Action::Respond { headers, body, .. }) => {
+            body.uses_captures() || headers.iter().any(|(_, t)| t.uses_captures())
+        }
+        _ => false,
+    };
+    in_action
+        || edits
+            .iter()
+            .any(|e| e.set.iter().chain(&e.add).any(|(_, t)| t.uses_captures()))
 }
 
 fn edits(
