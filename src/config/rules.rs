@@ -448,49 +448,42 @@ fn hosts(v: &mut Validator<'_>, h: &Spanned<OneOrMany>, k: &str) -> Vec<HostPatt
     hosts
 }
 
+/// A non-empty list under `key`, each item compiled by `parse` (its
+/// error is reported at the item).
+fn list_of<T>(
+    v: &mut Validator<'_>,
+    list: &Spanned<Vec<Spanned<String>>>,
+    key: &str,
+    what: &str,
+    parse: impl Fn(&str) -> Result<T, String>,
+) -> Vec<T> {
+    if list.get_ref().is_empty() {
+        v.problem(list.span(), key, format!("list at least one {what}"));
+    }
+    let mut items = Vec::new();
+    for item in list.get_ref() {
+        match parse(item.get_ref()) {
+            Ok(t) => items.push(t),
+            Err(e) => v.problem(item.span(), key, e),
+        }
+    }
+    items
+}
+
 /// `methods = [...]`, uppercased: GET is meant, not get (methods are
 /// case-sensitive).
 fn methods(v: &mut Validator<'_>, ms: &Spanned<Vec<Spanned<String>>>, k: &str) -> Vec<Box<[u8]>> {
-    if ms.get_ref().is_empty() {
-        v.problem(
-            ms.span(),
-            format!("{k}.methods"),
-            "list at least one method",
-        );
-    }
-    let mut methods = Vec::new();
-    for method in ms.get_ref() {
-        let s = method.get_ref();
+    list_of(v, ms, &format!("{k}.methods"), "method", |s| {
         if s.is_empty() || !s.bytes().all(is_tchar) {
-            v.problem(
-                method.span(),
-                format!("{k}.methods"),
-                format!("{s:?} is not a method"),
-            );
-        } else {
-            methods.push(s.to_ascii_uppercase().into_bytes().into());
+            return Err(format!("{s:?} is not a method"));
         }
-    }
-    methods
+        Ok(s.to_ascii_uppercase().into_bytes().into())
+    })
 }
 
 /// `client = ["10.0.0.0/8", ...]`.
 fn clients(v: &mut Validator<'_>, cs: &Spanned<Vec<Spanned<String>>>, k: &str) -> Vec<Cidr> {
-    if cs.get_ref().is_empty() {
-        v.problem(
-            cs.span(),
-            format!("{k}.client"),
-            "list at least one network",
-        );
-    }
-    let mut clients = Vec::new();
-    for net in cs.get_ref() {
-        match Cidr::parse(net.get_ref()) {
-            Ok(n) => clients.push(n),
-            Err(e) => v.problem(net.span(), format!("{k}.client"), e),
-        }
-    }
-    clients
+    list_of(v, cs, &format!("{k}.client"), "network", Cidr::parse)
 }
 
 /// `scheme = "http"` or `"https"`: whether the request came over TLS.
@@ -742,18 +735,13 @@ fn drop_action(v: &mut Validator<'_>, d: &Spanned<String>) -> Option<Action> {
 
 /// `log = [...]`: access log fields this rule adds, each once.
 fn log_fields(v: &mut Validator<'_>, r: &RuleSection, k: &str) -> Vec<LogField> {
-    let mut log = Vec::new();
     let Some(fields) = &r.log else {
-        return log;
+        return Vec::new();
     };
-    if fields.get_ref().is_empty() {
-        v.problem(fields.span(), format!("{k}.log"), "list at least one field");
-    }
-    for f in fields.get_ref() {
-        match LogField::parse(f.get_ref()) {
-            Ok(field) if !log.contains(&field) => log.push(field),
-            Ok(_) => {}
-            Err(e) => v.problem(f.span(), format!("{k}.log"), e),
+    let mut log = Vec::new();
+    for field in list_of(v, fields, &format!("{k}.log"), "field", LogField::parse) {
+        if !log.contains(&field) {
+            log.push(field);
         }
     }
     log
