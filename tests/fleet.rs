@@ -130,7 +130,7 @@ fn wait_fleet_state(admin: &Path, state: &str) -> serde_json::Value {
 /// answers (the local share alone would be 50/s), and half of it when
 /// Redis is gone; spread over both, the two together get the fleet's
 /// rate, not one each. Bounds are wide (the machine is shared); the
-/// figures for the record come from scripts/fleet-demo.
+/// figures for the record come from scripts/bench fleet-demo.
 #[test]
 fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
     let dir = support::temp_dir();

@@ -121,7 +121,7 @@ impl Queues {
 /// none finds a slot free at once, or is next when one frees. Without it
 /// a quiet tenant waits for a busy one's slot to free, and with an origin
 /// of steady latency slots free in bunches: its p99 rose 1.5x beside a
-/// tenant ten times louder (scripts/admission-figures.py fair).
+/// tenant ten times louder (scripts/bench admission fair).
 #[derive(Debug)]
 pub struct Gate {
     max: usize,

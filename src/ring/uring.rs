@@ -68,7 +68,7 @@ pub struct RingConfig {
 /// and recycle the buffer in the same turn, so few are ever in use at
 /// once. 32 KiB against 16 KiB: a 16 KiB response arrives in one
 /// completion instead of two, 0.79x nginx's CPU per request instead of
-/// 1.05x (scripts/compare-nginx.sh --body 16384, 3 rounds); 128-byte
+/// 1.05x (scripts/bench run --proxies nginx,coregate,coregate-epoll --workloads get-16k --rounds 3); 128-byte
 /// responses 0.74x against 0.77x.
 impl Default for RingConfig {
     fn default() -> Self {

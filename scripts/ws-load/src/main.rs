@@ -1,4 +1,4 @@
-//! WebSocket load for coregate's tunnel benchmark (`scripts/ws-bench`),
+//! WebSocket load for coregate's tunnel benchmark (`scripts/bench ws`),
 //! on tungstenite: the same echo server behind every proxy, a closed-loop
 //! echo client, and a holder of idle tunnels.
 //!

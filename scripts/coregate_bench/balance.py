@@ -1,7 +1,6 @@
-#!/usr/bin/env python3
 """Figures for backend selection: a slow backend, and a backend killed under load.
 
-    python3 scripts/balance-figures.py {slow,kill,all} [--quick] [--json FILE]
+    scripts/bench balance {slow,kill,all} [--quick] [--json FILE]
 
 slow   Three backends answer in 5, 5 and 50 ms (the third is 10x slower).
        One worker, 200 req/s open-loop for 15 s, once with `balance = "p2c"`
@@ -18,27 +17,19 @@ kill   Three backends (coregate's origin), one worker, p2c, 1,000 req/s
        idempotent GETs are retried too, within the retry budget.
 
 Process layout, load generator, origins and pinning are those of
-scripts/admission-figures.py, whose code this script uses (coregate on CPU
-1; origins and the open-loop load generator on CPU 0).
+`admission` (figures.py: coregate on CPU 1; origins and the open-loop load
+generator on CPU 0).
 """
-import argparse
-import importlib.util
 import json
-import os
-import signal
-import statistics
-import threading
 import subprocess
-import sys
-import tempfile
+import threading
 import time
-import types
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-spec = importlib.util.spec_from_file_location("admission_figures", HERE / "admission-figures.py")
-af = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(af)
+from . import figures
+from .figures import counts_text, table
+from .openloop import load_spec
+from .summary import median
 
 
 def config(ports, balance, socket):
@@ -73,7 +64,7 @@ def figure_slow(bench):
                 socket = Path(bench.workdir) / f"admin-{balance}-{rnd}.sock"
                 cg = bench.coregate(config(ports, balance, socket), 1)
                 try:
-                    [load] = bench.loads([af.load_spec(cg.port, 200, duration, 32)])
+                    [load] = bench.loads([load_spec(cg.port, 200, duration, 32)])
                     counts = backend_counts(bench, str(socket))
                 finally:
                     cg.stop()
@@ -87,7 +78,7 @@ def figure_slow(bench):
 
     def med(balance, key):
         vals = [r["slow_share"] if key == "share" else r["load"][key] for r in runs if r["balance"] == balance]
-        return statistics.median(vals)
+        return median(vals)
 
     rows = [[r["round"], r["balance"], r["load"]["sent"], f"{r['load']['success']:.4f}",
              f"{100 * r['slow_share']:.1f}%", r["load"]["p50_ms"], r["load"]["p99_ms"]] for r in runs]
@@ -99,12 +90,10 @@ def figure_slow(bench):
         f"1 worker; backends answer in {latencies[0]}, {latencies[1]} and {latencies[2]} ms "
         f"(threaded origins on CPU 0); open-loop 200 req/s for {duration:g} s; rounds interleaved.",
         "",
-        af.table(["round", "balance", "sent", "success", "slow backend's share", "p50 ms", "p99 ms"], rows),
+        table(["round", "balance", "sent", "success", "slow backend's share", "p50 ms", "p99 ms"], rows),
         "",
-        af.table(["median", "slow backend's share", "p50 ms", "p99 ms"],
+        table(["median", "slow backend's share", "p50 ms", "p99 ms"],
                  [[b, f"{100 * s['slow_share']:.1f}%", s["p50_ms"], s["p99_ms"]] for b, s in summary.items()]),
-        "",
-        f"Command: `python3 scripts/balance-figures.py slow{' --quick' if bench.quick else ''}`",
     ]
     return "slow", {"runs": runs, "summary": summary}, lines
 
@@ -125,7 +114,7 @@ def figure_kill(bench):
 
         t = threading.Thread(target=kill)
         t.start()
-        [load] = bench.loads([af.load_spec(cg.port, 1000, duration, 32)])
+        [load] = bench.loads([load_spec(cg.port, 1000, duration, 32)])
         t.join()
         counts = backend_counts(bench, str(socket))
         stats = json.loads(subprocess.run(
@@ -143,54 +132,30 @@ def figure_kill(bench):
         f"1 worker, p2c, 3 coregate origins; open-loop 1,000 req/s for {duration:g} s over up to 32 connections; "
         f"backend :{ports[0]} killed with SIGKILL {kill_after:g} s in.",
         "",
-        af.table(["sent", "200", "failed (client saw)", "statuses", "client errors"],
-                 [[load["sent"], load["ok"], failed, af.counts_text(load["statuses"]), af.counts_text(load["errors"])]]),
+        table(["sent", "200", "failed (client saw)", "statuses", "client errors"],
+                 [[load["sent"], load["ok"], failed, counts_text(load["statuses"]), counts_text(load["errors"])]]),
         "",
-        af.table(["backend", "requests", "failures counted by coregate"],
+        table(["backend", "requests", "failures counted by coregate"],
                  [[f":{p}" + (" (killed)" if p == ports[0] else ""), counts.get(str(p), 0), failures.get(str(p), 0)]
                   for p in ports]),
         "",
         "Failures counted by coregate are exchanges that failed (then retried elsewhere when replayable); "
         "the client's count is what was not retried.",
-        "",
-        f"Command: `python3 scripts/balance-figures.py kill{' --quick' if bench.quick else ''}`",
     ]
     return "kill", {"load": load, "counts": counts, "failures": failures}, lines
 
 
 FIGURES = {"slow": figure_slow, "kill": figure_kill}
+PORTS = ["ORIGIN1", "ORIGIN2", "ORIGIN3"]
+CONFIGS = {
+    "slow": lambda args: [config(PORTS, b, "ADMIN.sock") for b in ("p2c", "round_robin")],
+    "kill": lambda args: [config(PORTS, "p2c", "ADMIN.sock")],
+}
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
-                                 epilog="\n".join(__doc__.splitlines()[2:]),
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("figure", choices=[*FIGURES, "all"])
-    ap.add_argument("--quick", action="store_true", help="about 4x shorter runs, for smoke tests")
-    ap.add_argument("--json", metavar="FILE", help="also write every number as JSON to FILE")
-    ap.add_argument("--binary", default=str(af.REPO / "target/release/coregate"))
-    args = ap.parse_args()
-    if not Path(args.binary).is_file():
-        raise SystemExit(f"no coregate binary at {args.binary}; build it first (cargo build --release)")
-    os.sched_setaffinity(0, {int(af.CLIENT_CPU)})  # this process and its children: CPU 0
-    af.raise_nofile(af.WANT_NOFILE)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    names = list(FIGURES) if args.figure == "all" else [args.figure]
-    procs = af.Procs()
-    report = {}
-    opts = types.SimpleNamespace(binary=args.binary, quick=args.quick, slow_origin="threads", quiet_reserve=None)
-    with tempfile.TemporaryDirectory(prefix="balance-figures.") as work:
-        bench = af.Bench(opts, procs, work)
-        try:
-            for name in names:
-                key, data, lines = FIGURES[name](bench)
-                report[key] = data
-                print("\n".join(lines) + "\n", flush=True)
-        finally:
-            procs.stop_all()
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=2, default=str) + "\n")
+def add_arguments(ap):
+    figures.add_arguments(ap, FIGURES)
 
 
-if __name__ == "__main__":
-    main()
+def main(args):
+    return figures.run(args, "balance", FIGURES, CONFIGS)

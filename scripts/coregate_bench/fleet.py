@@ -1,6 +1,6 @@
-#!/usr/bin/env python3
-"""A coregate fleet on one machine, with real parts: three coregate hosts,
-each in its own network namespace with its own origin; HAProxy in front of
+"""A coregate fleet on one machine, with real parts.
+
+Three coregate hosts, each in its own network namespace with its own origin; HAProxy in front of
 them in a fourth (mode tcp, health-checking each host's /readyz); a real
 redis-server holding the fleet's counts; and the load generator (oha) in a
 fifth. It shows, with figures:
@@ -22,24 +22,26 @@ fifth. It shows, with figures:
 Everything it starts is stopped and the namespaces removed at the end, also
 on failure or Ctrl-C. Needs root, iproute2, haproxy, redis-server and oha.
 
-  scripts/fleet-demo                    # every part; a table on stdout
-  scripts/fleet-demo --only exact,kill  # some parts
-  scripts/fleet-demo --dry-run          # print the plan and the configs
-  scripts/fleet-demo --out docs/bench/fleet-DATE.md
+  scripts/bench fleet-demo                    # every part; a table on stdout
+  scripts/bench fleet-demo --only exact,kill  # some parts
+  scripts/bench fleet-demo --dry-run          # print the plan and the configs
+  scripts/bench fleet-demo --out docs/bench/fleet-DATE.md
 """
-
-import argparse
 import json
 import os
 import shutil
 import signal
 import socket
 import subprocess
-import sys
 import time
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "lib"))
-import benchkit  # noqa: E402
+from . import build
+from .loads import parse_oha
+from .proctree import measure
+from .procs import log
+from .run import names
+from .summary import median
+from .tools import ensure_tools
 
 NET = "10.77.0"
 BRIDGE = "cgfleet0"
@@ -61,13 +63,15 @@ def ns(name):
 
 def sh(*cmd, check=True, quiet=False):
     if not quiet:
-        benchkit.log("$", " ".join(cmd))
+        log("$", " ".join(cmd))
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
-def host_config(i, limit, scope="fleet", redis=REDIS):
+def host_config(listen, limit, scope="fleet", redis=f"redis://{REDIS}/0", backend="127.0.0.1:9000"):
+    """A fleet host's configuration: LIMIT req/s per x-api-key, SCOPE fleet
+    (counted with the fleet through REDIS, a URL) or local."""
     fleet = (
-        f'[fleet]\nredis = "redis://{redis}/0"\ninstances = {len(HOSTS)}\n'
+        f'[fleet]\nredis = "{redis}"\ninstances = {len(HOSTS)}\n'
         'sync_interval = "100ms"\non_unreachable = "local_share"\n\n'
         if scope == "fleet"
         else ""
@@ -75,11 +79,11 @@ def host_config(i, limit, scope="fleet", redis=REDIS):
     return (
         '[server]\ndrain_grace = "3s"\ndrain_timeout = "10s"\n\n'
         f"{fleet}"
-        f'[[listener]]\nlisten = "{host_addr(i) if i is not None else "127.0.0.1"}:80"\n'
+        f'[[listener]]\nlisten = "{listen}"\n'
         "max_connections = 20000\n"
         f'[listener.limits]\nrate = "{limit}/s"\nburst = {max(1, limit // 10)}\n'
         f'principal = "header:x-api-key"\nscope = "{scope}"\n\n'
-        '[upstream.app]\nbackends = ["tcp://127.0.0.1:9000"]\n\n'
+        f'[upstream.app]\nbackends = ["tcp://{backend}"]\n\n'
         '[[route]]\nupstream = "app"\n'
     )
 
@@ -175,7 +179,7 @@ class Fleet:
         for i, h in enumerate(HOSTS):
             path = os.path.join(WORK, f"{h}.toml")
             with open(path, "w") as f:
-                f.write(host_config(i, self.limit))
+                f.write(host_config(f"{host_addr(i)}:80", self.limit))
             self.spawn(f"{h}-origin", [self.binary, "origin", "--listen", "127.0.0.1:9000",
                                        "--workers", "1", "--body-size", "128"], netns=ns(h))
             self.spawn(h, [self.binary, "run", "--config", path, "--workers", "1",
@@ -377,66 +381,57 @@ def part_cost(fleet, args, rows):
     for scope in ["local", "fleet"] * args.rounds:
         path = os.path.join(WORK, f"cost-{scope}.toml")
         with open(path, "w") as f:
-            f.write(host_config(None, 1_000_000_000, scope=scope, redis=REDIS))
+            f.write(host_config("127.0.0.1:80", 1_000_000_000, scope=scope))
         fleet.spawn("cost-origin", [fleet.binary, "origin", "--listen", "127.0.0.1:9000",
                                              "--workers", "1"], netns=CLIENT)
         proxy = fleet.spawn("cost-proxy", ["taskset", "-c", "0", fleet.binary, "run", "--config", path,
                                            "--workers", "1"], netns=CLIENT)
         wait_for(lambda: http_status("http://127.0.0.1:80/healthz") == 200, "cost proxy")
         # `ip netns exec` and `taskset` exec: the child is coregate itself.
-        pid = proxy.pid
-        t0 = benchkit.cpu_ticks(pid)
-        r = subprocess.run(["ip", "netns", "exec", CLIENT, "taskset", "-c", "1", "oha", "-n",
-                            str(args.cost_requests), "-c", "32", "--no-tui", "--output-format", "json",
-                            "-H", "x-api-key: tenant-1", "http://127.0.0.1:80/"],
-                           capture_output=True, text=True)
-        ticks = benchkit.cpu_ticks(pid) - t0
-        codes = json.loads(r.stdout).get("statusCodeDistribution", {})
-        ratios.append((scope, ticks / max(1, codes.get("200", 0))))
+        r, ticks = measure(proxy.pid, lambda: subprocess.run(
+            ["ip", "netns", "exec", CLIENT, "taskset", "-c", "1", "oha", "-n", str(args.cost_requests), "-c", "32",
+             "--no-tui", "--output-format", "json", "-H", "x-api-key: tenant-1", "http://127.0.0.1:80/"],
+            capture_output=True, text=True))
+        ratios.append((scope, ticks.total / max(1, parse_oha(r.stdout).ok)))
         fleet.stop("cost-proxy")
         fleet.stop("cost-origin")
-    local = benchkit.med([c for s, c in ratios if s == "local"])
-    flt = benchkit.med([c for s, c in ratios if s == "fleet"])
+    local = median([c for s, c in ratios if s == "local"])
+    flt = median([c for s, c in ratios if s == "fleet"])
     rows.append((f"cost: CPU per request, fleet scope vs local ({args.rounds} interleaved rounds, "
                  f"{args.cost_requests} requests each)", f"{flt / local:.3f}x",
                  f"median ticks/request local {local * 1e3:.3f}e-3, fleet {flt * 1e3:.3f}e-3", ""))
 
 
-def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--binary", default="target/release/coregate")
+PART = {"exact": part_exact, "outage": part_outage, "drain": part_drain, "kill": part_kill, "cost": part_cost}
+
+
+def add_arguments(ap):
     ap.add_argument("--limit", type=int, default=300, help="the fleet limit, req/s")
     ap.add_argument("--rate", type=int, default=900, help="offered load, req/s")
     ap.add_argument("--seconds", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=3, help="cost: rounds of each scope")
     ap.add_argument("--cost-requests", type=int, default=100_000)
-    ap.add_argument("--only", default=",".join(PARTS))
+    ap.add_argument("--only", type=names(PARTS), default=PARTS, help=f"comma list of {', '.join(PARTS)}")
     ap.add_argument("--out", help="also write the table to this Markdown file")
-    ap.add_argument("--dry-run", action="store_true", help="print the plan and the configs, run nothing")
-    args = ap.parse_args()
-    parts = [p for p in args.only.split(",") if p]
-    bad = [p for p in parts if p not in PARTS]
-    if bad:
-        ap.error(f"unknown part {bad}; parts: {', '.join(PARTS)}")
+
+
+def main(args):
+    parts = args.only
     if args.dry_run:
         print(f"parts: {', '.join(parts)}")
         print(f"network: bridge {BRIDGE} {NET}.1/24 (redis {REDIS}); hosts "
               + ", ".join(f"{ns(h)} {host_addr(i)}" for i, h in enumerate(HOSTS))
               + f"; balancer {ns('lb')} {LB_ADDR}; load {CLIENT} {NET}.30")
-        print("--- h1.toml\n" + host_config(0, args.limit))
+        print("--- h1.toml\n" + host_config(f"{host_addr(0)}:80", args.limit))
         print("--- haproxy.cfg\n" + haproxy_config())
-        return
+        return 0
     if os.geteuid() != 0:
         raise SystemExit("fleet-demo: needs root (network namespaces)")
-    for tool in ["ip", "haproxy", "redis-server", "redis-cli", "oha", "curl", "taskset"]:
-        if not shutil.which(tool):
-            raise SystemExit(f"fleet-demo: {tool} is not installed")
-    if not os.path.exists(args.binary):
-        raise SystemExit(f"fleet-demo: no {args.binary}; cargo build --release")
-    args.binary = os.path.abspath(args.binary)
+    ensure_tools(["ip", "haproxy", "redis-server", "redis-cli", "oha", "curl", "taskset"])
+    binary = build.ensure(args, ["coregate"])["coregate"]
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
-    fleet = Fleet(args.binary, args.limit)
+    fleet = Fleet(binary, args.limit)
     rows = []
 
     def stopped(signum, _frame):
@@ -452,13 +447,10 @@ def main():
         if any(p in parts for p in ["exact", "outage", "drain", "kill"]):
             fleet.hosts_up()
             fleet.lb_up()
-        for p in ["exact", "outage", "drain", "kill"]:
+        for p in PARTS:
             if p in parts:
-                benchkit.log(f"--- {p}")
-                globals()[f"part_{p}"](fleet, args, rows)
-        if "cost" in parts:
-            benchkit.log("--- cost")
-            part_cost(fleet, args, rows)
+                log(f"--- {p}")
+                PART[p](fleet, args, rows)
     finally:
         # Not interrupted again while undoing it all.
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
@@ -471,8 +463,5 @@ def main():
     if args.out:
         with open(args.out, "w") as f:
             f.write(f"# Fleet demo, {time.strftime('%Y-%m-%d %H:%M')}\n\n"
-                    f"`scripts/fleet-demo {' '.join(sys.argv[1:])}`; work files in {WORK}.\n\n{table}\n")
-
-
-if __name__ == "__main__":
-    main()
+                    f"`{args.command}`; work files in {WORK}.\n\n{table}\n")
+    return 0
