@@ -203,11 +203,10 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
 fn the_drain_grace_tells_the_balancer_first_and_serves_on() {
     let origin = support::coregate_origin(16);
     let config = support::config_for(&format!("tcp://{}", origin.addr), "")
-        .replace("drain_grace = \"0s\"", "drain_grace = \"2s\"");
+        .replace("drain_grace = \"0s\"", "drain_grace = \"3s\"");
     let mut proxy = support::coregate(&config, &[]);
     let url = |path: &str| format!("http://{}{path}", proxy.addr);
     assert_eq!(support::status_of(&[&url("/readyz")]), 200);
-    let signalled = Instant::now();
     proxy.signal(libc::SIGTERM);
     // Ready no more, at once...
     let end = Instant::now() + Duration::from_secs(5);
@@ -220,13 +219,11 @@ fn the_drain_grace_tells_the_balancer_first_and_serves_on() {
         String::from_utf8_lossy(&out.stdout),
         "not ready: draining\n"
     );
-    // ...while requests are served, until the grace ends.
-    let mut served = 0;
-    while signalled.elapsed() < Duration::from_millis(1500) {
+    // ...while requests are served (a few, well within the grace)...
+    for _ in 0..5 {
         assert_eq!(support::status_of(&[&url("/")]), 200);
-        served += 1;
     }
-    assert!(served > 0);
+    // ...until the grace ends: then the process exits.
     assert!(proxy.wait_exit(Duration::from_secs(10)).is_some());
     assert!(proxy.stderr().contains("SIGTERM: /readyz says draining"));
 }
