@@ -68,9 +68,31 @@ fn fleet_proxy(origin: &Proc, redis_url: &str, rate: u32, admin: &Path) -> Proc 
     )
 }
 
+/// What a paced run got: answers 200 and 429, and the 200s per second of
+/// the time it really took.
+struct Paced {
+    ok: u64,
+    limited: u64,
+    rate: f64,
+}
+
+impl Paced {
+    /// The admitted rate, checked to be the limiter's: some requests
+    /// were refused, so the client offered more than the limit (else the
+    /// rate would measure the client, on a slow machine).
+    fn limited_rate(&self, what: &str) -> f64 {
+        assert!(
+            self.limited > 0,
+            "{what}: no 429 in {} answers: the load did not reach the limit",
+            self.ok
+        );
+        self.rate
+    }
+}
+
 /// Send `per_second` requests a second to `addr` for `length` over one
-/// keep-alive connection; how many were answered 200 and 429.
-fn paced(addr: &str, per_second: u32, length: Duration) -> (u64, u64) {
+/// keep-alive connection.
+fn paced(addr: &str, per_second: u32, length: Duration) -> Paced {
     let mut conn: Option<TcpStream> = None;
     let interval = Duration::from_secs(1) / per_second;
     let start = Instant::now();
@@ -102,7 +124,11 @@ fn paced(addr: &str, per_second: u32, length: Duration) -> (u64, u64) {
             conn = Some(s);
         }
     }
-    (ok, limited)
+    Paced {
+        ok,
+        limited,
+        rate: ok as f64 / start.elapsed().as_secs_f64(),
+    }
 }
 
 /// The admin socket's `fleet` figures.
@@ -144,12 +170,14 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
 
     // All of it on A: the fleet's rate, 100/s, not the local share (50/s).
     let warm = paced(&a.addr, 200, Duration::from_secs(1));
-    assert!(warm.0 > 0);
-    let (ok, limited) = paced(&a.addr, 200, Duration::from_secs(3));
-    let rate = ok as f64 / 3.0;
+    assert!(warm.ok > 0);
+    let alone = paced(&a.addr, 200, Duration::from_secs(3));
+    let rate = alone.limited_rate("A alone");
     assert!(
         (75.0..=130.0).contains(&rate),
-        "A alone: {rate}/s ({ok} ok, {limited} limited)"
+        "A alone: {rate}/s ({} ok, {} limited)",
+        alone.ok,
+        alone.limited
     );
 
     // Spread over both: together the fleet's rate, not 100/s each.
@@ -157,12 +185,14 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
         let addr = b.addr.clone();
         move || paced(&addr, 200, Duration::from_secs(4))
     });
-    let (ok_a, _) = paced(&a.addr, 200, Duration::from_secs(4));
-    let (ok_b, _) = t.join().unwrap();
-    let rate = (ok_a + ok_b) as f64 / 4.0;
+    let on_a = paced(&a.addr, 200, Duration::from_secs(4));
+    let on_b = t.join().unwrap();
+    let rate = on_a.limited_rate("A beside B") + on_b.limited_rate("B beside A");
     assert!(
         (75.0..=135.0).contains(&rate),
-        "A and B: {rate}/s ({ok_a} + {ok_b})"
+        "A and B: {rate}/s ({} + {})",
+        on_a.ok,
+        on_b.ok
     );
 
     // Redis gone: the switch is counted once, requests keep flowing, and
@@ -171,11 +201,13 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
     let status = wait_fleet_state(&admin_a, "local_share");
     assert_eq!(status["fallbacks"], 1, "{status}");
     paced(&a.addr, 200, Duration::from_millis(500));
-    let (ok, limited) = paced(&a.addr, 200, Duration::from_secs(3));
-    let rate = ok as f64 / 3.0;
+    let fallback = paced(&a.addr, 200, Duration::from_secs(3));
+    let rate = fallback.limited_rate("fallback");
     assert!(
         (35.0..=70.0).contains(&rate),
-        "fallback: {rate}/s ({ok} ok, {limited} limited)"
+        "fallback: {rate}/s ({} ok, {} limited)",
+        fallback.ok,
+        fallback.limited
     );
     // Still one switch, however many syncs failed since.
     assert_eq!(fleet_status(&admin_a)["fallbacks"], 1);
@@ -186,11 +218,13 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
     let redis = Redis::start(&dir);
     wait_fleet_state(&admin_a, "synced");
     paced(&a.addr, 200, Duration::from_millis(500));
-    let (ok, limited) = paced(&a.addr, 200, Duration::from_secs(3));
-    let rate = ok as f64 / 3.0;
+    let back = paced(&a.addr, 200, Duration::from_secs(3));
+    let rate = back.limited_rate("after Redis returned");
     assert!(
         (75.0..=130.0).contains(&rate),
-        "after Redis returned: {rate}/s ({ok} ok, {limited} limited)"
+        "after Redis returned: {rate}/s ({} ok, {} limited)",
+        back.ok,
+        back.limited
     );
     assert!(a.stderr().contains("answers again"));
     drop(redis);
