@@ -4,7 +4,15 @@ coregate, each set up to do the same thing (a Site) in its own idiom.
 nginx: upstream keepalive, request and response streaming without temp
 files; HAProxy: `http-reuse always`, a `map_beg` lookup for many prefix
 routes; Envoy: the router filter, circuit breakers raised; coregate:
-defaults. Only nginx and coregate are written for TLS and WebSocket."""
+defaults. Only nginx and coregate are written for TLS and WebSocket; for
+those two, nginx keeps the configuration `tls` and `ws` were first
+measured with (docs/bench/tls-bench-*, ws-bench-*): nginx's defaults and,
+for WebSocket, the lines its documentation gives, without `run`'s tuning,
+so that their figures stay comparable with the published ones.
+
+An idle-memory measurement sets keepalive_timeout: the proxies' idle
+timeouts (nginx 75 s, coregate 60 s) must not close the connections
+while they are counted."""
 import json
 import resource
 from dataclasses import dataclass
@@ -24,6 +32,7 @@ class Site:
     tls: tuple = None  # (certificate, key) paths: HTTPS
     websocket: bool = False  # pass Upgrade through (nginx needs telling)
     access_log: bool = False  # coregate: a [[rule]] logging every request
+    keepalive_timeout: str = None  # downstream idle timeout ("300s"); None: each proxy's default
 
 
 def route_patterns(site):
@@ -50,21 +59,13 @@ def unsupported(proxy, site):
 
 
 def nginx(site):
-    # A tunnel holds a downstream and an upstream connection.
-    conns = max(4096, site.conns * (2 if site.websocket else 1) + 1024)
-    match = "~ " if site.regex else ""
-    inner = "proxy_pass http://origin;"
     if site.websocket:
-        inner += (" proxy_set_header Upgrade $http_upgrade; proxy_set_header Connection $connection_upgrade;"
-                  " proxy_read_timeout 3600s; proxy_send_timeout 3600s;")
-    locations = "\n".join(f"    location {match}{p} {{ {inner} }}" for p in route_patterns(site))
-    listen = f"{site.addr}:{site.port}" + (" ssl" if site.tls else "") + " reuseport backlog=4096"
-    extra = ""
+        return nginx_websocket(site)
     if site.tls:
-        extra += (f"  ssl_certificate {site.tls[0]};\n  ssl_certificate_key {site.tls[1]};\n"
-                  "  ssl_protocols TLSv1.2 TLSv1.3;\n  ssl_session_cache shared:SSL:10m;\n  ssl_session_tickets on;\n")
-    if site.websocket:
-        extra += "  map $http_upgrade $connection_upgrade { default upgrade; '' close; }\n"
+        return nginx_tls(site)
+    conns = max(4096, site.conns + 1024)
+    match = "~ " if site.regex else ""
+    locations = "\n".join(f"    location {match}{p} {{ proxy_pass http://origin; }}" for p in route_patterns(site))
     w = site.work
     return f"""daemon off;
 master_process {"on" if site.workers > 1 else "off"};
@@ -76,7 +77,7 @@ events {{ worker_connections {conns}; }}
 http {{
   access_log off;
   keepalive_requests 1000000;
-  client_body_temp_path {w}/nginx-body; proxy_temp_path {w}/nginx-proxy;
+{nginx_keepalive_timeout(site)}  client_body_temp_path {w}/nginx-body; proxy_temp_path {w}/nginx-proxy;
   fastcgi_temp_path {w}/nginx-fcgi; uwsgi_temp_path {w}/nginx-uwsgi; scgi_temp_path {w}/nginx-scgi;
   # Stream bodies both ways rather than spool them to disk, as coregate does.
   proxy_request_buffering off;
@@ -86,10 +87,88 @@ http {{
   proxy_max_temp_file_size 0;
   proxy_http_version 1.1;
   proxy_set_header Connection "";
-{extra}  upstream origin {{ server 127.0.0.1:{site.origin}; keepalive 64; keepalive_requests 1000000; }}
+  upstream origin {{ server 127.0.0.1:{site.origin}; keepalive 64; keepalive_requests 1000000; }}
   server {{
-    listen {listen};
+    listen {site.addr}:{site.port} reuseport backlog=4096;
 {locations}
+  }}
+}}
+"""
+
+
+def nginx_keepalive_timeout(site):
+    return f"  keepalive_timeout {site.keepalive_timeout};\n" if site.keepalive_timeout else ""
+
+
+def one_route(proxy, site):
+    if site.routes != 1 or site.regex:
+        raise ValueError(f"{proxy} is written for TLS and WebSocket with one prefix route only")
+
+
+def nginx_tls(site):
+    """HTTPS as `tls` has measured it from the start: upstream keep-alive,
+    otherwise nginx's defaults (request buffering, proxy buffers)."""
+    one_route("nginx", site)
+    w = site.work
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {site.conns * 2 + 1024};
+error_log {w}/nginx-error.log error;
+pid {w}/nginx.pid;
+events {{ worker_connections {site.conns + 1024}; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+{nginx_keepalive_timeout(site)}  client_body_temp_path {w}/nginx-body; proxy_temp_path {w}/nginx-proxy;
+  fastcgi_temp_path {w}/nginx-fcgi; uwsgi_temp_path {w}/nginx-uwsgi; scgi_temp_path {w}/nginx-scgi;
+  proxy_http_version 1.1;
+  proxy_set_header Connection "";
+  upstream origin {{ server 127.0.0.1:{site.origin}; keepalive 64; keepalive_requests 1000000; }}
+  ssl_certificate {site.tls[0]};
+  ssl_certificate_key {site.tls[1]};
+  ssl_protocols TLSv1.2 TLSv1.3;
+  ssl_session_cache shared:SSL:10m;
+  ssl_session_tickets on;
+  server {{
+    listen {site.addr}:{site.port} ssl reuseport backlog=4096;
+    location / {{ proxy_pass http://origin; }}
+  }}
+}}
+"""
+
+
+def nginx_websocket(site):
+    """WebSocket as nginx's documentation sets it up (HTTP/1.1 upstream,
+    the Upgrade and Connection lines), idle timeouts raised to coregate's
+    hour; no upstream keep-alive: a tunnel is its own upstream connection."""
+    one_route("nginx", site)
+    # A tunnel holds a downstream and an upstream connection.
+    conns = 2 * site.conns + 1024
+    w = site.work
+    return f"""daemon off;
+master_process off;
+worker_processes 1;
+worker_rlimit_nofile {conns + 64};
+error_log {w}/nginx-error.log error;
+pid {w}/nginx.pid;
+events {{ worker_connections {conns}; }}
+http {{
+  access_log off;
+{nginx_keepalive_timeout(site)}  client_body_temp_path {w}/nginx-body; proxy_temp_path {w}/nginx-proxy;
+  fastcgi_temp_path {w}/nginx-fcgi; uwsgi_temp_path {w}/nginx-uwsgi; scgi_temp_path {w}/nginx-scgi;
+  map $http_upgrade $connection_upgrade {{ default upgrade; '' close; }}
+  upstream ws {{ server 127.0.0.1:{site.origin}; }}
+  server {{
+    listen {site.addr}:{site.port} reuseport backlog=4096;
+    location / {{
+      proxy_pass http://ws;
+      proxy_http_version 1.1;
+      proxy_set_header Upgrade $http_upgrade;
+      proxy_set_header Connection $connection_upgrade;
+      proxy_read_timeout 3600s;
+      proxy_send_timeout 3600s;
+    }}
   }}
 }}
 """
@@ -108,6 +187,7 @@ def haproxy(site):
             for p in route_patterns(site):
                 f.write(f"{p} origin\n")
         routing = f"  use_backend %[path,map_beg({site.work}/haproxy-routes.map)]"
+    idle = site.keepalive_timeout or "60s"
     return f"""global
   nbthread {site.workers}
   maxconn {max(4096, site.conns + 256)}
@@ -115,9 +195,9 @@ def haproxy(site):
 defaults
   mode http
   timeout connect 5s
-  timeout client 60s
+  timeout client {idle}
   timeout server 60s
-  timeout http-keep-alive 60s
+  timeout http-keep-alive {idle}
   option http-keep-alive
   http-reuse always
 frontend proxy
@@ -173,8 +253,9 @@ def coregate(site):
     out = []
     if site.access_log:
         out.append(f'[server]\naccess_log = "{site.work}/access.log"\n')
+    keepalive = f'keepalive_timeout = "{site.keepalive_timeout}"\n' if site.keepalive_timeout else ""
     out.append(f'[[listener]]\nlisten = "{site.addr}:{site.port}"\n'
-               f"max_connections = {max(10000, site.conns + 1024)}\n")
+               f"max_connections = {max(10000, site.conns + 1024)}\n{keepalive}")
     if site.tls:
         out.append(f'[listener.tls]\ncerts = [{{ cert = "{site.tls[0]}", key = "{site.tls[1]}" }}]\n')
     out.append(f'[upstream.origin]\nbackends = ["tcp://127.0.0.1:{site.origin}"]\n')

@@ -9,8 +9,9 @@ import pytest
 from coregate_bench import ROOT, configs
 from coregate_bench.configs import Site, request_path, route_patterns
 
-BINARY = next((p for p in ("/work/main/target/debug/coregate", os.path.join(ROOT, "target", "debug", "coregate"))
-               if os.access(p, os.X_OK)), None)
+BINARY = os.path.join(ROOT, "target", "debug", "coregate")
+if not os.access(BINARY, os.X_OK):
+    BINARY = None
 
 
 def site(tmp_path, **kw):
@@ -42,13 +43,51 @@ def test_nginx(tmp_path):
     assert text.count("{") == text.count("}")
 
 
-def test_nginx_regex_tls_websocket(tmp_path):
-    text = configs.nginx(site(tmp_path, routes=2, regex=True, tls=("c.pem", "k.pem"), websocket=True))
-    assert r"location ~ ^/svc1/(\w+)$ {" in text
-    assert "listen 127.0.0.1:19301 ssl reuseport" in text
-    assert "ssl_certificate c.pem;" in text and "ssl_certificate_key k.pem;" in text
+def test_nginx_regex(tmp_path):
+    text = configs.nginx(site(tmp_path, routes=2, regex=True))
+    assert r"location ~ ^/svc1/(\w+)$ { proxy_pass http://origin; }" in text
+
+
+# What `run` tunes in nginx and `tls` and `ws` leave at nginx's defaults,
+# as their published figures (docs/bench/tls-bench-*, ws-bench-*) were.
+RUN_TUNING = ["proxy_request_buffering", "client_body_buffer_size", "proxy_buffer_size", "proxy_buffers",
+              "proxy_max_temp_file_size"]
+
+
+def test_nginx_tls_is_what_tls_bench_measured(tmp_path):
+    text = configs.nginx(site(tmp_path, conns=100, tls=("c.pem", "k.pem")))
+    assert "listen 127.0.0.1:19301 ssl reuseport backlog=4096;" in text
+    assert "ssl_certificate c.pem;\n  ssl_certificate_key k.pem;" in text
+    assert "upstream origin { server 127.0.0.1:19300; keepalive 64; keepalive_requests 1000000; }" in text
+    assert "worker_rlimit_nofile 1224;" in text and "worker_connections 1124;" in text
+    assert [t for t in RUN_TUNING if t in text] == []
+    assert text.count("{") == text.count("}")
+
+
+def test_nginx_websocket_is_what_ws_bench_measured(tmp_path):
+    text = configs.nginx(site(tmp_path, conns=100, websocket=True))
+    assert "upstream ws { server 127.0.0.1:19300; }" in text  # no upstream keep-alive
     assert "proxy_set_header Upgrade $http_upgrade;" in text
-    assert "map $http_upgrade $connection_upgrade" in text
+    assert "map $http_upgrade $connection_upgrade { default upgrade; '' close; }" in text
+    assert "proxy_read_timeout 3600s;" in text
+    assert "worker_rlimit_nofile 1288;" in text and "worker_connections 1224;" in text
+    assert [t for t in RUN_TUNING + ["keepalive_requests"] if t in text] == []
+    assert text.count("{") == text.count("}")
+
+
+@pytest.mark.parametrize("kind", [{"tls": ("c.pem", "k.pem")}, {"websocket": True}])
+def test_nginx_tls_and_websocket_take_one_route(tmp_path, kind):
+    with pytest.raises(ValueError):
+        configs.nginx(site(tmp_path, routes=2, **kind))
+
+
+def test_keepalive_timeout_reaches_every_proxy(tmp_path):
+    s = site(tmp_path, conns=100, keepalive_timeout="300s")
+    assert "  keepalive_timeout 300s;\n" in configs.nginx(s)
+    assert 'keepalive_timeout = "300s"' in configs.coregate(s)
+    assert "timeout http-keep-alive 300s" in configs.haproxy(s)
+    assert "keepalive_timeout " not in configs.nginx(site(tmp_path))
+    assert "keepalive_timeout =" not in configs.coregate(site(tmp_path))
 
 
 def test_haproxy(tmp_path):
@@ -81,7 +120,7 @@ def test_coregate(tmp_path):
 
 @pytest.mark.skipif(BINARY is None, reason="no built coregate binary")
 @pytest.mark.parametrize("kw", [{}, {"routes": 1000}, {"routes": 3, "regex": True}, {"access_log": True},
-                                {"conns": 10000}])
+                                {"conns": 10000}, {"keepalive_timeout": "300s"}])
 def test_coregate_checks_its_config(tmp_path, kw):
     path = tmp_path / "coregate.toml"
     path.write_text(configs.coregate(site(tmp_path, **kw)))
