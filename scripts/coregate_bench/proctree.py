@@ -81,8 +81,12 @@ def cpu_ticks(pid):
 
 
 def us_per(ticks, count):
-    """TICKS (clock ticks) in microseconds per one of COUNT."""
-    return ticks * 1e6 / TICKS_PER_S / max(count, 1)
+    """TICKS (clock ticks) in microseconds per one of COUNT; NaN (not
+    measured) when COUNT is zero: the interval's CPU time belongs to no
+    request."""
+    if not count:
+        return float("nan")
+    return ticks * 1e6 / TICKS_PER_S / count
 
 
 def measure(pid, work):

@@ -4,9 +4,8 @@ nginx) and the SVG of latency percentile curves."""
 import math
 import os
 
-from .summary import fmt_x, measured
+from .summary import NAN, fmt, fmt_x, measured
 
-NAN = float("nan")
 COLORS = {"nginx": "#1b9e77", "haproxy": "#d95f02", "envoy": "#7570b3", "coregate": "#e7298a",
           "coregate-epoll": "#66a61e", "coregate-log": "#e6ab02", "coregate-nostats": "#a6761d",
           "spike-sm": "#666666", "spike-task": "#1f78b4"}
@@ -34,13 +33,13 @@ def markdown(results):
     for wname, w in results["workloads"].items():
         for pname in w["proxies"]:
             s = w["summary"][pname]
-            out.append(f"| {wname} | {pname} | {s['rps']:,.0f} | {fmt_x(s.get('rps_x', NAN))} | "
-                       f"{s['cpu_us']:.2f} | {fmt_x(s.get('cpu_x', NAN))} | {s['busy']:.2f} | "
-                       f"{w['rate']:,} | {s.get('rate_cpu_us', NAN):.2f} | "
-                       f"{fmt_x(s.get('rate_cpu_x', NAN))} | {s['p50_ms']:.3f} | {s['p99_ms']:.3f} | "
+            out.append(f"| {wname} | {pname} | {fmt(s['rps'], 0, grouped=True)} | {fmt_x(s.get('rps_x', NAN))} | "
+                       f"{fmt(s['cpu_us'])} | {fmt_x(s.get('cpu_x', NAN))} | {fmt(s['busy'])} | "
+                       f"{w['rate']:,} | {fmt(s.get('rate_cpu_us', NAN))} | "
+                       f"{fmt_x(s.get('rate_cpu_x', NAN))} | {fmt(s['p50_ms'], 3)} | {fmt(s['p99_ms'], 3)} | "
                        f"{fmt_x(s.get('p99_x', NAN))} | {s['errors']} |")
     unsaturated = sorted({wname for wname, w in results["workloads"].items()
-                          if any(s["busy"] < 0.9 for s in w["summary"].values())})
+                          if any(measured(s["busy"]) and s["busy"] < 0.9 for s in w["summary"].values())})
     if unsaturated:
         out += ["", f"busy below 0.90 in {', '.join(unsaturated)}: a proxy there did not use its whole core, "
                 "so that workload's req/s measures the load generator or the origin as much as the proxy; "
@@ -60,8 +59,18 @@ def idle_table(idle):
     out = [f"## Memory per idle keep-alive connection ({idle['conns']:,} connections)", "",
            "| proxy | RSS before KiB | RSS after KiB | bytes/connection |", "|---|---|---|---|"]
     for pname, r in idle["proxies"].items():
-        out.append(f"| {pname} | {r['rss_before_kib']:,} | {r['rss_after_kib']:,} | {r['bytes_per_conn']:.0f} |")
+        out.append(f"| {pname} | {r['rss_before_kib']:,} | {r['rss_after_kib']:,} | {fmt(r['bytes_per_conn'], 0)} |")
     return out
+
+
+def goal(what, x, limit, at_most=True):
+    """One goal line: WHAT is X times nginx, against LIMIT (at most, or at
+    least); `not measured` when X is not."""
+    bound = "at most" if at_most else "at least"
+    if not measured(x):
+        return f"- {what}: not measured (goal {bound} {limit:.2f}x)"
+    met = x <= limit if at_most else x >= limit
+    return f"- {what}: {x:.2f}x nginx (goal {bound} {limit:.2f}x): {'met' if met else 'not met'}"
 
 
 def goal_lines(results):
@@ -70,15 +79,11 @@ def goal_lines(results):
     if w and "coregate" in w["summary"] and "cpu_x" in w["summary"]["coregate"] \
             and results["meta"].get("baseline", "nginx") == "nginx":
         s = w["summary"]["coregate"]
-        lines.append(f"- CPU per request: {s['cpu_x']:.2f}x nginx (goal at most 0.70x): "
-                     f"{'met' if s['cpu_x'] <= 0.7 else 'not met'}")
-        lines.append(f"- maximum req/s: {s['rps_x']:.2f}x nginx (goal at least 1.30x): "
-                     f"{'met' if s['rps_x'] >= 1.3 else 'not met'}")
+        lines.append(goal("CPU per request", s["cpu_x"], 0.70))
+        lines.append(goal("maximum req/s", s["rps_x"], 1.30, at_most=False))
         if measured(s.get("rate_cpu_x")):
-            lines.append(f"- CPU per request at {w['rate']:,}/s: {s['rate_cpu_x']:.2f}x nginx "
-                         f"(goal at most 0.90x): {'met' if s['rate_cpu_x'] <= 0.9 else 'not met'}")
-        lines.append(f"- p99 at {w['rate']:,}/s: {s['p99_x']:.2f}x nginx (goal at most 1.00x): "
-                     f"{'met' if s['p99_x'] <= 1.0 else 'not met'}")
+            lines.append(goal(f"CPU per request at {w['rate']:,}/s", s["rate_cpu_x"], 0.90))
+        lines.append(goal(f"p99 at {w['rate']:,}/s", s["p99_x"], 1.00))
     idle = results.get("idle")
     if idle and "coregate" in idle["proxies"] and "nginx" in idle["proxies"]:
         c, n = idle["proxies"]["coregate"]["bytes_per_conn"], idle["proxies"]["nginx"]["bytes_per_conn"]

@@ -37,6 +37,16 @@ def pct(sorted_values, p):
     return sorted_values[k]
 
 
+def fmt(v, digits=2, grouped=False):
+    """A figure for a table: a float to DIGITS places (with thousands
+    separators when GROUPED), anything else as it is, `-` when unmeasured."""
+    if not measured(v):
+        return "-"
+    if isinstance(v, float):
+        return f"{v:,.{digits}f}" if grouped else f"{v:.{digits}f}"
+    return f"{v:,}" if grouped and isinstance(v, int) else str(v)
+
+
 def fmt_x(x):
     """A ratio as `1.23x`, or nothing when unmeasured."""
     return f"{x:.2f}x" if measured(x) else ""
