@@ -36,11 +36,12 @@ import subprocess
 import time
 
 from . import build
-from .loads import parse_oha
-from .proctree import measure
-from .procs import log
-from .run import names
-from .summary import median
+from .loads import Load, oha, oha_argv, parse_oha
+from .options import names
+from .origins import builtin_command
+from .proctree import measure, us_per
+from .procs import Procs, log, wait_until, wrapped
+from .summary import fmt, fmt_x, median, ratio
 from .tools import ensure_tools
 
 NET = "10.77.0"
@@ -51,6 +52,8 @@ REDIS = f"{NET}.1:6390"
 CLIENT = "cgf-client"
 PARTS = ["exact", "outage", "drain", "kill", "cost"]
 WORK = "/tmp/coregate-fleet-demo"
+API_KEY = "x-api-key: tenant-1"  # the one principal every load is
+TOOLS = ["ip", "ss", "haproxy", "redis-server", "redis-cli", "oha", "curl", "taskset"]
 
 
 def host_addr(i):
@@ -67,9 +70,12 @@ def sh(*cmd, check=True, quiet=False):
     return subprocess.run(cmd, check=check, capture_output=True, text=True)
 
 
-def host_config(listen, limit, scope="fleet", redis=f"redis://{REDIS}/0", backend="127.0.0.1:9000"):
+def host_config(listen, limit, scope="fleet", redis=f"redis://{REDIS}/0", backend="127.0.0.1:9000",
+                drain_grace="3s"):
     """A fleet host's configuration: LIMIT req/s per x-api-key, SCOPE fleet
-    (counted with the fleet through REDIS, a URL) or local."""
+    (counted with the fleet through REDIS, a URL) or local. DRAIN_GRACE is
+    how long a drain keeps answering after /readyz says draining (what the
+    balancer needs to take the host out)."""
     fleet = (
         f'[fleet]\nredis = "{redis}"\ninstances = {len(HOSTS)}\n'
         'sync_interval = "100ms"\non_unreachable = "local_share"\n\n'
@@ -77,7 +83,7 @@ def host_config(listen, limit, scope="fleet", redis=f"redis://{REDIS}/0", backen
         else ""
     )
     return (
-        '[server]\ndrain_grace = "3s"\ndrain_timeout = "10s"\n\n'
+        f'[server]\ndrain_grace = "{drain_grace}"\ndrain_timeout = "10s"\n\n'
         f"{fleet}"
         f'[[listener]]\nlisten = "{listen}"\n'
         "max_connections = 20000\n"
@@ -114,110 +120,115 @@ backend hosts
 
 
 class Fleet:
-    """The namespaces and every process in them; `stop` undoes it all."""
+    """The namespaces and every process in them, by key ("h1", "redis",
+    "load-exact" ...); `stop_all` and `net_down` undo it all. TOOLS: the
+    outside tools' paths (name: path), which also work under sudo."""
 
-    def __init__(self, binary, limit):
+    def __init__(self, binary, limit, tools):
         self.binary = binary
         self.limit = limit
-        self.procs = {}
+        self.tools = tools
+        self.procs = Procs(ip=tools["ip"])
+        self.named = {}
+
+    def ip(self, *args, **kw):
+        return sh(self.tools["ip"], *args, **kw)
 
     # ---- network ----
     def net_up(self):
-        sh("ip", "link", "add", BRIDGE, "type", "bridge")
-        sh("ip", "addr", "add", f"{NET}.1/24", "dev", BRIDGE)
-        sh("ip", "link", "set", BRIDGE, "up")
+        self.ip("link", "add", BRIDGE, "type", "bridge")
+        self.ip("addr", "add", f"{NET}.1/24", "dev", BRIDGE)
+        self.ip("link", "set", BRIDGE, "up")
         names = [(ns(h), host_addr(i)) for i, h in enumerate(HOSTS)]
         names += [(ns("lb"), LB_ADDR), (CLIENT, f"{NET}.30")]
         for k, (name, addr) in enumerate(names):
-            sh("ip", "netns", "add", name)
+            self.ip("netns", "add", name)
             a, b = f"cgf{k}a", f"cgf{k}b"
-            sh("ip", "link", "add", a, "type", "veth", "peer", "name", b)
-            sh("ip", "link", "set", a, "master", BRIDGE)
-            sh("ip", "link", "set", a, "up")
-            sh("ip", "link", "set", b, "netns", name)
-            sh("ip", "-n", name, "addr", "add", f"{addr}/24", "dev", b)
-            sh("ip", "-n", name, "link", "set", b, "up")
-            sh("ip", "-n", name, "link", "set", "lo", "up")
+            self.ip("link", "add", a, "type", "veth", "peer", "name", b)
+            self.ip("link", "set", a, "master", BRIDGE)
+            self.ip("link", "set", a, "up")
+            self.ip("link", "set", b, "netns", name)
+            self.ip("-n", name, "addr", "add", f"{addr}/24", "dev", b)
+            self.ip("-n", name, "link", "set", b, "up")
+            self.ip("-n", name, "link", "set", "lo", "up")
 
     def net_down(self):
         for name in [ns(h) for h in HOSTS] + [ns("lb"), CLIENT]:
-            sh("ip", "netns", "del", name, check=False, quiet=True)
+            self.ip("netns", "del", name, check=False, quiet=True)
         # A run cut off between creating a pair and moving its end leaves
         # the pair in this namespace.
         for k in range(len(HOSTS) + 2):
-            sh("ip", "link", "del", f"cgf{k}a", check=False, quiet=True)
-        sh("ip", "link", "del", BRIDGE, check=False, quiet=True)
+            self.ip("link", "del", f"cgf{k}a", check=False, quiet=True)
+        self.ip("link", "del", BRIDGE, check=False, quiet=True)
 
     # ---- processes ----
-    def spawn(self, key, cmd, netns=None, log=None):
-        full = (["ip", "netns", "exec", netns] if netns else []) + cmd
-        out = open(os.path.join(WORK, f"{key}.log"), "w") if log is None else log
-        self.procs[key] = subprocess.Popen(full, stdout=out, stderr=subprocess.STDOUT)
-        return self.procs[key]
+    def spawn(self, key, argv, netns=None, cpu=None, **kw):
+        """Starts ARGV as KEY (in NETNS, pinned to CPU, where given); its
+        output goes to WORK/KEY.log unless KW says where."""
+        if "stdout" not in kw:
+            kw["log"] = os.path.join(WORK, f"{key}.log")
+        self.named[key] = self.procs.start(argv, cpu, netns=netns, **kw)
+        return self.named[key]
+
+    def wait(self, key, timeout=None):
+        """Waits for KEY to exit by itself; its exit status."""
+        p = self.named.pop(key)
+        status = p.wait(timeout)
+        self.procs.forget(p)
+        return status
 
     def stop(self, key, sig=signal.SIGTERM, wait=15):
-        p = self.procs.pop(key, None)
-        if p is None or p.poll() is not None:
-            return
-        p.send_signal(sig)
-        try:
-            p.wait(wait)
-        except subprocess.TimeoutExpired:
-            p.kill()
-            p.wait()
+        p = self.named.pop(key, None)
+        if p is not None:
+            self.procs.stop(p, timeout=wait, sig=sig)
 
     def redis_up(self):
-        self.spawn(
-            "redis",
-            ["redis-server", "--bind", REDIS.split(":")[0], "--port", REDIS.split(":")[1],
-             "--save", "", "--appendonly", "no", "--protected-mode", "no"],
-        )
-        wait_for(lambda: sh("redis-cli", "-h", REDIS.split(":")[0], "-p", REDIS.split(":")[1],
-                            "ping", check=False, quiet=True).stdout.strip() == "PONG", "redis")
+        host, port = REDIS.split(":")
+        self.spawn("redis", [self.tools["redis-server"], "--bind", host, "--port", port,
+                             "--save", "", "--appendonly", "no", "--protected-mode", "no"])
+        wait_until(lambda: sh(self.tools["redis-cli"], "-h", host, "-p", port, "ping", check=False,
+                              quiet=True).stdout.strip() == "PONG", 15, "redis not up")
 
     def hosts_up(self):
         for i, h in enumerate(HOSTS):
             path = os.path.join(WORK, f"{h}.toml")
             with open(path, "w") as f:
                 f.write(host_config(f"{host_addr(i)}:80", self.limit))
-            self.spawn(f"{h}-origin", [self.binary, "origin", "--listen", "127.0.0.1:9000",
-                                       "--workers", "1", "--body-size", "128"], netns=ns(h))
+            self.spawn(f"{h}-origin", builtin_command(self.binary, "127.0.0.1:9000", 128), netns=ns(h))
             self.spawn(h, [self.binary, "run", "--config", path, "--workers", "1",
                            "--admin-socket", admin(h)], netns=ns(h))
         for h in HOSTS:
-            wait_for(lambda h=h: os.path.exists(admin(h)) and stats(h) is not None, h)
+            wait_until(lambda h=h: os.path.exists(admin(h)) and stats(h) is not None, 15, f"{h} not up")
 
     def lb_up(self):
         path = os.path.join(WORK, "haproxy.cfg")
         with open(path, "w") as f:
             f.write(haproxy_config())
-        self.spawn("haproxy", ["haproxy", "-db", "-f", path], netns=ns("lb"))
-        wait_for(lambda: http_status(f"http://{LB_ADDR}/readyz") == 200, "haproxy")
+        self.spawn("haproxy", [self.tools["haproxy"], "-db", "-f", path], netns=ns("lb"))
+        wait_until(lambda: self.http_status(f"http://{LB_ADDR}/readyz") == 200, 15, "haproxy not up")
+
+    def http_status(self, url):
+        """The status of a GET of URL from the load generator's namespace (0: none)."""
+        r = subprocess.run(wrapped([self.tools["curl"], "-s", "-o", "/dev/null", "-w", "%{http_code}",
+                                    "--max-time", "2", url], netns=CLIENT, ip=self.tools["ip"]),
+                           capture_output=True, text=True)
+        return int(r.stdout or 0)
+
+    def load(self, url, seconds=5, keepalive=False, conns=50, cpu=None):
+        """How oha loads URL from the load generator's namespace, as API_KEY."""
+        return Load(url, cpu, conns, seconds, keepalive, headers=[API_KEY], netns=CLIENT, ip=self.tools["ip"])
 
     def stop_all(self):
-        # Last started first: the hosts before the Redis they sync with.
-        for key in reversed(list(self.procs)):
-            self.stop(key, signal.SIGKILL if key.startswith("load") else signal.SIGTERM, wait=5)
+        # Loads at once; then the rest, last started first: the hosts
+        # before the Redis they sync with.
+        for key in [k for k in self.named if k.startswith("load")]:
+            self.stop(key, signal.SIGKILL, wait=5)
+        self.named.clear()
+        self.procs.stop_all()
 
 
 def admin(h):
     return os.path.join(WORK, f"{h}.sock")
-
-
-def wait_for(cond, what, limit=15.0):
-    end = time.monotonic() + limit
-    while time.monotonic() < end:
-        if cond():
-            return
-        time.sleep(0.05)
-    raise SystemExit(f"fleet-demo: {what} not up within {limit:.0f} s")
-
-
-def http_status(url):
-    r = subprocess.run(["ip", "netns", "exec", CLIENT, "curl", "-s", "-o", "/dev/null",
-                        "-w", "%{http_code}", "--max-time", "2", url],
-                       capture_output=True, text=True)
-    return int(r.stdout or 0)
 
 
 def stats(h):
@@ -245,23 +256,19 @@ def admitted(h):
 
 
 def load(fleet, key, url, rate, seconds, keepalive=False, conns=50):
-    cmd = ["oha", "-z", f"{seconds}s", "-q", str(rate), "-c", str(conns), "--no-tui",
-           "--output-format", "json", "-H", "x-api-key: tenant-1"]
-    if not keepalive:
-        cmd.append("--disable-keepalive")
-    out = open(os.path.join(WORK, f"{key}.json"), "w")
-    return fleet.spawn(key, cmd + [url], netns=CLIENT, log=out)
+    """Starts oha as KEY at RATE req/s for SECONDS in the background, its
+    JSON report going to WORK/KEY.json (load_result reads it)."""
+    argv = oha_argv(fleet.tools["oha"], fleet.load(url, seconds, keepalive, conns), rate=rate)
+    with open(os.path.join(WORK, f"{key}.json"), "w") as out, open(os.path.join(WORK, f"{key}.log"), "w") as err:
+        return fleet.spawn(key, argv, stdout=out, stderr=err)
 
 
 def load_result(key):
-    """Status counts and failed requests. oha's "aborted due to deadline"
-    are requests it cut off itself when its time was up, not failures."""
+    """Status counts and failed requests (loads.parse_oha: requests oha cut
+    off itself when its time was up are not failures)."""
     with open(os.path.join(WORK, f"{key}.json")) as f:
-        d = json.load(f)
-    codes = {k: v for k, v in d.get("statusCodeDistribution", {}).items()}
-    errors = sum(n for e, n in d.get("errorDistribution", {}).items()
-                 if e != "aborted due to deadline")
-    return codes, errors
+        got = parse_oha(f.read())
+    return got.codes, got.failed
 
 
 def sample_admitted(duration, every=0.5, during=None):
@@ -297,7 +304,7 @@ def part_exact(fleet, args, rows):
         time.sleep(1.5)  # buckets refill between runs
         load(fleet, "load-exact", url, args.rate, args.seconds)
         series = sample_admitted(args.seconds)
-        fleet.procs.pop("load-exact").wait()
+        fleet.wait("load-exact")
         rate = window_rate(series, 2.0, args.seconds - 0.5)
         codes, errors = load_result("load-exact")
         rows.append((f"exact: {args.rate} req/s {name}", f"{rate:.0f} req/s admitted",
@@ -320,7 +327,7 @@ def part_outage(fleet, args, rows):
     time.sleep(1.5)
     load(fleet, "load-outage", f"http://{host_addr(0)}/", args.rate, 16)
     series = sample_admitted(16, every=0.25, during=act)
-    fleet.procs.pop("load-outage").wait()
+    fleet.wait("load-outage")
     codes, errors = load_result("load-outage")
     five = sum(v for k, v in codes.items() if k.startswith("5"))
     outage = window_rate(series, events["kill"] + 0.5, events["back"] - 0.25)
@@ -343,14 +350,12 @@ def part_drain(fleet, args, rows):
     load(fleet, "load-drain", f"http://{LB_ADDR}/", 600, 12)
     time.sleep(4)
     sh(fleet.binary, "drain", "--socket", admin("h2"))
-    fleet.procs["load-drain"].wait()
-    fleet.procs.pop("load-drain")
+    fleet.wait("load-drain")
     codes, errors = load_result("load-drain")
     failed = errors + sum(v for k, v in codes.items() if k not in ("200", "429"))
-    gone = fleet.procs["h2"].wait(15)
+    gone = fleet.wait("h2", 15)
     rows.append(("drain: `coregate drain` on h2 under 600 req/s", f"{failed} failed",
                  f"codes {codes}, errors {errors}", f"h2 exited {gone}"))
-    fleet.procs.pop("h2")
 
 
 def part_kill(fleet, args, rows):
@@ -360,11 +365,10 @@ def part_kill(fleet, args, rows):
     time.sleep(1.5)
     load(fleet, "load-kill", f"http://{LB_ADDR}/", 600, 10, keepalive=True, conns=48)
     time.sleep(4)
-    open_to_h3 = sh("ip", "netns", "exec", ns("h3"), "ss", "-Htn", "state", "established",
-                    "( sport = :80 )", quiet=True).stdout.count("\n")
+    open_to_h3 = sh(*wrapped([fleet.tools["ss"], "-Htn", "state", "established", "( sport = :80 )"],
+                             netns=ns("h3"), ip=fleet.tools["ip"]), quiet=True).stdout.count("\n")
     fleet.stop("h3", signal.SIGKILL)
-    fleet.procs["load-kill"].wait()
-    fleet.procs.pop("load-kill")
+    fleet.wait("load-kill")
     codes, errors = load_result("load-kill")
     failed = errors + sum(v for k, v in codes.items() if k not in ("200", "429"))
     rows.append(("kill: SIGKILL on h3 under 600 req/s (keep-alive)", f"{failed} failed",
@@ -377,29 +381,26 @@ def part_cost(fleet, args, rows):
     pinned apart from oha, with a limit no request reaches: local scope
     against fleet scope (which counts every request for the sync thread
     and syncs with the fleet's Redis)."""
-    ratios = []
+    costs = []
     for scope in ["local", "fleet"] * args.rounds:
         path = os.path.join(WORK, f"cost-{scope}.toml")
         with open(path, "w") as f:
             f.write(host_config("127.0.0.1:80", 1_000_000_000, scope=scope))
-        fleet.spawn("cost-origin", [fleet.binary, "origin", "--listen", "127.0.0.1:9000",
-                                             "--workers", "1"], netns=CLIENT)
-        proxy = fleet.spawn("cost-proxy", ["taskset", "-c", "0", fleet.binary, "run", "--config", path,
-                                           "--workers", "1"], netns=CLIENT)
-        wait_for(lambda: http_status("http://127.0.0.1:80/healthz") == 200, "cost proxy")
+        fleet.spawn("cost-origin", builtin_command(fleet.binary, "127.0.0.1:9000"), netns=CLIENT)
+        proxy = fleet.spawn("cost-proxy", [fleet.binary, "run", "--config", path, "--workers", "1"], netns=CLIENT,
+                            cpu="0")
+        wait_until(lambda: fleet.http_status("http://127.0.0.1:80/healthz") == 200, 15, "cost proxy not up")
         # `ip netns exec` and `taskset` exec: the child is coregate itself.
-        r, ticks = measure(proxy.pid, lambda: subprocess.run(
-            ["ip", "netns", "exec", CLIENT, "taskset", "-c", "1", "oha", "-n", str(args.cost_requests), "-c", "32",
-             "--no-tui", "--output-format", "json", "-H", "x-api-key: tenant-1", "http://127.0.0.1:80/"],
-            capture_output=True, text=True))
-        ratios.append((scope, ticks.total / max(1, parse_oha(r.stdout).ok)))
+        load = fleet.load("http://127.0.0.1:80/", keepalive=True, conns=32, cpu="1")
+        ok, ticks = measure(proxy.pid, lambda: oha(fleet.tools["oha"], load, requests=args.cost_requests).ok)
+        costs.append((scope, us_per(ticks.total, ok)))
         fleet.stop("cost-proxy")
         fleet.stop("cost-origin")
-    local = median([c for s, c in ratios if s == "local"])
-    flt = median([c for s, c in ratios if s == "fleet"])
+    local = median([c for s, c in costs if s == "local"])
+    flt = median([c for s, c in costs if s == "fleet"])
     rows.append((f"cost: CPU per request, fleet scope vs local ({args.rounds} interleaved rounds, "
-                 f"{args.cost_requests} requests each)", f"{flt / local:.3f}x",
-                 f"median ticks/request local {local * 1e3:.3f}e-3, fleet {flt * 1e3:.3f}e-3", ""))
+                 f"{args.cost_requests} requests each)", fmt_x(ratio(flt, local)) or "n/a",
+                 f"median CPU us/request local {fmt(local)}, fleet {fmt(flt)}", ""))
 
 
 PART = {"exact": part_exact, "outage": part_outage, "drain": part_drain, "kill": part_kill, "cost": part_cost}
@@ -427,11 +428,11 @@ def main(args):
         return 0
     if os.geteuid() != 0:
         raise SystemExit("fleet-demo: needs root (network namespaces)")
-    ensure_tools(["ip", "haproxy", "redis-server", "redis-cli", "oha", "curl", "taskset"])
+    tools = ensure_tools(TOOLS)
     binary = build.ensure(args, ["coregate"])["coregate"]
     shutil.rmtree(WORK, ignore_errors=True)
     os.makedirs(WORK)
-    fleet = Fleet(binary, args.limit)
+    fleet = Fleet(binary, args.limit, tools)
     rows = []
 
     def stopped(signum, _frame):

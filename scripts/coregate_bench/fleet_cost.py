@@ -8,16 +8,18 @@ valgrind follows) in front of the built-in origin, a limit no request
 reaches, a real redis-server (on a unix socket) for the fleet scope; after
 a warm-up of 1,000 requests the counters are zeroed and --requests
 requests measured. The fleet sync thread's own work is included. The
-configurations are fleet-demo's hosts' (fleet.host_config).
+configurations are fleet-demo's hosts' (fleet.host_config), with no drain
+grace (as the old scripts/fleet-cost had): nothing balances over these
+proxies, and a grace would add its seconds to every stop under valgrind.
 """
 import os
 import tempfile
-import time
 
 from . import build, callgrind
 from .fleet import host_config
 from .loads import Load, oha
-from .procs import Procs, free_port, wait_http
+from .origins import builtin_command
+from .procs import Procs, free_port, wait_http, wait_until
 from .tools import ensure_tools
 
 LIMIT = 1_000_000_000  # req/s: a limit no request reaches
@@ -31,7 +33,7 @@ def add_arguments(ap):
 
 def config(scope, port, origin, redis_socket):
     return host_config(f"127.0.0.1:{port}", LIMIT, scope, redis=f"redis+unix://{redis_socket}",
-                       backend=f"127.0.0.1:{origin}")
+                       backend=f"127.0.0.1:{origin}", drain_grace="0s")
 
 
 def measure(args, binary, oha_path, procs, work, scope, origin, sock):
@@ -53,14 +55,6 @@ def measure(args, binary, oha_path, procs, work, scope, origin, sock):
                                   log=f"{work}/{scope}.log")
 
 
-def wait_file(path, limit=10.0):
-    end = time.monotonic() + limit
-    while not os.path.exists(path):
-        if time.monotonic() > end:
-            raise SystemExit(f"fleet-cost: no {path} after {limit:.0f} s")
-        time.sleep(0.05)
-
-
 def main(args):
     if args.dry_run:
         for scope in SCOPES:
@@ -76,10 +70,9 @@ def main(args):
         procs.start([tools["redis-server"], "--port", "0", "--unixsocket", sock, "--save", "", "--appendonly", "no",
                      "--dir", work], "0", log=f"{work}/redis.log")
         origin = free_port()
-        procs.start([binary, "origin", "--listen", f"127.0.0.1:{origin}", "--workers", "1"], "0",
-                    log=f"{work}/origin.log")
+        procs.start(builtin_command(binary, f"127.0.0.1:{origin}"), "0", log=f"{work}/origin.log")
         wait_http("127.0.0.1", origin, "/")
-        wait_file(sock)
+        wait_until(lambda: os.path.exists(sock), 10, f"redis-server made no {sock}")
         for _ in range(args.rounds):
             rows.append([measure(args, binary, tools["oha"], procs, work, s, origin, sock) for s in SCOPES])
     finally:

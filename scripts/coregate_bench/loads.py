@@ -7,12 +7,14 @@ import re
 import subprocess
 from dataclasses import dataclass, field
 
+from . import procs
+
 
 @dataclass
 class Load:
     """How to load one URL."""
     url: str
-    cpus: str = "0"  # taskset list of the generator
+    cpus: str = "0"  # taskset list of the generator (None: not pinned)
     conns: int = 50
     duration: int = 5  # seconds
     keepalive: bool = True
@@ -20,11 +22,11 @@ class Load:
     lua: str = None  # a wrk script (wrk's POST body)
     headers: list = field(default_factory=list)
     netns: str = None  # run inside this network namespace
+    ip: str = "ip"  # the `ip` that enters it
 
 
 def wrapped(load, argv):
-    cmd = ["taskset", "-c", load.cpus, *argv]
-    return ["ip", "netns", "exec", load.netns, *cmd] if load.netns else cmd
+    return procs.wrapped(argv, load.cpus, load.netns, load.ip)
 
 
 def wrk_argv(wrk, load, threads=1):
@@ -39,9 +41,13 @@ def wrk_argv(wrk, load, threads=1):
 
 
 def parse_wrk(out):
-    """(requests, requests/s, errors) from wrk's report."""
-    requests = int(re.search(r"(\d+) requests in", out).group(1))
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))
+    """(requests, requests/s, errors) from wrk's report; ValueError when
+    OUT is not one."""
+    requests = re.search(r"(\d+) requests in", out)
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    if not requests or not rps:
+        raise ValueError("no wrk report")
+    requests, rps = int(requests.group(1)), float(rps.group(1))
     errors = 0
     m = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     if m:
@@ -54,8 +60,12 @@ def parse_wrk(out):
 
 def wrk(wrk_path, load, threads=1):
     out = subprocess.run(wrk_argv(wrk_path, load, threads), capture_output=True, text=True,
-                         timeout=load.duration + 60).stdout
-    return parse_wrk(out)
+                         timeout=load.duration + 60)
+    try:
+        return parse_wrk(out.stdout)
+    except ValueError:
+        raise RuntimeError(f"wrk against {load.url} exited {out.returncode} without a report: "
+                           f"{(out.stderr or out.stdout).strip()[:400]}") from None
 
 
 def oha_argv(oha, load, rate=None, requests=None):
@@ -82,17 +92,19 @@ class OhaResult:
     ok: int  # 2xx responses
     errors: int  # other statuses and failed requests
     pct: dict  # latency percentiles, ms: {"p50": ..., "p99": ...}
+    codes: dict = field(default_factory=dict)  # responses by status: {"200": ..., "429": ...}
+    failed: int = 0  # requests that got no response
 
 
 def parse_oha(text):
     data = json.loads(text)
     pct = {k: v * 1000.0 for k, v in data["latencyPercentiles"].items() if v is not None}
-    codes = data.get("statusCodeDistribution", {})
+    codes = dict(data.get("statusCodeDistribution", {}))
     ok = sum(n for code, n in codes.items() if code.startswith("2"))
-    errors = sum(n for code, n in codes.items() if not code.startswith("2"))
     # Requests oha cut off itself when its time was up are not failures.
-    errors += sum(n for e, n in data.get("errorDistribution", {}).items() if e != "aborted due to deadline")
-    return OhaResult(ok, errors, pct)
+    failed = sum(n for e, n in data.get("errorDistribution", {}).items() if e != "aborted due to deadline")
+    errors = sum(n for code, n in codes.items() if not code.startswith("2")) + failed
+    return OhaResult(ok, errors, pct, codes, failed)
 
 
 def oha(oha_path, load, rate=None, requests=None):

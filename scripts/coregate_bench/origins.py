@@ -1,6 +1,8 @@
-"""The slow origins of `admission` and `balance`: a fixed delay before
-every answer, one process each (`python3 -m coregate_bench.origins PORT MS
-threads|asyncio`).
+"""The origins behind the proxies measured: coregate's built-in origin
+(`coregate origin`, whose command line every subcommand takes from
+builtin_command), and the slow origins of `admission` and `balance`: a
+fixed delay before every answer, one process each (`python3 -m
+coregate_bench.origins PORT MS threads|asyncio`).
 
 Why two: behind an inflight cap that is always full (figure fair), every
 response frees a slot that is refilled at once, so two slots whose
@@ -21,6 +23,16 @@ import sys
 import time
 
 from .openloop import head_framing
+
+
+def builtin_command(binary, listen, body_size=None):
+    """The command line of coregate's built-in origin on LISTEN
+    (ADDR:PORT), one worker, BODY_SIZE-byte responses (its default, 128,
+    when None)."""
+    argv = [binary, "origin", "--listen", listen, "--workers", "1"]
+    if body_size is not None:
+        argv += ["--body-size", str(body_size)]
+    return argv
 
 
 def parse_request_head(head):
@@ -87,7 +99,6 @@ def serve_slow_threads(port, delay_ms):
 
     with Server(("127.0.0.1", port), Handler) as server:
         server.serve_forever()  # until SIGTERM ends the process
-
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """The processes a run starts, and waiting for them: every process is
 registered in one Procs and stopped, by process group, in one `finally`;
-ports and HTTP answers are polled with a deadline; the open-files limit is
-raised for what the proxies hold open."""
+every wait (a port, an HTTP answer, a file, a fleet's part coming up) is
+one wait_until, a poll with a deadline; the open-files limit is raised for
+what the proxies hold open."""
 import http.client
 import os
 import resource
@@ -10,6 +11,13 @@ import socket
 import subprocess
 import sys
 import time
+
+
+# Where `admission` and `balance` run things: coregate alone on PROXY_CPU;
+# origins, load generators, the loris herd and the driving process on
+# CLIENT_CPU, so client work does not steal the proxy's core.
+PROXY_CPU = "1"
+CLIENT_CPU = "0"
 
 
 def log(*args):
@@ -22,23 +30,37 @@ def helper(module, *args):
     return [sys.executable, "-m", f"coregate_bench.{module}", *map(str, args)]
 
 
+def wrapped(argv, cpu=None, netns=None, ip="ip"):
+    """ARGV pinned to CPU (a taskset list) and run inside the network
+    namespace NETNS, where given. `ip netns exec` and taskset both exec,
+    so the process keeps the pid of the command started."""
+    argv = [str(a) for a in argv]
+    if cpu is not None:
+        argv = ["taskset", "-c", cpu, *argv]
+    if netns is not None:
+        argv = [ip, "netns", "exec", netns, *argv]
+    return argv
+
+
 class Procs:
     """Every process a run starts is registered here, and one `finally`
-    stops them all, by process group, whatever went wrong."""
+    stops them all, by process group, whatever went wrong. IP is the `ip`
+    that starts processes in a network namespace."""
 
-    def __init__(self):
+    def __init__(self, ip="ip"):
         self.live = []
+        self.ip = ip
 
-    def start(self, argv, cpu, log=None, **kw):
-        """Start ARGV pinned to CPU (a taskset list); with LOG, its stdout
-        and stderr are appended to that file."""
+    def start(self, argv, cpu=None, log=None, netns=None, **kw):
+        """Start ARGV pinned to CPU (a taskset list) inside NETNS, where
+        given; with LOG, its stdout and stderr are appended to that file."""
         kw.setdefault("stdin", subprocess.DEVNULL)
         if log is not None:
             kw["stdout"] = open(log, "ab")
             kw["stderr"] = subprocess.STDOUT
         # A session of its own: the process and anything it spawns form one
         # group, signalled together.
-        p = subprocess.Popen(["taskset", "-c", cpu, *map(str, argv)], start_new_session=True, **kw)
+        p = subprocess.Popen(wrapped(argv, cpu, netns, self.ip), start_new_session=True, **kw)
         if log is not None:
             kw["stdout"].close()  # the child holds its own copy
         self.live.append(p)
@@ -50,9 +72,10 @@ class Procs:
         except ProcessLookupError:
             pass
 
-    def stop(self, p, timeout=10.0):
+    def stop(self, p, timeout=10.0, sig=None):
+        """SIG (default SIGTERM) to P's group, SIGKILL after TIMEOUT seconds."""
         if p.poll() is None:
-            self.signal(p, signal.SIGTERM)
+            self.signal(p, sig or signal.SIGTERM)
             try:
                 p.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
@@ -107,22 +130,36 @@ def free_port():
         return s.getsockname()[1]
 
 
-def wait_port(port, limit=10.0, host="127.0.0.1"):
+def wait_until(cond, limit, what):
+    """Polls COND() until it returns something true, and returns that;
+    after LIMIT seconds raises RuntimeError saying WHAT was awaited."""
     end = time.monotonic() + limit
-    while time.monotonic() < end:
-        try:
-            socket.create_connection((host, port), timeout=0.2).close()
-            return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing accepts on {host}:{port}")
+    while True:
+        got = cond()
+        if got:
+            return got
+        if time.monotonic() >= end:
+            raise RuntimeError(f"{what} (waited {limit:g} s)")
+        time.sleep(0.05)
+
+
+def accepts(host, port):
+    try:
+        socket.create_connection((host, port), timeout=0.2).close()
+        return True
+    except OSError:
+        return False
+
+
+def wait_port(port, limit=10.0, host="127.0.0.1"):
+    wait_until(lambda: accepts(host, port), limit, f"nothing accepts on {host}:{port}")
 
 
 def wait_http(host, port, path, limit=15.0):
     """Waits until HOST:PORT answers PATH with 200; returns the body length."""
-    end = time.monotonic() + limit
-    last = None
-    while time.monotonic() < end:
+    last = []
+
+    def answered():
         try:
             c = http.client.HTTPConnection(host, port, timeout=2)
             c.request("GET", path)
@@ -130,9 +167,13 @@ def wait_http(host, port, path, limit=15.0):
             body = r.read()
             c.close()
             if r.status == 200:
-                return len(body)
-            last = f"status {r.status}"
+                return (len(body),)  # true even for an empty body
+            last.append(f"status {r.status}")
         except OSError as e:
-            last = str(e)
-        time.sleep(0.1)
-    raise RuntimeError(f"{host}:{port}{path} not answering 200: {last}")
+            last.append(str(e))
+        return None
+
+    try:
+        return wait_until(answered, limit, f"{host}:{port}{path} not answering 200")[0]
+    except RuntimeError as e:
+        raise RuntimeError(f"{e}: {last[-1] if last else 'no answer'}") from None

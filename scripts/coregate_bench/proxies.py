@@ -77,6 +77,11 @@ class Proxy:
         return [self.binaries[binary(self.name)], "run", "--config", conf, "--workers", str(site.workers),
                 "--driver", driver]
 
+    def start(self, procs, site, cpus, log):
+        """Writes SITE's configuration and starts the proxy on it, pinned to
+        CPUS, its output appended to LOG; the process (not yet listening)."""
+        return procs.start(self.command(self.write(site), site), cpus, log=log)
+
     def check_command(self, conf):
         """The proxy's own configuration check, or None where it has none or
         is not installed."""
