@@ -45,11 +45,11 @@ import random
 import time
 
 from . import figures
-from .figures import coregate_config, counts_text, fmt, table, yes_no
+from .figures import coregate_config, counts_text, table, yes_no
 from .loris import start_loris, stop_loris
 from .openloop import load_spec
 from .proctree import status_kib
-from .summary import median, ratio
+from .summary import fmt, median, ratio
 
 KIB, MIB = 1024, 1024 * 1024
 RATE = 200  # figure rate: the configured rate, req/s

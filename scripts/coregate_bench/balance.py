@@ -42,14 +42,19 @@ def config(ports, balance, socket):
     )
 
 
-def backend_counts(bench, socket):
-    """Requests each backend got, from `coregate stats --json`."""
+def upstream_stats(bench, socket):
+    """Each backend's counters from `coregate stats --json`, by port (a string)."""
     out = subprocess.run(
         [bench.binary, "stats", "--json", "--socket", socket],
         capture_output=True, text=True, timeout=10, check=True,
     )
     ups = json.loads(out.stdout)["total"]["upstreams"]
-    return {k.split("127.0.0.1:")[-1]: v["connects"] + v["reuses"] for k, v in ups.items()}
+    return {k.split("127.0.0.1:")[-1]: v for k, v in ups.items()}
+
+
+def requests_by_backend(ups):
+    """Requests each backend got (a new connection's or a reused one's)."""
+    return {port: v["connects"] + v["reuses"] for port, v in ups.items()}
 
 
 def figure_slow(bench):
@@ -65,7 +70,7 @@ def figure_slow(bench):
                 cg = bench.coregate(config(ports, balance, socket), 1)
                 try:
                     [load] = bench.loads([load_spec(cg.port, 200, duration, 32)])
-                    counts = backend_counts(bench, str(socket))
+                    counts = requests_by_backend(upstream_stats(bench, str(socket)))
                 finally:
                     cg.stop()
                 total = sum(counts.values())
@@ -116,16 +121,14 @@ def figure_kill(bench):
         t.start()
         [load] = bench.loads([load_spec(cg.port, 1000, duration, 32)])
         t.join()
-        counts = backend_counts(bench, str(socket))
-        stats = json.loads(subprocess.run(
-            [bench.binary, "stats", "--json", "--socket", str(socket)],
-            capture_output=True, text=True, timeout=10, check=True).stdout)["total"]
+        ups = upstream_stats(bench, str(socket))
     finally:
         cg.stop()
         for p, _ in origins:
             bench.procs.stop(p)
     failed = load["sent"] - load["ok"]
-    failures = {k.split("127.0.0.1:")[-1]: v["failures"] for k, v in stats["upstreams"].items()}
+    counts = requests_by_backend(ups)
+    failures = {port: v["failures"] for port, v in ups.items()}
     lines = [
         "## Figure 2 (kill): a backend killed under load",
         "",

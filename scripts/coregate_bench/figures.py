@@ -11,7 +11,6 @@ empty, and the drain-time rejection counters belong to that phase alone.
 import collections
 import json
 import os
-import platform
 import re
 import signal
 import subprocess
@@ -23,20 +22,12 @@ from pathlib import Path
 
 from . import build
 from .openloop import summarize_load
-from .procs import Procs, free_port, helper, raise_nofile, wait_port
-from .summary import measured
+from .origins import builtin_command
+from .procs import CLIENT_CPU, PROXY_CPU, Procs, free_port, helper, raise_nofile, wait_port
+from .summary import fmt
+from .tools import machine
 
-PROXY_CPU = "1"
-CLIENT_CPU = "0"
 WANT_NOFILE = 8192
-
-
-def fmt(v, digits=2):
-    if not measured(v):
-        return "-"
-    if isinstance(v, float):
-        return f"{v:.{digits}f}"
-    return str(v)
 
 
 def yes_no(ok):
@@ -52,7 +43,6 @@ def table(headers, rows):
 def counts_text(counts):
     """`{"200": 5, "503": 2}` as `200=5 503=2`, or `none`."""
     return " ".join(f"{k}={v}" for k, v in sorted(counts.items())) or "none"
-
 
 
 class Coregate:
@@ -176,7 +166,7 @@ class Bench:
     def fast_origin(self):
         port = free_port()
         p = self.procs.start(
-            [self.binary, "origin", "--listen", f"127.0.0.1:{port}", "--workers", "1", "--body-size", "128"],
+            builtin_command(self.binary, f"127.0.0.1:{port}", 128),
             CLIENT_CPU,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -225,22 +215,23 @@ class Bench:
 
 
 def machine_facts(nproc, binary):
+    """tools.machine, with the CPUs this process may use (NPROC) and the
+    coregate BINARY's version and build time."""
     try:
         version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=5).stdout.strip()
     except OSError:
         version = "?"
     return {
+        **machine(),
         "nproc": nproc,
-        "kernel": platform.release(),
-        "python": platform.python_version(),
         "coregate": version,
         "binary_mtime": time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(os.path.getmtime(binary))),
     }
 
 
-
 def add_arguments(ap, figures):
-    ap.add_argument("figure", choices=[*figures, "all"], help="which figure to produce (all: each in turn)")
+    ap.add_argument("figure", nargs="?", default="all", choices=[*figures, "all"],
+                    help="which figure to produce (default all: each in turn)")
     ap.add_argument("--quick", action="store_true", help="about 4x shorter runs, for smoke tests")
     ap.add_argument("--json", metavar="FILE", help="also write every number as JSON to FILE")
     ap.add_argument("--slow-origin", choices=["threads", "asyncio"], default="threads",

@@ -5,6 +5,7 @@ import socket
 import ssl
 import time
 
+from .openloop import head_framing
 from .proctree import rss_kib
 
 
@@ -37,10 +38,14 @@ def read_response(s):
             raise RuntimeError("connection closed before a response")
         got += chunk
     head, _, body = got.partition(b"\r\n\r\n")
-    length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
-                  if line.lower().startswith(b"content-length"))
+    length, _, chunked = head_framing(head)
+    if chunked:
+        raise RuntimeError("a chunked response: the origins here send Content-Length")
     while len(body) < length:
-        body += s.recv(65536)
+        chunk = s.recv(65536)
+        if not chunk:
+            raise RuntimeError("connection closed in a response body")
+        body += chunk
 
 
 def http_holder(addr, port, tls=False):

@@ -12,8 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from .figures import CLIENT_CPU
-from .procs import helper
+from .procs import CLIENT_CPU, helper
 from .summary import median
 
 
@@ -120,7 +119,6 @@ async def run_loris(spec):
     }), flush=True)
 
 
-
 def start_loris(bench, port, n, ramp):
     spec = {"port": port, "n": n, "ramp": ramp, "interval": 1.0}
     # stderr to a file: nobody reads it while the loris runs, and a full
@@ -154,7 +152,6 @@ def stop_loris(bench, p, ready):
     stats = json.loads(out.strip().splitlines()[-1])
     stats["ready"] = ready
     return stats
-
 
 
 if __name__ == "__main__":

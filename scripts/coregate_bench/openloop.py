@@ -128,7 +128,6 @@ def ms(seconds):
     return None if seconds is None else round(seconds * 1000, 3)
 
 
-
 def summarize_load(raw):
     """Percentiles and ratios from one generator's raw result."""
     lat = sorted(raw.pop("lat_ms"))
@@ -157,7 +156,6 @@ def load_spec(port, rate, duration, conns, headers=(), cap=256, grace=10):
     }
 
 
-
 def head_framing(head):
     """(Content-Length, wants close, has Transfer-Encoding) of a head."""
     length, close, chunked = 0, False, False
@@ -171,7 +169,6 @@ def head_framing(head):
         elif name == b"transfer-encoding":
             chunked = True
     return length, close, chunked
-
 
 
 if __name__ == "__main__":
