@@ -1,6 +1,6 @@
 """Figures for admission control: rate limit, fair queuing, decode guard, slow loris.
 
-    scripts/bench admission {rate,fair,bomb,loris,all} [--quick] [--json FILE]
+    scripts/bench admission [rate|fair|bomb|loris|all] [--quick] [--json FILE]
 
 Each figure is a bounded run (well under two minutes; `--quick` is about 4x
 shorter, for smoke tests) that starts what it needs on 127.0.0.1, stops it

@@ -1,6 +1,6 @@
 """Figures for backend selection: a slow backend, and a backend killed under load.
 
-    scripts/bench balance {slow,kill,all} [--quick] [--json FILE]
+    scripts/bench balance [slow|kill|all] [--quick] [--json FILE]
 
 slow   Three backends answer in 5, 5 and 50 ms (the third is 10x slower).
        One worker, 200 req/s open-loop for 15 s, once with `balance = "p2c"`

@@ -46,7 +46,6 @@ it first runs the benchmark with the baseline's workloads.
 --install installs what is missing (apt-get, pip, cargo); without it a
 missing tool stops the run with the command that installs it.
 """
-import argparse
 import datetime
 import json
 import os
@@ -59,6 +58,8 @@ from . import ROOT, build, gate, report
 from .configs import Site, request_path
 from .idle import http_holder, rss_growth
 from .loads import Load, oha, wrk
+from .options import names
+from .origins import builtin_command
 from .proctree import TICKS_PER_S, measure, us_per
 from .procs import Procs, idle_count, log, raise_nofile, wait_http
 from .proxies import PROXIES, Proxy, binary, tool
@@ -91,18 +92,9 @@ WORKLOADS = {
 # The default: every workload measured before regex routes were added.
 DEFAULT_WORKLOADS = [w for w in WORKLOADS if "regex" not in w]
 DEFAULT_PROXIES = "nginx,haproxy,envoy,coregate"
-
-
-def names(known):
-    """An argparse type: a comma list of names out of KNOWN."""
-    def parse(text):
-        got = [n for n in text.split(",") if n]
-        for n in got:
-            if n not in known:
-                raise argparse.ArgumentTypeError(f"unknown name {n}; known: {', '.join(known)}")
-        return got
-    parse.__name__ = "list"
-    return parse
+# The open-files limit a run asks for: every proxy inherits it, and HAProxy
+# asks for two per connection.
+NOFILE = 1 << 20
 
 
 def add_arguments(ap):
@@ -119,7 +111,8 @@ def add_arguments(ap):
     ap.add_argument("--load-cpus", default="0")
     ap.add_argument("--rate", type=int, default=0, help="fixed rate of the oha runs, requests/s (default: --rate-fraction)")
     ap.add_argument("--rate-fraction", type=float, default=0.5)
-    ap.add_argument("--baseline", default="nginx", help="the proxy ratios are against (default nginx)")
+    ap.add_argument("--baseline", default="nginx", choices=PROXIES, metavar="PROXY",
+                    help="the proxy ratios are against (default nginx)")
     ap.add_argument("--idle-conns", type=int, default=10000, help="0 skips the idle-memory measurement")
     ap.add_argument("--netns", action="store_true", help="load generator in its own network namespace (veth)")
     ap.add_argument("--base-port", type=int, default=19300)
@@ -163,11 +156,27 @@ class Netns:
 
 # -------------------------------------------------------------------- a run
 
+# The idle-memory measurement's keep-alive timeout: far longer than it
+# takes, so no proxy closes a connection while it is counted.
+IDLE_KEEPALIVE = "300s"
+
+
 def start_origin(procs, args, bins, work, size, tag=""):
-    p = procs.start([bins["coregate"], "origin", "--listen", f"127.0.0.1:{args.base_port}", "--workers", "1",
-                     "--body-size", str(size)], args.load_cpus, log=f"{work}/origin{tag}.log")
+    p = procs.start(builtin_command(bins["coregate"], f"127.0.0.1:{args.base_port}", size), args.load_cpus,
+                    log=f"{work}/origin{tag}.log")
     wait_http("127.0.0.1", args.base_port, "/")
     return p
+
+
+def workload_site(args, work, addr, i, w):
+    """The Site of the I-th proxy of --proxies for Workload W."""
+    return Site(work, addr, args.base_port + 1 + i, args.base_port, args.workers, w.routes, w.regex)
+
+
+def idle_site(args, work, addr, i, n):
+    """The Site of the I-th proxy of --proxies holding N idle connections."""
+    return Site(work, addr, args.base_port + 1 + i, args.base_port, args.workers, conns=n,
+                keepalive_timeout=IDLE_KEEPALIVE if n else None)
 
 
 def rotated(order, rnd):
@@ -194,9 +203,8 @@ def run_workload(name, args, tools, bins, procs, work, addr, netns):
     origin = start_origin(procs, args, bins, work, w.size)
     running = {}
     for i, pname in enumerate(args.proxies):
-        site = Site(work, addr, args.base_port + 1 + i, args.base_port, args.workers, w.routes, w.regex)
-        proxy = Proxy(pname, tools, bins)
-        proc = procs.start(proxy.command(proxy.write(site), site), args.proxy_cpus, log=f"{work}/{pname}.log")
+        site = workload_site(args, work, addr, i, w)
+        proc = Proxy(pname, tools, bins).start(procs, site, args.proxy_cpus, f"{work}/{pname}.log")
         running[pname] = (proc, site.port)
     path = request_path(site)
     for pname, (proc, port) in running.items():
@@ -249,15 +257,15 @@ def run_workload(name, args, tools, bins, procs, work, addr, netns):
 
 
 def run_idle(args, tools, bins, procs, work, addr):
-    """RSS per idle keep-alive connection, each proxy alone in turn."""
+    """RSS per idle keep-alive connection, each proxy alone in turn (the
+    open-files limit already raised)."""
     n = idle_count(args.idle_conns, "idle connections")
     log(f"== idle: {n} idle keep-alive connections per proxy")
     origin = start_origin(procs, args, bins, work, 128, "-idle")
     result = {}
     for i, pname in enumerate(args.proxies):
-        site = Site(work, addr, args.base_port + 1 + i, args.base_port, args.workers, conns=n)
-        proxy = Proxy(pname, tools, bins)
-        proc = procs.start(proxy.command(proxy.write(site), site), args.proxy_cpus, log=f"{work}/{pname}-idle.log")
+        site = idle_site(args, work, addr, i, n)
+        proc = Proxy(pname, tools, bins).start(procs, site, args.proxy_cpus, f"{work}/{pname}-idle.log")
         wait_http(addr, site.port, "/")
         result[pname] = rss_growth(proc.pid, http_holder(addr, site.port), n)
         procs.stop(proc)
@@ -296,40 +304,49 @@ def method_text(args):
 
 
 def dry_run(args):
+    """Prints the plan, and writes and prints the configurations the run
+    would write: each workload's route shape, and the idle measurement's."""
+    raise_nofile(NOFILE)  # as the run does: the idle count depends on it
+    n = idle_count(args.idle_conns, "idle connections") if args.idle_conns else 0
     print(f"plan: proxies {', '.join(args.proxies)}; workloads {', '.join(args.workloads) or 'none'}; "
           f"{args.rounds} rounds of {args.duration}s wrk and {args.duration}s oha each; "
-          f"{args.idle_conns} idle connections per proxy; ratios against {args.baseline}")
+          f"{n} idle connections per proxy; ratios against {args.baseline}")
     print(f"proxies on CPU {args.proxy_cpus} ({args.workers} worker(s)), origin and load on CPU {args.load_cpus}"
           + ("; load generator in network namespace " + Netns.NAME if args.netns else ""))
     tool_names, bin_names = needs(args)
     for cmd in build.build_commands(args, bin_names):
         print(f"  build: {' '.join(cmd)}")
-    return print_configs(args, tool_names, sorted({(WORKLOADS[w].routes, WORKLOADS[w].regex) for w in args.workloads}
-                                                  | ({(1, False)} if args.idle_conns else set())))
+    shapes = {}
+    for wname in args.workloads:
+        w = WORKLOADS[wname]
+        label = f"{w.routes} route(s){' (regex)' if w.regex else ''}"
+        shapes[label] = lambda work, i, w=w: workload_site(args, work, "127.0.0.1", i, w)
+    if n:
+        shapes[f"idle ({n} connections)"] = lambda work, i: idle_site(args, work, "127.0.0.1", i, n)
+    return print_configs(args, tool_names, shapes)
 
 
 def print_configs(args, tool_names, shapes):
-    """Writes and prints every proxy's command for each route SHAPE
-    ((routes, regex)), checking each configuration with its own proxy
-    where that is installed; returns 1 when a check failed."""
+    """Writes and prints every proxy's command for each of SHAPES (label:
+    site(work, i), the Site of the I-th proxy), checking each
+    configuration with its own proxy where that is installed; returns 1
+    when a check failed."""
     top = tempfile.mkdtemp(prefix="coregate-bench-dry.")
     tools = {n: find_tool(n) or n for n in TOOLS}
     bins = build.paths(args)
     failed = 0
-    for routes, regex in shapes:
-        work = f"{top}/routes-{routes}{'-regex' if regex else ''}"
+    for k, (label, site_of) in enumerate(shapes.items()):
+        work = f"{top}/{k}"
         os.mkdir(work)
         for i, pname in enumerate(args.proxies):
-            site = Site(work, "127.0.0.1", args.base_port + 1 + i, args.base_port, args.workers, routes, regex,
-                        conns=args.idle_conns)
+            site = site_of(work, i)
             proxy = Proxy(pname, tools, bins)
             try:
                 conf = proxy.write(site)
             except ValueError as e:
-                print(f"  {routes} route(s){' (regex)' if regex else ''}: {pname}: {e}")
+                print(f"  {label}: {pname}: {e}")
                 continue
-            print(f"  {routes} route(s){' (regex)' if regex else ''}: taskset -c {args.proxy_cpus} "
-                  f"{' '.join(proxy.command(conf, site))}")
+            print(f"  {label}: taskset -c {args.proxy_cpus} {' '.join(proxy.command(conf, site))}")
             check = conf and proxy.check_command(conf)
             if check:
                 out = subprocess.run(check, capture_output=True, text=True, timeout=60)
@@ -379,8 +396,7 @@ def main(args):
         log(f"note: the baseline {args.baseline} is not among the proxies: no ratios")
     if args.dry_run:
         return dry_run(args)
-    # Every proxy inherits it; HAProxy asks for two per connection.
-    raise_nofile(1 << 20)
+    raise_nofile(NOFILE)
     if os.geteuid() != 0 and args.netns:
         raise SystemExit("--netns needs root (ip netns add)")
     tool_names, bin_names = needs(args)

@@ -1,17 +1,25 @@
 """What `tls` and `ws` share: nginx and coregate (or a variant) side by
 side, one worker each on the proxy CPUs, the origin and the load on the
-load CPUs; rounds in rotating order; medians and paired ratios to nginx."""
+load CPUs; rounds in rotating order; medians and paired ratios to nginx;
+the report written as OUT/STEM-DATE-TIME.json and .md with one footer."""
+import datetime
+import json
 import os
 
-from . import ROOT, run
+from . import ROOT
 from .configs import Site
-from .procs import wait_port
+from .options import names
+from .procs import log, wait_port
 from .proxies import Proxy
 from .summary import median, paired
+from .tools import machine_line
+
+# The open-files limit both ask for; idle connections are capped by it.
+NOFILE = 65536
 
 
 def add_arguments(ap, base_port, rounds=5):
-    ap.add_argument("--proxies", type=run.names(["nginx", "coregate", "coregate-epoll"]),
+    ap.add_argument("--proxies", type=names(["nginx", "coregate", "coregate-epoll"]),
                     default=["nginx", "coregate"], help="comma list, nginx first (default nginx,coregate)")
     ap.add_argument("--rounds", type=int, default=rounds)
     ap.add_argument("--duration", type=int, default=5)
@@ -47,8 +55,7 @@ def start(args, tools, bins, procs, work, conns, **kind):
     """Starts every proxy; {name: (process, port)}."""
     live = {}
     for name, site in sites(args, work, conns, **kind).items():
-        proxy = Proxy(name, tools, bins)
-        p = procs.start(proxy.command(proxy.write(site), site), args.proxy_cpus, log=f"{work}/{name}.log")
+        p = Proxy(name, tools, bins).start(procs, site, args.proxy_cpus, f"{work}/{name}.log")
         wait_port(site.port)
         live[name] = (p, site.port)
     return live
@@ -59,3 +66,23 @@ def summarize(rounds, keys, proxies):
     return {name: {**{k: median([r[name][k] for r in rounds]) for k in keys},
                    **{f"{k}_x": paired(rounds, name, k, "nginx") for k in keys}}
             for name in proxies}
+
+
+def footer(command):
+    """The lines every report ends with: the machine and the command."""
+    return ["", machine_line(), "", "Command:", "", "```", command, "```", ""]
+
+
+def write(out, stem, data, text):
+    """Writes DATA as OUT/STEM-DATE-TIME.json and TEXT as .md beside it,
+    prints TEXT; returns the path without its extension."""
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
+    os.makedirs(out, exist_ok=True)
+    base = os.path.join(out, f"{stem}-{stamp}")
+    with open(base + ".json", "w") as f:
+        json.dump(data, f, indent=1)
+    with open(base + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    log(f"written: {base}.md, {base}.json")
+    return base

@@ -25,9 +25,7 @@ the count. Medians over rounds; ratios to nginx are medians of per-round
 ratios. Written to OUT/tls-bench-DATE.md and .json.
 """
 import datetime
-import json
 import os
-import platform
 import re
 import subprocess
 import tempfile
@@ -35,9 +33,11 @@ import tempfile
 from . import build, sides
 from .idle import http_holder, rss_growth
 from .loads import Load, oha, wrk
+from .origins import builtin_command
 from .proctree import measure, us_per
 from .procs import Procs, idle_count, log, raise_nofile, wait_port
 from .run import rotated
+from .summary import fmt, fmt_x, ratio
 from .tools import ensure_tools, find_tool
 
 KEYS = [("rps", "keep-alive requests/s"), ("cpu_ka", "CPU us/request, keep-alive, saturated"),
@@ -88,28 +88,31 @@ def measure_round(args, tools, pid, port):
 
 
 def markdown(args, summary, idle, n, command):
+    """The report: a row per figure, a column per proxy (its ratio to
+    nginx in brackets), and the idle row when idle connections were held."""
     lines = [f"# HTTPS: coregate and nginx, {datetime.date.today()}", "",
              f"One worker per proxy pinned to CPU {args.proxy_cpus}; origin and load on CPU {args.load_cpus}; "
              f"ECDSA P-256, TLS 1.3 (resumption: TLS 1.2 session IDs); {args.rounds} rounds of {args.duration} s, "
              f"order rotating; fixed rate {args.rate} req/s; {args.conns} connections.", "",
              "| | " + " | ".join(args.proxies) + " |", "|---|" + "---|" * len(args.proxies)]
     for key, label in KEYS if args.rounds else []:
-        cells = [f"{summary[p][key]:.2f}" if p == "nginx" else f"{summary[p][key]:.2f} ({summary[p][key + '_x']:.2f}x)"
+        cells = [fmt(summary[p][key]) if p == "nginx" else f"{fmt(summary[p][key])} ({fmt_x(summary[p][key + '_x'])})"
                  for p in args.proxies]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if idle:
         cells = []
         for p in args.proxies:
             b = idle[p]["bytes_per_conn"]
-            cells.append(f"{b:.0f} B" if p == "nginx" else f"{b:.0f} B ({b / idle['nginx']['bytes_per_conn']:.2f}x)")
+            # Too few connections may not move nginx's RSS by a page at all.
+            x = fmt_x(ratio(b, idle["nginx"]["bytes_per_conn"])) or "n/a"
+            cells.append(f"{b:.0f} B" if p == "nginx" else f"{b:.0f} B ({x})")
         lines.append(f"| RSS per idle keep-alive TLS connection ({n}) | " + " | ".join(cells) + " |")
-    lines += ["", f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}.", "",
-              "Command:", "", "```", command, "```", ""]
-    return "\n".join(lines)
+    return "\n".join(lines + sides.footer(command))
 
 
 def main(args):
     sides.check(args)
+    raise_nofile(sides.NOFILE)
     n = idle_count(args.idle_conns, "idle TLS connections")
     if args.dry_run:
         print(f"plan: the origin on CPU {args.load_cpus}, {', '.join(args.proxies)} on CPU {args.proxy_cpus}; "
@@ -120,15 +123,13 @@ def main(args):
         return 0
     tools = ensure_tools(["wrk", "oha", "nginx", "openssl", "taskset"])
     bins = build.ensure(args, ["coregate"])
-    raise_nofile(65536)
-    n = idle_count(args.idle_conns, "idle TLS connections")
     work = f"/tmp/tls-bench-{os.getpid()}"
     os.makedirs(work, exist_ok=True)
     cert, key = make_cert(work)
     procs = Procs()
     try:
-        procs.start([bins["coregate"], "origin", "--listen", f"127.0.0.1:{args.base_port}", "--workers", "1"],
-                    args.load_cpus, log=f"{work}/origin.log")
+        procs.start(builtin_command(bins["coregate"], f"127.0.0.1:{args.base_port}"), args.load_cpus,
+                    log=f"{work}/origin.log")
         wait_port(args.base_port)
         live = sides.start(args, tools, bins, procs, work, n, tls=(cert, key))
         rounds = []
@@ -137,10 +138,10 @@ def main(args):
             for name in rotated(args.proxies, r):
                 p, port = live[name]
                 result[name] = measure_round(args, tools, p.pid, port)
-                log(f"round {r + 1} {name:15} " + "  ".join(f"{k} {v:.2f}" for k, v in result[name].items()))
+                log(f"round {r + 1} {name:15} " + "  ".join(f"{k} {fmt(v)}" for k, v in result[name].items()))
             rounds.append(result)
         idle = {}
-        for name in args.proxies:
+        for name in args.proxies if n else []:
             p, port = live[name]
             idle[name] = rss_growth(p.pid, http_holder("127.0.0.1", port, tls=True), n)
             log(f"idle {name:15} {idle[name]['rss_before_kib']} KiB -> {idle[name]['rss_after_kib']} KiB: "
@@ -148,15 +149,6 @@ def main(args):
     finally:
         procs.stop_all()
     summary = sides.summarize(rounds, [k for k, _ in KEYS], args.proxies)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"tls-bench-{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump({"command": args.command, "idle_conns": n, "rounds": rounds, "idle": idle, "summary": summary},
-                  f, indent=1)
-    text = markdown(args, summary, idle, n, args.command)
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    log(f"written: {base}.md, {base}.json")
+    sides.write(args.out, "tls-bench", {"command": args.command, "idle_conns": n, "rounds": rounds, "idle": idle,
+                                        "summary": summary}, markdown(args, summary, idle, n, args.command))
     return 0

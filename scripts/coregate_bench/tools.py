@@ -111,7 +111,8 @@ def versions(tools, coregate):
 
 
 def machine():
-    """CPU model and count, memory, kernel and OS of this machine."""
+    """CPU model and count, memory, kernel, OS and Python of this machine:
+    how every subcommand describes it."""
     cpu = "unknown"
     with open("/proc/cpuinfo") as f:
         for line in f:
@@ -121,4 +122,10 @@ def machine():
     with open("/proc/meminfo") as f:
         mem = int(f.readline().split()[1]) // 1024
     return {"cpu": cpu, "cpus": os.cpu_count(), "memory": f"{mem} MiB",
-            "kernel": platform.release(), "os": platform.platform()}
+            "kernel": platform.release(), "os": platform.platform(), "python": platform.python_version()}
+
+
+def machine_line(m=None):
+    """The machine (M, or this one) in one sentence, for a report's footer."""
+    m = m or machine()
+    return f"Machine: {m['cpu']}, {m['cpus']} CPUs, {m['memory']}, Linux {m['kernel']}, Python {m['python']}."

@@ -26,7 +26,6 @@ per-round ratios. Written to OUT/ws-bench-DATE.md and .json.
 import datetime
 import json
 import os
-import platform
 import subprocess
 import tempfile
 
@@ -35,6 +34,7 @@ from .idle import rss_growth
 from .proctree import measure, us_per
 from .procs import Procs, idle_count, log, raise_nofile, wait_port
 from .run import rotated
+from .summary import fmt, fmt_x, ratio
 from .tools import ensure_tools, find_tool
 
 KEYS = ["rate", "cpu_us_per_msg", "user_us_per_msg", "p99_us"]
@@ -75,6 +75,7 @@ def tunnel_holder(procs, args, ws_load, port):
 
 
 def markdown(args, summary, idle, n, command):
+    """The report: a row per proxy, its ratios to nginx beside each figure."""
     lines = [
         f"# WebSocket tunnels: coregate and nginx, {datetime.date.today()}",
         "",
@@ -90,18 +91,17 @@ def markdown(args, summary, idle, n, command):
     for name, s in summary.items():
         mem = idle[name]["bytes_per_conn"] if name in idle else None
         # Too few tunnels may not move nginx's RSS by a page at all.
-        mem_x = f"{mem / base:.2f}x" if mem is not None and base else ""
+        mem_x = fmt_x(ratio(mem, base)) or ("n/a" if mem is not None else "")
         lines.append(
-            f"| {name} | {s['rate']:.0f} | {s['rate_x']:.2f}x | {s['cpu_us_per_msg']:.2f} | {s['cpu_us_per_msg_x']:.2f}x "
-            f"| {s['user_us_per_msg']:.2f} | {s['p99_us'] / 1000:.2f} ms | {'' if mem is None else f'{mem:.0f} B'} "
-            f"| {mem_x} |")
-    lines += ["", f"Machine: {platform.node()}, {os.cpu_count()} CPUs, Linux {platform.release()}.", "",
-              "Command:", "", "```", command, "```", ""]
-    return "\n".join(lines)
+            f"| {name} | {fmt(s['rate'], 0)} | {fmt_x(s['rate_x'])} | {fmt(s['cpu_us_per_msg'])} "
+            f"| {fmt_x(s['cpu_us_per_msg_x'])} | {fmt(s['user_us_per_msg'])} | {fmt(s['p99_us'] / 1000)} ms "
+            f"| {'' if mem is None else f'{mem:.0f} B'} | {mem_x} |")
+    return "\n".join(lines + sides.footer(command))
 
 
 def main(args):
     sides.check(args)
+    raise_nofile(sides.NOFILE)
     n = idle_count(args.tunnels, "tunnels")
     if args.dry_run:
         for cmd in build.build_commands(args, ["coregate", "ws-load"]):
@@ -116,8 +116,6 @@ def main(args):
     tools = ensure_tools(["nginx", "taskset"])
     bins = build.ensure(args, ["coregate", "ws-load"])
     ws_load = bins["ws-load"]
-    raise_nofile(65536)
-    n = idle_count(args.tunnels, "tunnels")
     work = f"/tmp/ws-bench-{os.getpid()}"
     os.makedirs(work, exist_ok=True)
     procs = Procs()
@@ -135,11 +133,11 @@ def main(args):
                 got["cpu_us_per_msg"] = us_per(ticks.total, got["messages"])
                 got["user_us_per_msg"] = us_per(ticks.user, got["messages"])
                 result[name] = got
-                log(f"round {r + 1} {name:15} {got['rate']:9.0f} msg/s  {got['cpu_us_per_msg']:.2f} us CPU/msg  "
-                    f"p99 {got['p99_us'] / 1000:.2f} ms")
+                log(f"round {r + 1} {name:15} {fmt(got['rate'], 0):>9} msg/s  {fmt(got['cpu_us_per_msg'])} us CPU/msg  "
+                    f"p99 {fmt(got['p99_us'] / 1000)} ms")
             rounds.append(result)
         idle = {}
-        for name in args.proxies:
+        for name in args.proxies if n else []:
             p, port = live[name]
             idle[name] = rss_growth(p.pid, tunnel_holder(procs, args, ws_load, port), n)
             log(f"idle {name:15} {idle[name]['rss_before_kib']} KiB -> {idle[name]['rss_after_kib']} KiB: "
@@ -147,15 +145,6 @@ def main(args):
     finally:
         procs.stop_all()
     summary = sides.summarize(rounds, KEYS, args.proxies)
-    stamp = datetime.datetime.now().strftime("%Y-%m-%d-%H%M")
-    os.makedirs(args.out, exist_ok=True)
-    base = os.path.join(args.out, f"ws-bench-{stamp}")
-    with open(base + ".json", "w") as f:
-        json.dump({"command": args.command, "tunnels": n, "rounds": rounds, "idle": idle, "summary": summary}, f,
-                  indent=1)
-    text = markdown(args, summary, idle, n, args.command)
-    with open(base + ".md", "w") as f:
-        f.write(text)
-    print(text)
-    log(f"written: {base}.md, {base}.json")
+    sides.write(args.out, "ws-bench", {"command": args.command, "tunnels": n, "rounds": rounds, "idle": idle,
+                                       "summary": summary}, markdown(args, summary, idle, n, args.command))
     return 0
