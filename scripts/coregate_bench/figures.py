@@ -98,15 +98,7 @@ class Coregate:
         self.procs.stop(self.p, timeout=15.0)
         for t in self._threads:
             t.join(timeout=5)
-        total, per_worker = collections.Counter(), {}
-        for line in self.err:
-            m = self.REJECTED.search(line)
-            if not m:
-                continue
-            pairs = dict(kv.split("=", 1) for kv in m.group(3).split())
-            per_worker[int(m.group(2))] = {k: int(v) for k, v in pairs.items()}
-            total.update(per_worker[int(m.group(2))])
-        return {"total": dict(total), "per_worker": per_worker}
+        return rejections(self.err)
 
     def driver(self):
         for line in self.err:
@@ -114,6 +106,21 @@ class Coregate:
             if m:
                 return m.group(1)
         return "?"
+
+
+def rejections(lines):
+    """The refusal counters coregate's workers log as they drain
+    (`coregate[w0] info: worker 0 rejected: rate=3 queue=1`), summed over
+    workers and per worker, from its stderr LINES."""
+    total, per_worker = collections.Counter(), {}
+    for line in lines:
+        m = Coregate.REJECTED.search(line)
+        if not m:
+            continue
+        pairs = dict(kv.split("=", 1) for kv in m.group(3).split())
+        per_worker[int(m.group(2))] = {k: int(v) for k, v in pairs.items()}
+        total.update(per_worker[int(m.group(2))])
+    return {"total": dict(total), "per_worker": per_worker}
 
 
 def coregate_config(backend_port, limits=None):

@@ -96,7 +96,8 @@ def markdown(args, summary, idle, n, command):
              f"order rotating; fixed rate {args.rate} req/s; {args.conns} connections.", "",
              "| | " + " | ".join(args.proxies) + " |", "|---|" + "---|" * len(args.proxies)]
     for key, label in KEYS if args.rounds else []:
-        cells = [fmt(summary[p][key]) if p == "nginx" else f"{fmt(summary[p][key])} ({fmt_x(summary[p][key + '_x'])})"
+        cells = [fmt(summary[p][key]) + ("" if p == "nginx" or not fmt_x(summary[p][key + "_x"])
+                                         else f" ({fmt_x(summary[p][key + '_x'])})")
                  for p in args.proxies]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
     if idle:

@@ -1,7 +1,11 @@
 """CPU accounting: the /proc stat parse and the process tree."""
+import math
 import os
+import subprocess
+import sys
 
-from coregate_bench.proctree import Stat, Ticks, cpu_ticks, parse_stat, tree
+from coregate_bench.proctree import TICKS_PER_S, Stat, Ticks, cpu_ticks, parse_stat, read_stat, tree, us_per
+from coregate_bench.procs import wait_until
 
 
 def stat_line(pid, comm, ppid, utime, stime):
@@ -35,7 +39,34 @@ def test_ticks_subtract_and_total():
 
 def test_cpu_ticks_of_this_process_counts_its_own_time():
     sum(i * i for i in range(300000))  # burn some CPU
+    # Own time first: the tree's, read after, can only be larger.
+    own = read_stat(os.getpid())
     mine = cpu_ticks(os.getpid())
-    with open(f"/proc/{os.getpid()}/stat") as f:
-        own = parse_stat(f.read())
     assert mine.total >= own.utime + own.stime > 0
+
+
+# Burns CPU for about 0.3 s, then waits, alive, until its stdin closes.
+BURNER = "import sys, time\nend = time.process_time() + 0.3\nwhile time.process_time() < end:\n    pass\n" \
+         "sys.stdin.read()\n"
+
+
+def test_cpu_ticks_count_a_child_while_it_lives():
+    child = subprocess.Popen([sys.executable, "-c", BURNER], stdin=subprocess.PIPE)
+    try:
+        def burnt():
+            s = read_stat(child.pid)
+            return s.utime + s.stime >= TICKS_PER_S // 5
+        wait_until(burnt, 20, "the child did not burn 0.2 s of CPU")
+        child_stat = read_stat(child.pid)
+        own = read_stat(os.getpid())
+        tree_total = cpu_ticks(os.getpid()).total
+        assert tree_total >= own.utime + own.stime + child_stat.utime + child_stat.stime
+    finally:
+        child.stdin.close()
+        child.wait(timeout=10)
+
+
+def test_us_per_is_microseconds_and_nan_for_nothing():
+    assert us_per(TICKS_PER_S, 10**6) == 1.0
+    assert us_per(TICKS_PER_S, 1) == 1e6
+    assert math.isnan(us_per(TICKS_PER_S, 0))
