@@ -322,6 +322,7 @@ struct Row {
     errors: u64,
     rejected: u64,
     open: u64,
+    queued: u64,
     tunnels: u64,
     epoch: u64,
 }
@@ -349,6 +350,7 @@ fn row(name: String, r: &Report, before: Option<&Report>, seconds: f64, windowed
         errors,
         rejected,
         open: r.connections_open,
+        queued: r.requests_queued,
         tunnels: r.tunnels_open,
         epoch: r.epoch,
     }
@@ -395,7 +397,7 @@ pub fn table(
     let mut out = String::new();
     let _ = writeln!(
         out,
-        "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
+        "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>6}",
         "worker",
         "state",
         "req/s",
@@ -406,13 +408,14 @@ pub fn table(
         "5xx",
         "rejected",
         "conns",
+        "queued",
         "tunnels",
         "epoch"
     );
     for r in &rows {
         let _ = writeln!(
             out,
-            "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>6}",
+            "{:<16} {:>7} {:>10} {:>12} {:>9} {:>9} {:>9} {:>8} {:>9} {:>7} {:>7} {:>7} {:>6}",
             r.name,
             r.state,
             r.rate
@@ -425,6 +428,7 @@ pub fn table(
             r.errors,
             r.rejected,
             r.open,
+            r.queued,
             r.tunnels,
             r.epoch
         );
@@ -503,7 +507,9 @@ mod tests {
 
     #[test]
     fn table_has_a_row_per_core_and_a_total() {
-        let now = [report(0, 30, 1000), report(1, 10, 3000)];
+        let mut now = [report(0, 30, 1000), report(1, 10, 3000)];
+        now[0].requests_queued = 2;
+        now[1].requests_queued = 3;
         let before = [report(0, 10, 1000), report(1, 0, 3000)];
         let t = table(&now, Some(&before), 2.0, true, false);
         let lines: Vec<&str> = t.lines().collect();
@@ -512,5 +518,10 @@ mod tests {
         let total: Vec<&str> = lines[3].split_whitespace().collect();
         // total, ok, 15 req/s ((20 + 10) / 2 s), 40 requests, p50 1.00 ms
         assert_eq!(&total[..5], ["total", "ok", "15", "40", "1.00"], "{t}");
+        // The queues of both workers, in the third column from the right
+        // (`queued tunnels epoch`).
+        let header: Vec<&str> = lines[0].split_whitespace().collect();
+        assert_eq!(header[header.len() - 3..], ["queued", "tunnels", "epoch"]);
+        assert_eq!(total[total.len() - 3], "5", "{t}");
     }
 }
