@@ -1,5 +1,20 @@
 //! Test harness: real processes on 127.0.0.1, each bounded in time and
 //! stopped by PID when its handle drops.
+//!
+//! How the tests here wait, so that a busy machine slows them down
+//! instead of failing them:
+//! - Every wait polls its condition with a deadline: the proxy's own
+//!   figures (`stat_when`, `admin`), a line it printed
+//!   (`Proc::printed`), the origin's count of requests it is serving
+//!   (`wait_origin_slow`). No fixed sleep stands in for "by now it has
+//!   happened"; sleeps pace a load or a slow client, or space polls.
+//! - No assertion on how long something took. Where a timeout is under
+//!   test, the test shows which timer fired (the status it alone
+//!   produces, the refusal counter, an end of stream the other timers
+//!   cannot cause), and bounds latencies by what the client measured.
+//! - No port found free and bound later: a peer gets the socket the
+//!   test bound (`reserve_port`, `python_origin_on`, `pass_from_3`, nginx
+//!   through `NGINX="3;"`), or binds port 0 and prints the address.
 
 #![allow(dead_code)]
 
