@@ -623,19 +623,7 @@ fn recv_with_fds(
 /// Check that `fd` is a listening TCP socket; it as a `TcpListener`,
 /// non-blocking (the epoll driver's accepts need it).
 pub fn tcp_listener(fd: OwnedFd, what: &str) -> anyhow::Result<std::net::TcpListener> {
-    let mut listening: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `listening`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut listening as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r != 0 || listening == 0 {
+    if !socket2::SockRef::from(&fd).is_listener().unwrap_or(false) {
         bail!("{what} (fd {}) is not a listening socket", fd.as_raw_fd());
     }
     let listener = std::net::TcpListener::from(fd);
