@@ -67,21 +67,14 @@ fn dispatch(command: Command) -> anyhow::Result<ExitCode> {
         Command::Run(args) => run(args),
         Command::Reload { socket } => reload(&socket),
         Command::Upgrade { socket, binary } => upgrade_to(&socket, binary.as_deref()),
-        Command::Drain { socket } => {
-            let reply = client::request(&socket, "drain")?;
-            if reply["ok"].as_bool() == Some(true) {
-                println!(
-                    "draining: /readyz says so at once; the listeners close after server.drain_grace"
-                );
-                Ok(ExitCode::SUCCESS)
-            } else {
-                eprintln!(
-                    "drain refused: {}",
-                    reply["error"].as_str().unwrap_or("unknown error")
-                );
-                Ok(ExitCode::FAILURE)
-            }
-        }
+        Command::Drain { socket } => Ok(answered(
+            &client::request(&socket, "drain")?,
+            |_| {
+                "draining: /readyz says so at once; the listeners close after server.drain_grace"
+                    .into()
+            },
+            |_| "drain refused: ".into(),
+        )),
         Command::Stats {
             socket,
             json,
@@ -282,44 +275,60 @@ fn upgrade_to(
         Some(b) => format!("upgrade {}", std::path::absolute(b)?.display()),
         None => "upgrade".into(),
     };
-    let reply = client::request(socket, &command)?;
+    Ok(answered(
+        &client::request(socket, &command)?,
+        |r| {
+            format!(
+                "upgraded: process {} serves; the old one finishes its requests and exits",
+                r["pid"]
+            )
+        },
+        |_| "upgrade refused; the running process keeps serving:\n".into(),
+    ))
+}
+
+/// An admin-socket command's answer: what `done` says of it on stdout and
+/// success, or what `refused` says followed by its error on stderr and
+/// failure.
+fn answered(
+    reply: &serde_json::Value,
+    done: impl FnOnce(&serde_json::Value) -> String,
+    refused: impl FnOnce(&serde_json::Value) -> String,
+) -> ExitCode {
     if reply["ok"].as_bool() == Some(true) {
-        println!(
-            "upgraded: process {} serves; the old one finishes its requests and exits",
-            reply["pid"]
-        );
-        Ok(ExitCode::SUCCESS)
+        println!("{}", done(reply));
+        ExitCode::SUCCESS
     } else {
         eprintln!(
-            "upgrade refused; the running process keeps serving:\n{}",
+            "{}{}",
+            refused(reply),
             reply["error"].as_str().unwrap_or("unknown error")
         );
-        Ok(ExitCode::FAILURE)
+        ExitCode::FAILURE
     }
 }
 
 fn reload(socket: &std::path::Path) -> anyhow::Result<ExitCode> {
-    let reply = client::request(socket, "reload")?;
-    let ok = reply["ok"].as_bool() == Some(true);
-    if ok {
-        println!(
-            "reloaded {}: epoch {}, {}, loaded at {} in {} ms",
-            reply["config"].as_str().unwrap_or("?"),
-            reply["epoch"],
-            reply["hash"].as_str().unwrap_or("?"),
-            reply["loaded_at"].as_str().unwrap_or("?"),
-            reply["load_ms"]
-        );
-        Ok(ExitCode::SUCCESS)
-    } else {
-        eprintln!(
-            "reload refused; still running epoch {} ({}):\n{}",
-            reply["running"]["epoch"],
-            reply["running"]["hash"].as_str().unwrap_or("?"),
-            reply["error"].as_str().unwrap_or("unknown error")
-        );
-        Ok(ExitCode::FAILURE)
-    }
+    Ok(answered(
+        &client::request(socket, "reload")?,
+        |r| {
+            format!(
+                "reloaded {}: epoch {}, {}, loaded at {} in {} ms",
+                r["config"].as_str().unwrap_or("?"),
+                r["epoch"],
+                r["hash"].as_str().unwrap_or("?"),
+                r["loaded_at"].as_str().unwrap_or("?"),
+                r["load_ms"]
+            )
+        },
+        |r| {
+            format!(
+                "reload refused; still running epoch {} ({}):\n",
+                r["running"]["epoch"],
+                r["running"]["hash"].as_str().unwrap_or("?")
+            )
+        },
+    ))
 }
 
 fn stats(
