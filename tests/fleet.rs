@@ -88,6 +88,17 @@ impl Paced {
         );
         self.rate
     }
+
+    /// [`Paced::limited_rate`], which must lie in `within`.
+    fn assert_rate(&self, what: &str, within: std::ops::RangeInclusive<f64>) {
+        let rate = self.limited_rate(what);
+        assert!(
+            within.contains(&rate),
+            "{what}: {rate}/s ({} ok, {} limited)",
+            self.ok,
+            self.limited
+        );
+    }
 }
 
 /// Send `per_second` requests a second to `addr` for `length` over one
@@ -171,14 +182,7 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
     // All of it on A: the fleet's rate, 100/s, not the local share (50/s).
     let warm = paced(&a.addr, 200, Duration::from_secs(1));
     assert!(warm.ok > 0);
-    let alone = paced(&a.addr, 200, Duration::from_secs(3));
-    let rate = alone.limited_rate("A alone");
-    assert!(
-        (75.0..=130.0).contains(&rate),
-        "A alone: {rate}/s ({} ok, {} limited)",
-        alone.ok,
-        alone.limited
-    );
+    paced(&a.addr, 200, Duration::from_secs(3)).assert_rate("A alone", 75.0..=130.0);
 
     // Spread over both: together the fleet's rate, not 100/s each.
     let t = std::thread::spawn({
@@ -201,14 +205,7 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
     let status = wait_fleet_state(&admin_a, "local_share");
     assert_eq!(status["fallbacks"], 1, "{status}");
     paced(&a.addr, 200, Duration::from_millis(500));
-    let fallback = paced(&a.addr, 200, Duration::from_secs(3));
-    let rate = fallback.limited_rate("fallback");
-    assert!(
-        (35.0..=70.0).contains(&rate),
-        "fallback: {rate}/s ({} ok, {} limited)",
-        fallback.ok,
-        fallback.limited
-    );
+    paced(&a.addr, 200, Duration::from_secs(3)).assert_rate("fallback", 35.0..=70.0);
     // Still one switch, however many syncs failed since.
     assert_eq!(fleet_status(&admin_a)["fallbacks"], 1);
     let log = a.stderr();
@@ -218,14 +215,7 @@ fn two_instances_share_a_fleet_limit_and_fall_back_while_redis_is_gone() {
     let redis = Redis::start(&dir);
     wait_fleet_state(&admin_a, "synced");
     paced(&a.addr, 200, Duration::from_millis(500));
-    let back = paced(&a.addr, 200, Duration::from_secs(3));
-    let rate = back.limited_rate("after Redis returned");
-    assert!(
-        (75.0..=130.0).contains(&rate),
-        "after Redis returned: {rate}/s ({} ok, {} limited)",
-        back.ok,
-        back.limited
-    );
+    paced(&a.addr, 200, Duration::from_secs(3)).assert_rate("after Redis returned", 75.0..=130.0);
     assert!(a.stderr().contains("answers again"));
     drop(redis);
 }
